@@ -1,0 +1,63 @@
+"""Exception types.
+
+Every error the package raises derives from :class:`EmbeddingStoreError` and, where the
+spec names a builtin (``KeyError``, ``ValueError`` ...), from that builtin too, so callers
+can catch either the library's base class or the ordinary Python exception.
+"""
+
+from __future__ import annotations
+
+
+class EmbeddingStoreError(Exception):
+    """Base class of every error raised by lmdb_embeddings."""
+
+
+class CorruptionError(EmbeddingStoreError):
+    """Stored data failed its checksum or structural check: never returned as numbers."""
+
+
+class FormatVersionError(EmbeddingStoreError):
+    """The store was written by a newer on-disk format than this library understands."""
+
+
+class NotAStoreError(EmbeddingStoreError):
+    """The path exists but does not hold an lmdb_embeddings store."""
+
+
+class WriterLockedError(EmbeddingStoreError):
+    """Another writable handle (in this or another process) holds the store."""
+
+
+class CommitError(EmbeddingStoreError, OSError):
+    """A commit failed at the storage layer (disk full, I/O error); see the message."""
+
+
+class StoreExistsError(EmbeddingStoreError, FileExistsError):
+    """``create`` found a store at the path and ``overwrite`` was not given."""
+
+
+class StoreNotFoundError(EmbeddingStoreError, FileNotFoundError):
+    """``open`` found no store at the path."""
+
+
+class InvalidInputError(EmbeddingStoreError, ValueError):
+    """An argument has the wrong shape, dtype, values or duplicates."""
+
+
+class InvalidTypeError(EmbeddingStoreError, TypeError):
+    """An argument has a type the call cannot accept."""
+
+
+class UnknownIdError(EmbeddingStoreError, KeyError):
+    """One or more sample IDs are not in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ReadOnlyError(EmbeddingStoreError, PermissionError):
+    """A write was attempted on a read-only handle."""
+
+
+class ClosedError(EmbeddingStoreError, ValueError):
+    """The handle was closed; open the store again."""

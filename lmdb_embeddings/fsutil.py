@@ -1,0 +1,63 @@
+"""Filesystem helpers for building a directory beside its target and swapping it in."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import uuid
+
+_RENAME_EXCHANGE = 2
+
+
+def sibling_temp(path: str, purpose: str) -> str:
+    """A fresh hidden path next to ``path`` (same filesystem, so rename is atomic)."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path.rstrip(os.sep))
+    return os.path.join(parent, f".{name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put directory ``new`` at ``target``; an existing ``target`` is replaced atomically.
+
+    With RENAME_EXCHANGE there is no instant at which ``target`` is missing; without it
+    the old directory is moved aside first and only deleted once the new one is in place.
+    """
+    new, target = os.path.abspath(new), os.path.abspath(target)
+    parent = os.path.dirname(target)
+    if not os.path.exists(target):
+        os.rename(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now names the old directory
+    else:
+        aside = sibling_temp(target, "old")
+        os.rename(target, aside)
+        os.rename(new, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(parent)
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))
