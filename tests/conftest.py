@@ -30,3 +30,30 @@ def small_store(store_path):
 
 def rows_like(n: int, dim: int, value: float = 0.0, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, dim)) * 0.1 + value).astype(np.float32)
+
+
+def subprocess_env() -> dict:
+    """Environment for child Python processes: this checkout first on the import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_python(code: str, *args: str, timeout: float = 120, check: bool = True):
+    """Run ``code`` in a fresh interpreter (a real subprocess) and return the CompletedProcess."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_cli(*args: str, timeout: float = 300, stdin=None):
+    """Run ``python -m lmdb_embeddings ARGS`` in a subprocess (stderr is not a TTY)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "lmdb_embeddings", *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(), cwd=ROOT, stdin=stdin)
