@@ -160,6 +160,28 @@ def role_iofault(args) -> None:
     _retry_protocol(store, args.round, arm)
 
 
+def role_table(args) -> None:
+    """Print the distinct values and row count of the committed table (or the open error)."""
+    try:
+        with le.EmbeddingStore.open(args.path, readonly=True, cache_mb=64) as store:
+            rows = store.get(store.ids)
+    except Exception as exc:
+        say(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return
+    say(json.dumps({"rows": len(rows), "values": np.unique(rows)[:10].tolist()}))
+
+
+def role_tryopen(args) -> None:
+    """Open the store for writing and report whether the writer lock was granted."""
+    try:
+        store = le.EmbeddingStore.open(args.path)
+    except le.WriterLockedError as exc:
+        say("locked", json.dumps(str(exc)))
+        return
+    say("opened")
+    store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="role", required=True)
@@ -195,6 +217,12 @@ def main() -> None:
     p.add_argument("mode")
     p.add_argument("--round", type=int, default=2)
     p.set_defaults(func=role_iofault)
+    p = sub.add_parser("table")
+    p.add_argument("path")
+    p.set_defaults(func=role_table)
+    p = sub.add_parser("tryopen")
+    p.add_argument("path")
+    p.set_defaults(func=role_tryopen)
     args = parser.parse_args()
     args.func(args)
 
