@@ -71,6 +71,27 @@ class SharedEnv:
             finally:
                 txn.abort()
 
+    def reopen_if_panicked(self) -> bool:
+        """Reopen an environment LMDB has marked unusable; True if it was.
+
+        When writing a meta page fails (an I/O error at the very end of a commit) LMDB sets
+        MDB_FATAL_ERROR and refuses every later transaction with MDB_PANIC until the
+        environment is closed. The file still holds the previous commit (the failed meta
+        page is the only thing written over live data), so reopening is safe. Database
+        handles of the old environment become invalid: callers fetch them again.
+        """
+        with self.lock:
+            try:
+                self.begin_read().abort()
+                return False
+            except lmdb.PanicError:
+                pass
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self.env = _open_lmdb(self.path, self.writable, map_size, getattr(self, "readahead", True))
+            self._dbs.clear()
+            return True
+
     def used_bytes(self) -> int:
         info, stat = self.env.info(), self.env.stat()
         return (info["last_pgno"] + 1) * stat["psize"]
@@ -114,20 +135,26 @@ def acquire(path: str, map_size: int = MIN_MAP_SIZE, readahead: bool = True) -> 
             if not os.path.exists(os.path.join(real, DATA_FILE)):
                 raise EmbeddingStoreError(f"no LMDB data file in {real}")
             writable = os.access(real, os.W_OK)
-            try:
-                env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
-                                max_readers=MAX_READERS, readonly=not writable, create=False,
-                                sync=True, metasync=True, writemap=False, readahead=readahead,
-                                meminit=False, max_spare_txns=0, lock=True)
-            except lmdb.Error as exc:
-                raise EmbeddingStoreError(f"cannot open the LMDB environment in {real}: {exc}") from exc
-            try:
-                env.reader_check()  # clear slots of readers killed earlier
-            except lmdb.Error:
-                pass
+            env = _open_lmdb(real, writable, map_size, readahead)
             shared = _registry[real] = SharedEnv(real, env, writable)
+            shared.readahead = readahead
         shared.users += 1
         return shared
+
+
+def _open_lmdb(real: str, writable: bool, map_size: int, readahead: bool) -> lmdb.Environment:
+    try:
+        env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
+                        max_readers=MAX_READERS, readonly=not writable, create=False,
+                        sync=True, metasync=True, writemap=False, readahead=readahead,
+                        meminit=False, max_spare_txns=0, lock=True)
+    except lmdb.Error as exc:
+        raise EmbeddingStoreError(f"cannot open the LMDB environment in {real}: {exc}") from exc
+    try:
+        env.reader_check()  # clear slots of readers killed earlier
+    except lmdb.Error:
+        pass
+    return env
 
 
 def release(shared: SharedEnv) -> None:

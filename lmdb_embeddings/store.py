@@ -787,6 +787,11 @@ class EmbeddingStore:
 
     def _fail_commit(self, reason: str) -> None:
         self._abort_pending()
+        if self._env.reopen_if_panicked():  # a failed meta-page write: new handles to the new env
+            self._meta_db, self._ids_db = self._env.db(META_DB), self._env.db(IDS_DB)
+            for column in self._columns.values():
+                name = column_db_name(column.name)
+                column.db = self._env.db(name) if self._env.has_db(name) else None
         if self._spilled:
             lost = self._spilled
             self.rollback()
