@@ -182,6 +182,43 @@ def role_tryopen(args) -> None:
     store.close()
 
 
+def role_flips(args) -> None:
+    """For each byte offset: copy the store, flip that byte, open and read everything.
+
+    Prints one JSON line per case: ``ok`` (every ID and row equals the undamaged store),
+    ``error`` (an EmbeddingStoreError, with its message) or ``wrong`` (it opened and
+    returned different IDs or numbers: the failure this scenario exists to catch).
+    """
+    import shutil
+    import tempfile
+
+    with le.EmbeddingStore.open(args.path, readonly=True) as store:
+        want_ids = store.ids
+        want_rows = store.get(want_ids)
+    work = tempfile.mkdtemp(prefix="flips-")
+    try:
+        for offset in json.loads(args.offsets):
+            case = os.path.join(work, "store")
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(args.path, case, ignore=shutil.ignore_patterns("lock.mdb", "writer.lock"))
+            with open(os.path.join(case, "data.mdb"), "r+b") as fh:
+                fh.seek(offset)
+                byte = fh.read(1)[0]
+                fh.seek(offset)
+                fh.write(bytes([byte ^ args.xor]))
+            try:
+                with le.EmbeddingStore.open(case, readonly=True) as store:
+                    ids = store.ids
+                    rows = store.get(ids)
+            except le.EmbeddingStoreError as exc:
+                say(json.dumps({"offset": offset, "outcome": "error", "message": f"{type(exc).__name__}: {exc}"}))
+                continue
+            same = np.array_equal(ids, want_ids) and np.array_equal(rows, want_rows)
+            say(json.dumps({"offset": offset, "outcome": "ok" if same else "wrong"}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="role", required=True)
@@ -223,6 +260,11 @@ def main() -> None:
     p = sub.add_parser("tryopen")
     p.add_argument("path")
     p.set_defaults(func=role_tryopen)
+    p = sub.add_parser("flips")
+    p.add_argument("path")
+    p.add_argument("offsets")
+    p.add_argument("--xor", type=int, default=0x40)
+    p.set_defaults(func=role_flips)
     args = parser.parse_args()
     args.func(args)
 
