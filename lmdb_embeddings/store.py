@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import lmdb
 import msgpack
 import numpy as np
+import xxhash
 
 from . import chunk_codec, environment, initializers
 from .column_cache import CacheStats, ColumnCache
@@ -57,6 +58,7 @@ META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
 _BUILD_TXN_BYTES = 64 << 20
+_RECORD_CHECKSUM = "xxh3"
 
 
 def column_db_name(name: str) -> bytes:
@@ -240,10 +242,13 @@ class EmbeddingStore:
         except (KeyError, TypeError, ValueError, EmbeddingStoreError) as exc:
             raise CorruptionError(f"{self._path}: the store configuration is damaged ({exc})") from None
         self._ids_db = env.db(IDS_DB)
-        self._commit = int(state["commit"])
-        self._rows = self._committed_rows = int(state["rows"])
-        self._committed_at = state.get("committed_at")
-        self._attrs = dict(state.get("attrs", {}))
+        try:
+            self._commit = int(state["commit"])
+            self._rows = self._committed_rows = int(state["rows"])
+            self._committed_at = state.get("committed_at")
+            self._attrs = dict(state.get("attrs", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptionError(f"{self._path}: the store state record is damaged ({exc!r})") from None
         self._index = IdIndex(self._read_ids(0, self._rows))
         self._columns = {}
         self._register_column(MAIN, self._dim, self._dtype, 0.0)
@@ -769,7 +774,7 @@ class EmbeddingStore:
         now = time.time()
         state = {"commit": version, "rows": self._rows, "committed_at": now, "attrs": self._attrs,
                  "columns": {n: c.describe() for n, c in self._columns.items()}}
-        txn.put(b"state", msgpack.packb(state), db=self._meta_db)
+        txn.put(b"state", pack_record(state), db=self._meta_db)
         self._pending = None
         try:
             txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
@@ -911,14 +916,32 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def pack_record(record: dict) -> bytes:
+    """msgpack a metadata record with an xxh3-64 checksum of its other fields.
+
+    LMDB has no checksums; without this a flipped byte in the state or config record
+    (row count, chunk_rows ...) could open as a different, wrong table.
+    """
+    body = {k: v for k, v in record.items() if k != _RECORD_CHECKSUM}
+    return msgpack.packb({**body, _RECORD_CHECKSUM: xxhash.xxh3_64_intdigest(msgpack.packb(body))})
+
+
 def _read_record(txn, key: bytes, db):
+    """A metadata record, checked against its checksum (records written without one are accepted)."""
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
     try:
-        return msgpack.unpackb(bytes(raw))
+        record = msgpack.unpackb(bytes(raw))
     except Exception as exc:
         raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (not a map)")
+    if _RECORD_CHECKSUM in record:
+        stored = record.pop(_RECORD_CHECKSUM)
+        if stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
+            raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
+    return record
 
 
 def is_store(path: str) -> bool:
@@ -971,11 +994,11 @@ def _build_store(tmp: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_row
         from . import __version__
 
         with env.begin(write=True) as txn:
-            txn.put(b"format", msgpack.packb({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=meta_db)
-            txn.put(b"config", msgpack.packb({
+            txn.put(b"format", pack_record({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=meta_db)
+            txn.put(b"config", pack_record({
                 "dim": dim, "dtype": dtype.name, "chunk_rows": chunk_rows, "init": spec, "seed": seed,
                 "created_at": time.time(), "library_version": __version__}), db=meta_db)
-            txn.put(b"state", msgpack.packb({
+            txn.put(b"state", pack_record({
                 "commit": 0, "rows": n, "committed_at": time.time(), "attrs": {},
                 "columns": {MAIN: {"width": dim, "dtype": dtype.name, "fill": 0.0}}}), db=meta_db)
         env.sync(True)
