@@ -1,0 +1,225 @@
+"""A consistent read-only view of a store's committed state, read chunk by chunk.
+
+Everything is read inside ONE LMDB read transaction, so a writer committing in another
+process meanwhile changes nothing we see (LMDB keeps the snapshot's pages alive until the
+transaction ends). Rows come as zero-copy views into LMDB's memory map; after a chunk has
+been consumed, :meth:`Snapshot.release` drops its pages from this process's resident set
+so reading a table larger than RAM keeps the memory bounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import lmdb
+import msgpack
+import numpy as np
+
+from . import chunk_codec, environment
+from .errors import CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
+from .store import FORMAT_VERSION, IDS_DB, MAGIC, MAIN, META_DB, column_db_name
+from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
+
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):  # pragma: no cover - non-Linux
+    _madvise = None
+
+
+def check_store_dir(path: str) -> None:
+    """Raise the right error if ``path`` holds no store."""
+    if not os.path.exists(path):
+        raise StoreNotFoundError(f"no store at {path} (the path does not exist)")
+    if not os.path.isdir(path):
+        raise NotAStoreError(f"{path} is not a store directory (it is a file)")
+    if not os.path.isfile(os.path.join(path, environment.DATA_FILE)):
+        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {environment.DATA_FILE} in it)")
+
+
+def _record(txn, meta_db, key: bytes, path: str):
+    raw = txn.get(key, db=meta_db)
+    if raw is None:
+        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {key.decode()!r} metadata record)")
+    try:
+        return msgpack.unpackb(bytes(raw))
+    except Exception as exc:
+        raise CorruptionError(f"{path}: the {key.decode()!r} metadata record is damaged ({exc})") from None
+
+
+def read_layout(txn, meta_db, path: str) -> TableLayout:
+    """The table's layout from the metadata records, checked like ``EmbeddingStore.open`` does."""
+    fmt = _record(txn, meta_db, b"format", path)
+    if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
+        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (bad magic in its metadata)")
+    version = fmt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(f"{path} was written in store format version {version}; this tool reads up "
+                                 f"to version {FORMAT_VERSION}: upgrade lmdb_embeddings")
+    config = _record(txn, meta_db, b"config", path)
+    state = _record(txn, meta_db, b"state", path)
+    try:
+        columns = {MAIN: {"width": config["dim"], "dtype": config["dtype"], "fill": 0.0}}
+        columns.update({n: d for n, d in dict(state.get("columns", {})).items() if n != MAIN})
+        record = {"chunk_rows": config["chunk_rows"], "rows": state["rows"], "config": config,
+                  "columns": [{"name": n, **d} for n, d in columns.items()],
+                  "attrs": state.get("attrs", {}), "commit": state["commit"],
+                  "committed_at": state.get("committed_at")}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CorruptionError(f"{path}: the config/state metadata is damaged (missing {exc})") from None
+    return TableLayout.from_record(record, CorruptionError, path)
+
+
+def _mapping_of(path: str) -> tuple[int, int]:
+    """Address range of our memory mapping of ``path`` ((0, 0) if not found)."""
+    real = os.path.realpath(path)
+    lo = hi = 0
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == real:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    lo, hi = (start, end) if not hi else (min(lo, start), max(hi, end))
+    except OSError:
+        pass
+    return lo, hi
+
+
+class Snapshot:
+    """Context manager over one read transaction of the store at ``path``."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.fspath(path))
+        check_store_dir(self.path)
+        self._shared = environment.acquire(self.path)
+        self._txn = None
+        self._dbs: dict[str, object] = {}
+        self._mapped: list = []  # values read from the map since the last release_pages()
+        self._map_range: tuple[int, int] | None = None
+        try:
+            self._begin()
+        except BaseException:
+            self.close()
+            raise
+
+    def _begin(self) -> None:
+        shared = self._shared
+        try:
+            if not shared.has_db(META_DB):
+                raise NotAStoreError(f"{self.path} is an LMDB environment but not an lmdb_embeddings store")
+            self._meta_db, self._ids_db = shared.db(META_DB), shared.db(IDS_DB)
+            for _attempt in range(100):  # a column created by a concurrent commit: open it, start over
+                self._txn = shared.begin_read()
+                self.layout = read_layout(self._txn, self._meta_db, self.path)
+                missing = [c.name for c in self.layout.columns
+                           if c.name not in self._dbs and self._txn.get(column_db_name(c.name)) is not None]
+                if not missing:
+                    return
+                self._txn.abort()
+                self._txn = None
+                for name in missing:
+                    self._dbs[name] = shared.db(column_db_name(name))
+            raise CorruptionError(f"{self.path}: the column list keeps changing; try again")  # pragma: no cover
+        except lmdb.Error as exc:
+            raise CorruptionError(f"{self.path}: cannot read the LMDB environment ({exc})") from None
+
+    @property
+    def txn(self):
+        return self._txn
+
+    def db_of(self, column: ColumnSpec):
+        """The column's LMDB database, or None if it never received a chunk (all ``fill``)."""
+        return self._dbs.get(column.name)
+
+    @property
+    def ids_db(self):
+        return self._ids_db
+
+    @property
+    def meta_db(self):
+        return self._meta_db
+
+    @property
+    def shared_env(self) -> environment.SharedEnv:
+        return self._shared
+
+    def get(self, db, chunk: int):
+        """The raw value of chunk ``chunk`` in ``db`` (None if absent or ``db`` is None)."""
+        value = self._txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
+        if value is not None and len(value) >= 2 * _PAGE:
+            self._mapped.append(value)
+        return value
+
+    def ids_chunk(self, chunk: int) -> np.ndarray:
+        """IDs of chunk ``chunk`` (a view into the map; valid while the snapshot is open)."""
+        value = self._txn.get(chunk_codec.chunk_key(chunk), db=self._ids_db)
+        if value is None:
+            raise CorruptionError(f"{self.path}: id chunk {chunk} is missing")
+        _, rows = chunk_codec.decode_chunk(value, chunk, 1, ID_DTYPE, " (ids)")
+        n = self.layout.chunk_len(chunk)
+        if len(rows) != n:
+            raise CorruptionError(f"{self.path}: id chunk {chunk} holds {len(rows)} ids, expected {n}")
+        return rows[:, 0]
+
+    def column_chunk(self, chunk: int, column: ColumnSpec) -> np.ndarray:
+        """Rows of ``column`` in chunk ``chunk``, as a reader of the store would see them.
+
+        Chunks never written (auxiliary columns) or written before rows were added are
+        completed with the column's ``fill``, exactly as ``EmbeddingStore`` reads them.
+        """
+        n = self.layout.chunk_len(chunk)
+        value = self.get(self._dbs.get(column.name), chunk)
+        where = "" if column.name == MAIN else f" of column {column.name!r}"
+        if value is None:
+            if column.name == MAIN:
+                raise CorruptionError(f"{self.path}: chunk {chunk} is missing from the store")
+            return np.full((n, column.width), column.fill, column.dtype)
+        _, rows = chunk_codec.decode_chunk(value, chunk, column.width, column.dtype, where)
+        if len(rows) > n:
+            raise CorruptionError(f"{self.path}: chunk {chunk}{where} holds {len(rows)} rows, expected {n}")
+        if len(rows) < n:
+            full = np.full((n, column.width), column.fill, column.dtype)
+            full[: len(rows)] = rows
+            return full
+        return rows
+
+    def release_pages(self) -> None:
+        """Drop the map pages of the chunks read so far from our resident set.
+
+        The data stays in the file and the page cache; a later access faults it back in,
+        so this never changes what is read. Only whole pages inside values read from the
+        data file's mapping are released (checked against /proc/self/maps), never the
+        process's own memory.
+        """
+        values, self._mapped = self._mapped, []
+        if _madvise is None or not values:
+            return
+        if self._map_range is None:
+            self._map_range = _mapping_of(os.path.join(self._shared.path, environment.DATA_FILE))
+        lo, hi = self._map_range
+        for value in values:
+            start = np.frombuffer(value, np.uint8).__array_interface__["data"][0]
+            first = -(-start // _PAGE) * _PAGE
+            last = (start + len(value)) // _PAGE * _PAGE
+            if lo <= first < last <= hi:
+                _madvise(first, last - first, _MADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        if self._shared is not None:
+            environment.release(self._shared)
+            self._shared = None
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
