@@ -931,6 +931,11 @@ def _read_record(txn, key: bytes, db):
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
+    return unpack_record(raw, key)
+
+
+def unpack_record(raw, key: bytes) -> dict:
+    """Decode a metadata record written by :func:`pack_record` and check its checksum."""
     try:
         record = msgpack.unpackb(bytes(raw))
     except Exception as exc:
