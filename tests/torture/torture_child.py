@@ -297,7 +297,8 @@ def role_restorefuzz(args) -> None:
             try:
                 with le.EmbeddingStore.open(out, readonly=True) as got:
                     have = (got.ids, got.get(got.ids), got.dtype, got.chunk_rows)
-                same = all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(have, want))
+                same = all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+                           for a, b in zip(have, want, strict=True))
                 outcome = "exact" if same else "wrong"
             except Exception as exc:
                 outcome, detail = "wrong", f"restored store unreadable: {exc}"
