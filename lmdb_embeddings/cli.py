@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import progress
@@ -206,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"lmdb-embeddings {args.command}"
     try:
         return args.func(args)
+    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except CorruptionError as exc:  # a store failed a check (bad dump files raise input errors)
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except (EmbeddingStoreError, OSError) as exc:  # bad input, missing path, refused operation
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
-        sys.stderr.close()
-        return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
