@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import run_cli
 
 import lmdb_embeddings as le
-from conftest import run_cli
 
 
 def assert_one_line_error(proc, *needles: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -146,6 +149,7 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path):
 
     def stderr_on_tty(*args):
         master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
         proc = subprocess.run([sys.executable, "-m", "lmdb_embeddings", *args], stdout=subprocess.PIPE,
                               stderr=slave, env=subprocess_env(), cwd=ROOT, timeout=120)
         os.close(slave)
