@@ -26,23 +26,65 @@ _registry_lock = threading.Lock()
 
 
 class SharedEnv:
-    def __init__(self, path: str, env: lmdb.Environment, writable: bool):
-        self.path, self.env, self.writable = path, env, writable
+    """A process's environment for one store, shared by all its handles there.
+
+    The environment is opened read-only while the process has only readers: py-lmdb
+    opens a named database of a writable environment with a WRITE transaction, which
+    would block a DataLoader worker while the trainer holds a long write transaction.
+    When a writable handle arrives, the environment is reopened writable in place
+    (database handles are looked up through ``db()``, never cached by the stores).
+    """
+
+    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool):
+        self.path, self.env, self.writable, self.readahead = path, env, writable, readahead
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
         self._dbs: dict[bytes, object] = {}
 
-    def db(self, name: bytes, create: bool = False):
-        """A named database handle, opened once per environment."""
+    def cached_db(self, name: bytes):
+        """The handle of a named database opened earlier, or None.
+
+        Handles are only ever opened outside transactions (``open_dbs``) or inside the
+        writer's own transaction (``create_db``): LMDB fixes the set of databases a
+        transaction can see when it begins.
+        """
+        return self._dbs.get(name)
+
+    def open_dbs(self, names=None) -> None:
+        """Open the given named databases (default: all that exist); no txn may be open."""
+        with self.lock:
+            if names is None:
+                txn = self.env.begin()
+                try:
+                    names = [bytes(key) for key in txn.cursor().iternext(keys=True, values=False)]
+                finally:
+                    txn.abort()
+            for name in names:
+                if name not in self._dbs:
+                    self._dbs[name] = self.env.open_db(name, create=False)
+
+    def create_db(self, name: bytes, txn: lmdb.Transaction):
+        """Create a database inside the caller's write transaction; see ``forget_db``."""
         handle = self._dbs.get(name)
         if handle is None:
-            # Without a txn, py-lmdb opens the handle in its own committed transaction: a
-            # handle opened inside a read transaction is unusable in later ones.
-            with self.lock:
-                handle = self.env.open_db(name, create=create)
-            self._dbs[name] = handle
+            handle = self._dbs[name] = self.env.open_db(name, txn=txn, create=True)
         return handle
+
+    def forget_db(self, name: bytes) -> None:
+        """Drop a handle created in a transaction that was aborted (it is invalid now)."""
+        self._dbs.pop(name, None)
+
+    def make_writable(self) -> None:
+        """Reopen a read-only environment writable, in place (no transaction may be open)."""
+        with self.lock:
+            if self.writable:
+                return
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=False, readahead=self.readahead)
+            self.writable = True
+            self.open_dbs()
 
     def has_db(self, name: bytes) -> bool:
         if name in self._dbs:
@@ -104,7 +146,21 @@ def _drop_inherited() -> None:
                 del _registry[key]
 
 
-def acquire(path: str, map_size: int = MIN_MAP_SIZE, readahead: bool = True) -> SharedEnv:
+def _open(path: str, readonly: bool, readahead: bool, map_size: int = MIN_MAP_SIZE) -> lmdb.Environment:
+    try:
+        env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, max_readers=MAX_READERS,
+                        readonly=readonly, create=False, sync=True, metasync=True, writemap=False,
+                        readahead=readahead, meminit=False, max_spare_txns=0, lock=True)
+    except lmdb.Error as exc:
+        raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
+    try:
+        env.reader_check()  # clear slots of readers killed earlier
+    except lmdb.Error:
+        pass
+    return env
+
+
+def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
     """The process's environment for the store at ``path`` (opened on first use)."""
     real = _realpath(path)
     _drop_inherited()
@@ -113,19 +169,16 @@ def acquire(path: str, map_size: int = MIN_MAP_SIZE, readahead: bool = True) -> 
         if shared is None:
             if not os.path.exists(os.path.join(real, DATA_FILE)):
                 raise EmbeddingStoreError(f"no LMDB data file in {real}")
-            writable = os.access(real, os.W_OK)
+            env = _open(real, readonly=not write, readahead=readahead)
+            shared = SharedEnv(real, env, write, readahead)
             try:
-                env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
-                                max_readers=MAX_READERS, readonly=not writable, create=False,
-                                sync=True, metasync=True, writemap=False, readahead=readahead,
-                                meminit=False, max_spare_txns=0, lock=True)
+                shared.open_dbs()
             except lmdb.Error as exc:
-                raise EmbeddingStoreError(f"cannot open the LMDB environment in {real}: {exc}") from exc
-            try:
-                env.reader_check()  # clear slots of readers killed earlier
-            except lmdb.Error:
-                pass
-            shared = _registry[real] = SharedEnv(real, env, writable)
+                env.close()
+                raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
+            _registry[real] = shared
+        elif write:
+            shared.make_writable()
         shared.users += 1
         return shared
 
