@@ -486,17 +486,28 @@ class EmbeddingStore:
         resident = slots >= 0
         check = np.zeros(len(chunks), bool)
         check[resident] = cache.slot_validated[slots[resident]] < self._commit
-        stale = []
-        db = self._column_db(column) if check.any() else None
-        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=True):
+        in_l2 = [c for c in chunks[~resident].tolist() if c in cache.l2 and cache.l2[c][2] < self._commit]
+        if not check.any() and not in_l2:
+            return
+        db = self._column_db(column)
+
+        def committed_version(chunk: int) -> int:
             value = txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
-            version = chunk_codec.read_header(value, chunk).version if value is not None else 0
-            if version != cache.slot_version[slot]:
+            return chunk_codec.read_header(value, chunk).version if value is not None else 0
+
+        stale = []
+        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=True):
+            if committed_version(chunk) != cache.slot_version[slot]:
                 stale.append(chunk)
             else:
                 cache.slot_validated[slot] = self._commit
+        for chunk in in_l2:
+            rows, version, _ = cache.l2[chunk]
+            if committed_version(chunk) != version:
+                stale.append(chunk)
+            else:
+                cache.l2[chunk] = (rows, version, self._commit)
         cache.drop(stale)
-        cache.drop([c for c in chunks.tolist() if c in cache.l2 and c not in stale])
 
     def _load_chunks(self, column: _Column, chunks: list, txn) -> Iterator[tuple]:
         """Decoded chunks from LMDB (or fresh fill for chunks never written)."""
@@ -876,12 +887,10 @@ class EmbeddingStore:
         with self._mutex:
             if self._closed:
                 return
-            try:
-                if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
-                    self.commit()
-            finally:
-                self._detach()
-                self._closed = True
+            if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
+                self.commit()  # if this raises (disk full), the handle stays open to retry
+            self._detach()
+            self._closed = True
 
     def _detach(self) -> None:
         if self._pid == os.getpid():
@@ -907,6 +916,9 @@ class EmbeddingStore:
     def __del__(self) -> None:  # release the lock and env without committing
         try:
             if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+                if self._attached and not self._readonly and self._has_changes():
+                    log.warning("%s: handle garbage-collected with uncommitted changes (discarded); "
+                                "call close() or commit()", self._path)
                 self._detach()
                 self._closed = True
         except Exception:
