@@ -44,7 +44,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import fsync_dir, replace_dir, sibling_temp
+from .fsutil import free_bytes, fsync_dir, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -731,6 +731,11 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ transactions
     def _spill(self, name: str, chunk: int, rows: np.ndarray) -> None:
         """Write an evicted dirty chunk into the pending write transaction."""
+        if self._pending is None:
+            # The map cannot grow while this transaction is open, and the caller may keep
+            # adding rows (and spilling) before it commits: reserve room for all the disk
+            # can hold, so the map is never the limit (the mapping is virtual, not disk).
+            self._env.ensure_headroom(free_bytes(self._path) // 2)
         txn = self._pending_txn()
         db = self._ensure_db(self._columns[name], txn)
         txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=db)
