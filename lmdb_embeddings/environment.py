@@ -62,7 +62,10 @@ class SharedEnv:
                     txn.abort()
             for name in names:
                 if name not in self._dbs:
-                    self._dbs[name] = self.env.open_db(name, create=False)
+                    try:
+                        self._dbs[name] = self.env.open_db(name, create=False)
+                    except lmdb.IncompatibleError:
+                        pass  # a plain key, not a named database (a foreign environment)
 
     def create_db(self, name: bytes, txn: lmdb.Transaction):
         """Create a database inside the caller's write transaction; see ``forget_db``."""
@@ -86,16 +89,6 @@ class SharedEnv:
             self.writable = True
             self.open_dbs()
 
-    def has_db(self, name: bytes) -> bool:
-        if name in self._dbs:
-            return True
-        with self.lock:
-            txn = self.begin_read()
-            try:
-                return txn.get(name) is not None
-            finally:
-                txn.abort()
-
     def begin_read(self) -> lmdb.Transaction:
         """A short read transaction; adopts a map size grown by the writer process."""
         try:
@@ -112,6 +105,28 @@ class SharedEnv:
                 yield txn
             finally:
                 txn.abort()
+
+    def reopen_if_panicked(self) -> bool:
+        """Reopen an environment LMDB has marked unusable; True if it was.
+
+        When writing a meta page fails (an I/O error at the very end of a commit) LMDB sets
+        MDB_FATAL_ERROR and refuses every later transaction with MDB_PANIC until the
+        environment is closed. The file still holds the previous commit (the failed meta
+        page is the only thing written over live data), so reopening is safe. Database
+        handles of the old environment become invalid: they are reopened here.
+        """
+        with self.lock:
+            try:
+                self.begin_read().abort()
+                return False
+            except lmdb.PanicError:
+                pass
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size)
+            self.open_dbs()
+            return True
 
     def used_bytes(self) -> int:
         info, stat = self.env.info(), self.env.stat()

@@ -216,7 +216,7 @@ class EmbeddingStore:
     def _load_metadata(self) -> None:
         env = self._env
         try:
-            if not env.has_db(META_DB):
+            if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
                 fmt = _read_record(txn, b"format", self._meta_db)
@@ -835,6 +835,7 @@ class EmbeddingStore:
 
     def _fail_commit(self, reason: str) -> None:
         self._abort_pending()
+        self._env.reopen_if_panicked()  # a failed meta-page write leaves the env unusable until reopened
         if self._spilled:
             lost = self._spilled
             self.rollback()
