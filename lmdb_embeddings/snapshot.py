@@ -98,7 +98,7 @@ class Snapshot:
     def __init__(self, path: str):
         self.path = os.path.abspath(os.fspath(path))
         check_store_dir(self.path)
-        self._shared = environment.acquire(self.path)
+        self._shared = environment.acquire(self.path, write=False)
         self._txn = None
         self._dbs: dict[str, object] = {}
         self._read_bytes = 0  # read from the map since the last release_pages()
@@ -112,20 +112,21 @@ class Snapshot:
     def _begin(self) -> None:
         shared = self._shared
         try:
-            if not shared.has_db(META_DB):
+            self._meta_db, self._ids_db = shared.cached_db(META_DB), shared.cached_db(IDS_DB)
+            if self._meta_db is None or self._ids_db is None:
                 raise NotAStoreError(f"{self.path} is an LMDB environment but not an lmdb_embeddings store")
-            self._meta_db, self._ids_db = shared.db(META_DB), shared.db(IDS_DB)
             for _attempt in range(100):  # a column created by a concurrent commit: open it, start over
                 self._txn = shared.begin_read()
                 self.layout = read_layout(self._txn, self._meta_db, self.path)
-                missing = [c.name for c in self.layout.columns
-                           if c.name not in self._dbs and self._txn.get(column_db_name(c.name)) is not None]
+                missing = [column_db_name(c.name) for c in self.layout.columns
+                           if shared.cached_db(column_db_name(c.name)) is None
+                           and self._txn.get(column_db_name(c.name)) is not None]
                 if not missing:
+                    self._dbs = {c.name: shared.cached_db(column_db_name(c.name)) for c in self.layout.columns}
                     return
                 self._txn.abort()
                 self._txn = None
-                for name in missing:
-                    self._dbs[name] = shared.db(column_db_name(name))
+                shared.open_dbs(missing)  # database handles are opened outside transactions
             raise CorruptionError(f"{self.path}: the column list keeps changing; try again")  # pragma: no cover
         except lmdb.Error as exc:
             raise CorruptionError(f"{self.path}: cannot read the LMDB environment ({exc})") from None
