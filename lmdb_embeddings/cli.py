@@ -23,6 +23,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import_cosir(args: argparse.Namespace) -> int:
+    from .cosir_import import import_cosir
+
+    summary = import_cosir(args.dir, args.path, progress=not args.quiet and sys.stderr.isatty(), overwrite=args.force)
+    print(f"imported {summary['rows']} rows x {summary['dim']} ({summary['dtype']}) from {summary['files']} "
+          f"chunk files into {summary['path']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdb-embeddings",
                                      description="Inspect, dump, restore and verify lmdb_embeddings stores.")
@@ -39,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=1)
     demo.add_argument("--keep", action="store_true", help="keep the store directory afterwards")
     demo.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("import-cosir", help="convert a directory of original embeddings_chunk_*.pt files")
+    p.add_argument("dir", help="directory holding embeddings_chunk_<i>.pt files")
+    p.add_argument("path", help="store directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing store at PATH")
+    p.set_defaults(func=cmd_import_cosir)
     return parser
 
 
