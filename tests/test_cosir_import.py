@@ -10,19 +10,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import run_cli  # noqa: E402
+
 import lmdb_embeddings as le  # noqa: E402
 from lmdb_embeddings import cosir_import  # noqa: E402
 from lmdb_embeddings.cosir_import import CosirImportError, import_cosir  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
-
 
 def write_original(directory, ids, rows, chunk_size) -> list[str]:
-    """Write files exactly as the original manager did: torch.save({sample_id: 1-D tensor}) per chunk."""
+    """Write files as the original manager did: torch.save({sample_id: 1-D tensor}) per chunk, the rows
+    being views of one (chunk_size, dim) tensor, as its ``init_embeddings[idx]`` were."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for chunk_id, lo in enumerate(range(0, len(ids), chunk_size)):
-        chunk = {int(sid): torch.from_numpy(rows[i].copy()) for i, sid in enumerate(ids[lo : lo + chunk_size], lo)}
+        block = torch.from_numpy(np.ascontiguousarray(rows[lo : lo + chunk_size]))
+        chunk = {int(sid): block[i] for i, sid in enumerate(ids[lo : lo + chunk_size])}
         path = os.path.join(directory, f"embeddings_chunk_{chunk_id}.pt")
         torch.save(chunk, path)
         paths.append(path)
@@ -163,15 +165,15 @@ def test_memory_stays_bounded(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     peaks = {}
     for n_files in (4, 16):
-        n = n_files * 1000
+        n = n_files * 100
         ids = np.arange(n, dtype=np.int64)
-        rows = rng.standard_normal((n, 128)).astype(np.float32)  # 512 KiB per file
-        write_original(tmp_path / f"src{n_files}", ids, rows, chunk_size=1000)
+        rows = rng.standard_normal((n, 1024)).astype(np.float32)  # 400 KiB per file
+        write_original(tmp_path / f"src{n_files}", ids, rows, chunk_size=100)
         del rows
         tracemalloc.start()
         import_cosir(tmp_path / f"src{n_files}", tmp_path / f"store{n_files}")
         peaks[n_files] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    table_16 = 16 * 1000 * 128 * 4
-    assert peaks[16] < table_16 / 2, peaks  # far below the 8 MiB table
+    table_16 = 16 * 100 * 1024 * 4
+    assert peaks[16] < table_16 / 2, peaks  # far below the 6.4 MiB table
     assert peaks[16] < peaks[4] + (2 << 20), peaks  # 4x the rows, about the same peak
