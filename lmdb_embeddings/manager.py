@@ -132,6 +132,7 @@ class TrainableEmbeddingManager:
         self._pending_rows = 0
         self._sync_operations = 0
         self._sample_list: list | None = None
+        self._served_chunk: tuple[int, list] | None = None
 
         path = self._store_path(self.embeddings_dir)
         if is_store(path):
@@ -151,6 +152,7 @@ class TrainableEmbeddingManager:
                 self._store = self._create(path, ids, chunk_size, initialization_strategy, seed)
         self.chunk_size = self._store.chunk_rows
         self._ids = self._store.ids
+        self._n_chunks = math.ceil(len(self._ids) / self.chunk_size)
         if storage_mode == "memory":
             self._load_all()
         log.info("TrainableEmbeddingManager on %s: %d rows x %d, chunk_size %d, %s mode, auto_sync=%s "
@@ -227,7 +229,7 @@ class TrainableEmbeddingManager:
 
     @property
     def num_chunks(self) -> int:
-        return math.ceil(len(self._ids) / self.chunk_size)
+        return self._n_chunks
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -270,8 +272,8 @@ class TrainableEmbeddingManager:
     def _chunk_range(self, chunk_id) -> tuple[int, int]:
         if isinstance(chunk_id, bool) or not isinstance(chunk_id, (int, np.integer)):
             raise InvalidInputError(f"chunk_id must be an int, got {chunk_id!r}")
-        if not 0 <= chunk_id < self.num_chunks:
-            raise UnknownChunkError(f"No samples found for chunk {chunk_id}: chunks are 0..{self.num_chunks - 1}")
+        if not 0 <= chunk_id < self._n_chunks:
+            raise UnknownChunkError(f"No samples found for chunk {chunk_id}: chunks are 0..{self._n_chunks - 1}")
         lo = int(chunk_id) * self.chunk_size
         return lo, min(lo + self.chunk_size, len(self._ids))
 
@@ -279,7 +281,9 @@ class TrainableEmbeddingManager:
         """``(sample_ids, tensor)`` of one chunk: one contiguous run of rows, one vectorized read."""
         lo, hi = self._chunk_range(chunk_id)
         ids = self._ids[lo:hi]
-        return ids.tolist(), self.get_embeddings(ids)
+        listed = ids.tolist()
+        self._served_chunk = (int(chunk_id), listed.copy())  # lets the matching update skip its id checks
+        return listed, self.get_embeddings(ids)
 
     def update_embeddings_by_chunk(self, chunk_id, sample_ids, new_embeddings) -> None:
         """Write rows of one chunk (all of it, as returned by :meth:`get_embeddings_by_chunk`, or part)."""
@@ -288,6 +292,10 @@ class TrainableEmbeddingManager:
                 f"Length mismatch: {len(sample_ids)} sample_ids vs {new_embeddings.shape[0]} embeddings")
         lo, hi = self._chunk_range(chunk_id)
         chunk_ids = self._ids[lo:hi]
+        served = self._served_chunk
+        if served is not None and served[0] == chunk_id and type(sample_ids) is list and sample_ids == served[1]:
+            self._put(chunk_ids, new_embeddings)  # the whole chunk, as served: its rows, in order
+            return
         ids = as_ids(sample_ids, "sample_ids")
         if not (len(ids) == len(chunk_ids) and np.array_equal(ids, chunk_ids)):
             outside = ids[~np.isin(ids, chunk_ids)]
