@@ -170,6 +170,11 @@ def test_chunk_by_chunk_loop(tmp_path):
     with pytest.raises(UnknownChunkError) as info:
         m.get_embeddings_by_chunk(11)
     assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+    # the served id list, reordered in place: rows follow the ids, not the served order
+    ids, emb = m.get_embeddings_by_chunk(4)
+    ids.reverse()
+    m.update_embeddings_by_chunk(4, ids, torch.flip(emb, [0]) + 1)
+    assert torch.equal(m.get_embeddings_by_chunk(4)[1], emb + 1)
     # part of a chunk, repeated id: the last value wins (the original's dict semantics)
     first = int(order[0])
     m.update_embeddings_by_chunk(0, [first, first], torch.stack([torch.zeros(16), torch.ones(16)]))
