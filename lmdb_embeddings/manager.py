@@ -18,6 +18,7 @@ the same directory are left untouched after they were imported.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -186,8 +187,9 @@ class TrainableEmbeddingManager:
         if dim != self.embedding_dim:
             raise InvalidInputError(f"the store at {path} holds rows of dim {dim}, not embedding_dim="
                                     f"{self.embedding_dim}; pass embedding_dim={dim} or use another embeddings_dir")
+        options = self._cache_options(rows + len(missing), chunk_rows, itemsize)
         try:
-            store = EmbeddingStore.open(path, **self._cache_options(rows + len(missing), chunk_rows, itemsize))
+            store = _open_writer(path, options)
         except WriterLockedError as exc:
             if f"pid {os.getpid()}" in str(exc):
                 raise WriterLockedError(
@@ -481,6 +483,21 @@ class TrainableEmbeddingManager:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._ids)} x {self.embedding_dim}"
         return f"TrainableEmbeddingManager({str(self.embeddings_dir)!r}, {self.storage_mode}, {state})"
+
+
+def _open_writer(path: str, options: dict) -> EmbeddingStore:
+    """Open for writing; if this process holds the lock, first let the GC free unreachable handles.
+
+    A store handle is freed by the cyclic garbage collector, not by ``del``, so a manager
+    dropped without ``close()`` may still hold the lock until the next collection.
+    """
+    try:
+        return EmbeddingStore.open(path, **options)
+    except WriterLockedError as exc:
+        if f"pid {os.getpid()}" not in str(exc):
+            raise
+    gc.collect()
+    return EmbeddingStore.open(path, **options)
 
 
 def _last_wins(ids: np.ndarray, values):

@@ -282,7 +282,9 @@ def test_second_manager_on_an_open_dir_says_close_the_first(tmp_path):
         make(tmp_path)
     first.close()
     second = make(tmp_path)  # fine once the first is closed
-    second.close()
+    del second  # dropped without close(): an unreachable manager does not block the next one
+    third = make(tmp_path)
+    third.close()
 
 
 def test_context_manager(tmp_path):
