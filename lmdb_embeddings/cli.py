@@ -127,9 +127,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_import_cosir(args: argparse.Namespace) -> int:
     from .cosir_import import import_cosir
 
-    result = import_cosir(args.dir, args.path, progress=progress.wanted(args.quiet))
+    result = import_cosir(args.dir, args.path, progress=progress.wanted(args.quiet), overwrite=args.force,
+                          chunk_rows=args.chunk_rows)
     if not args.quiet:
-        print(json.dumps(result, sort_keys=True, default=str))
+        print(f"imported {result['rows']} rows x {result['dim']} ({result['dtype']}) from {result['files']} "
+              f"chunk files into {result['path']}")
     return EXIT_OK
 
 
@@ -185,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cosir = command("import-cosir", cmd_import_cosir,
                     "convert a directory of original CoSiR embeddings_chunk_*.pt files into a store")
-    cosir.add_argument("dir", metavar="DIR")
-    cosir.add_argument("path", metavar="PATH")
+    cosir.add_argument("dir", metavar="DIR", help="directory holding embeddings_chunk_<i>.pt files")
+    cosir.add_argument("path", metavar="PATH", help="store directory to create")
+    cosir.add_argument("--force", action="store_true", help="replace an existing store at PATH")
+    cosir.add_argument("--chunk-rows", type=_positive_int, default=None,
+                       help="rows per store chunk (default: the rows of the first file, the original chunk_size)")
     return parser
 
 
