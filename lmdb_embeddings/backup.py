@@ -70,6 +70,7 @@ def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
             writer = dump_file.DumpWriter(f, layout, source)
             for chunk in range(layout.n_chunks):
                 writer.write_ids(chunk, snap.ids_chunk(chunk))
+                snap.release_pages()
             for chunk in range(layout.n_chunks):
                 writer.write_chunk(chunk, [snap.column_chunk(chunk, c) for c in layout.columns])
                 snap.release_pages()
@@ -97,6 +98,7 @@ def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
         writers.append(ids)
         for chunk in range(layout.n_chunks):
             ids.write(snap.ids_chunk(chunk))
+            snap.release_pages()
         for i, column in enumerate(layout.columns):
             writers.append(npy_dir.NpyStreamWriter(tmps[npy_dir.column_file(i)], column.dtype,
                                                    (layout.rows, column.width)))

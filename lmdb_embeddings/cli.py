@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import progress
@@ -126,9 +127,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_import_cosir(args: argparse.Namespace) -> int:
     from .cosir_import import import_cosir
 
-    result = import_cosir(args.dir, args.path, progress=progress.wanted(args.quiet))
+    result = import_cosir(args.dir, args.path, progress=progress.wanted(args.quiet), overwrite=args.force,
+                          chunk_rows=args.chunk_rows)
     if not args.quiet:
-        print(json.dumps(result, sort_keys=True, default=str))
+        print(f"imported {result['rows']} rows x {result['dim']} ({result['dtype']}) from {result['files']} "
+              f"chunk files into {result['path']}")
     return EXIT_OK
 
 
@@ -184,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cosir = command("import-cosir", cmd_import_cosir,
                     "convert a directory of original CoSiR embeddings_chunk_*.pt files into a store")
-    cosir.add_argument("dir", metavar="DIR")
-    cosir.add_argument("path", metavar="PATH")
+    cosir.add_argument("dir", metavar="DIR", help="directory holding embeddings_chunk_<i>.pt files")
+    cosir.add_argument("path", metavar="PATH", help="store directory to create")
+    cosir.add_argument("--force", action="store_true", help="replace an existing store at PATH")
+    cosir.add_argument("--chunk-rows", type=_positive_int, default=None,
+                       help="rows per store chunk (default: the rows of the first file, the original chunk_size)")
     return parser
 
 
@@ -206,15 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"lmdb-embeddings {args.command}"
     try:
         return args.func(args)
+    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except CorruptionError as exc:  # a store failed a check (bad dump files raise input errors)
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except (EmbeddingStoreError, OSError) as exc:  # bad input, missing path, refused operation
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
-        sys.stderr.close()
-        return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130

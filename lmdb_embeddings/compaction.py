@@ -40,7 +40,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
     tmp = sibling_temp(path, "compacting")
     try:
         os.mkdir(tmp)
-        shared = environment.acquire(path)
+        shared = environment.acquire(path, write=False)
         try:
             with bar(1, "compact", progress, unit="copy") as pbar:
                 shared.env.copy(tmp, compact=True)

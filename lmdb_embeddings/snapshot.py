@@ -23,6 +23,7 @@ from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
+_RELEASE_EVERY = 16 << 20
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _madvise = _libc.madvise
@@ -96,10 +97,10 @@ class Snapshot:
     def __init__(self, path: str):
         self.path = os.path.abspath(os.fspath(path))
         check_store_dir(self.path)
-        self._shared = environment.acquire(self.path)
+        self._shared = environment.acquire(self.path, write=False)
         self._txn = None
         self._dbs: dict[str, object] = {}
-        self._mapped: list = []  # values read from the map since the last release_pages()
+        self._read_bytes = 0  # read from the map since the last release_pages()
         self._map_range: tuple[int, int] | None = None
         try:
             self._begin()
@@ -110,20 +111,21 @@ class Snapshot:
     def _begin(self) -> None:
         shared = self._shared
         try:
-            if not shared.has_db(META_DB):
+            self._meta_db, self._ids_db = shared.cached_db(META_DB), shared.cached_db(IDS_DB)
+            if self._meta_db is None or self._ids_db is None:
                 raise NotAStoreError(f"{self.path} is an LMDB environment but not an lmdb_embeddings store")
-            self._meta_db, self._ids_db = shared.db(META_DB), shared.db(IDS_DB)
             for _attempt in range(100):  # a column created by a concurrent commit: open it, start over
                 self._txn = shared.begin_read()
                 self.layout = read_layout(self._txn, self._meta_db, self.path)
-                missing = [c.name for c in self.layout.columns
-                           if c.name not in self._dbs and self._txn.get(column_db_name(c.name)) is not None]
+                missing = [column_db_name(c.name) for c in self.layout.columns
+                           if shared.cached_db(column_db_name(c.name)) is None
+                           and self._txn.get(column_db_name(c.name)) is not None]
                 if not missing:
+                    self._dbs = {c.name: shared.cached_db(column_db_name(c.name)) for c in self.layout.columns}
                     return
                 self._txn.abort()
                 self._txn = None
-                for name in missing:
-                    self._dbs[name] = shared.db(column_db_name(name))
+                shared.open_dbs(missing)  # database handles are opened outside transactions
             raise CorruptionError(f"{self.path}: the column list keeps changing; try again")  # pragma: no cover
         except lmdb.Error as exc:
             raise CorruptionError(f"{self.path}: cannot read the LMDB environment ({exc})") from None
@@ -151,13 +153,13 @@ class Snapshot:
     def get(self, db, chunk: int):
         """The raw value of chunk ``chunk`` in ``db`` (None if absent or ``db`` is None)."""
         value = self._txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
-        if value is not None and len(value) >= 2 * _PAGE:
-            self._mapped.append(value)
+        if value is not None:
+            self._read_bytes += len(value) + (1 << 20)  # + the fault-around of each lookup
         return value
 
     def ids_chunk(self, chunk: int) -> np.ndarray:
         """IDs of chunk ``chunk`` (a view into the map; valid while the snapshot is open)."""
-        value = self._txn.get(chunk_codec.chunk_key(chunk), db=self._ids_db)
+        value = self.get(self._ids_db, chunk)
         if value is None:
             raise CorruptionError(f"{self.path}: id chunk {chunk} is missing")
         _, rows = chunk_codec.decode_chunk(value, chunk, 1, ID_DTYPE, " (ids)")
@@ -188,26 +190,24 @@ class Snapshot:
             return full
         return rows
 
-    def release_pages(self) -> None:
-        """Drop the map pages of the chunks read so far from our resident set.
+    def release_pages(self, force: bool = False) -> None:
+        """Drop the data file's mapped pages from our resident set, once enough was read.
 
-        The data stays in the file and the page cache; a later access faults it back in,
-        so this never changes what is read. Only whole pages inside values read from the
-        data file's mapping are released (checked against /proc/self/maps), never the
-        process's own memory.
+        LMDB maps the file read-only and shared (no ``writemap``), so ``MADV_DONTNEED``
+        only unmaps pages: the data stays in the file and the page cache, and any later
+        access (even through a view still held) faults it back in unchanged. The whole
+        mapping is released, not just the values read, because the kernel maps
+        neighbouring pages on each fault (fault-around). The range comes from
+        /proc/self/maps, so nothing but the data file's mapping is ever touched.
         """
-        values, self._mapped = self._mapped, []
-        if _madvise is None or not values:
+        if _madvise is None or (self._read_bytes < _RELEASE_EVERY and not force):
             return
+        self._read_bytes = 0
         if self._map_range is None:
             self._map_range = _mapping_of(os.path.join(self._shared.path, environment.DATA_FILE))
         lo, hi = self._map_range
-        for value in values:
-            start = np.frombuffer(value, np.uint8).__array_interface__["data"][0]
-            first = -(-start // _PAGE) * _PAGE
-            last = (start + len(value)) // _PAGE * _PAGE
-            if lo <= first < last <= hi:
-                _madvise(first, last - first, _MADV_DONTNEED)
+        if hi > lo:
+            _madvise(lo, hi - lo, _MADV_DONTNEED)
 
     def close(self) -> None:
         if self._txn is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import lmdb
 import numpy as np
 
 from . import chunk_codec, environment
@@ -27,7 +28,13 @@ class StoreBuilder:
     def __init__(self, directory: str, layout: TableLayout):
         self.directory, self.layout = directory, layout
         table_bytes = layout.rows * (layout.row_bytes + ID_DTYPE.itemsize)
-        self._env = environment.create_env(directory, 2 * table_bytes + (64 << 20))
+        # Not synced per transaction: nothing here is visible until finish() has synced the
+        # whole environment and the caller has swapped the directory in; the kernel writes
+        # back in the background while we encode, instead of one fsync per transaction.
+        self._env = lmdb.open(directory, subdir=True, map_size=max(2 * table_bytes + (64 << 20),
+                                                                    environment.MIN_MAP_SIZE),
+                              max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
+                              metasync=False, writemap=False, meminit=False, max_spare_txns=0)
         self._meta_db = self._env.open_db(META_DB)
         self._ids_db = self._env.open_db(IDS_DB)
         self._column_dbs = [self._env.open_db(column_db_name(c.name)) for c in layout.columns]

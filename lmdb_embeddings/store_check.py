@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import lmdb
 import numpy as np
 
 from . import chunk_codec, environment
@@ -129,10 +128,9 @@ def store_info(path: str) -> dict:
         stats = [env.stat()]
         names = [bytes(k) for k in txn.cursor().iternext(values=False)]
         for name in names:
-            try:
-                stats.append(txn.stat(snap.shared_env.db(name)))
-            except (lmdb.Error, TypeError):
-                continue
+            handle = snap.shared_env.cached_db(name)
+            if handle is not None:
+                stats.append(txn.stat(handle))
         lmdb_info = env.info()
         psize = stats[0]["psize"]
         pages_in_use = lmdb_info["last_pgno"] + 1
