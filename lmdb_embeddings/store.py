@@ -221,7 +221,8 @@ class EmbeddingStore:
             if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
-                fmt = _read_record(txn, b"format", self._meta_db)
+                # magic and version first: a newer format may checksum its records differently
+                fmt = _read_record(txn, b"format", self._meta_db, verify=False)
                 if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
                     raise NotAStoreError(f"{self._path} is not an lmdb_embeddings store (bad magic)")
                 version = fmt.get("format_version")
@@ -230,6 +231,7 @@ class EmbeddingStore:
                         f"{self._path} was written in format version {version}; this library reads up to "
                         f"version {FORMAT_VERSION}: upgrade lmdb_embeddings"
                     )
+                _read_record(txn, b"format", self._meta_db)
                 config = _read_record(txn, b"config", self._meta_db)
                 state = _read_record(txn, b"state", self._meta_db)
         except lmdb.Error as exc:
@@ -970,28 +972,32 @@ def pack_record(record: dict) -> bytes:
     return msgpack.packb({**body, _RECORD_CHECKSUM: xxhash.xxh3_64_intdigest(msgpack.packb(body))})
 
 
-def _read_record(txn, key: bytes, db):
+def _read_record(txn, key: bytes, db, verify: bool = True):
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
-    return unpack_record(raw, key)
+    return unpack_record(raw, key, verify)
 
 
-def unpack_record(raw, key: bytes) -> dict:
+_RECORD_NAMES = {b"format": "format", b"config": "configuration", b"state": "state"}
+
+
+def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
     """Decode a metadata record written by :func:`pack_record` and check its checksum.
 
     Records written without a checksum (older stores) are accepted as they are.
     """
+    what = f"the store {_RECORD_NAMES.get(bytes(key), 'metadata')} record {bytes(key).decode()!r}"
     try:
         record = msgpack.unpackb(bytes(raw))
     except Exception as exc:
-        raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged ({exc})") from None
+        raise CorruptionError(f"{what} is damaged ({exc})") from None
     if not isinstance(record, dict):
-        raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (not a map)")
+        raise CorruptionError(f"{what} is damaged (not a map)")
     if _RECORD_CHECKSUM in record:
         stored = record.pop(_RECORD_CHECKSUM)
-        if stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
-            raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
+        if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
+            raise CorruptionError(f"{what} is damaged (checksum mismatch)")
     return record
 
 
