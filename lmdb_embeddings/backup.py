@@ -111,7 +111,8 @@ def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
         for writer in writers:
             writer.finish()
         with open(tmps[npy_dir.TABLE_FILE], "w") as f:
-            f.write(npy_dir.write_table_json(out, layout, source))
+            f.write(npy_dir.write_table_json(out, layout, source, checksums={
+                name: writer.hash.hexdigest() for name, writer in zip(names, writers, strict=True)}))
         for name, tmp in tmps.items():
             os.replace(tmp, os.path.join(out, name))
         fsync_dir(out)

@@ -18,6 +18,7 @@ import os
 
 import msgpack
 import numpy as np
+import xxhash
 
 from .errors import EmbeddingStoreError, InvalidInputError
 from .inputs import as_dtype
@@ -47,9 +48,12 @@ class NpyStreamWriter:
         np.lib.format.write_array_header_2_0(self._f, header) if len(repr(shape)) > 60000 else \
             np.lib.format.write_array_header_1_0(self._f, header)
         self._rows = 0
+        self.hash = xxhash.xxh3_64()  # of the data bytes, recorded in table.json
 
     def write(self, rows: np.ndarray) -> None:
-        self._f.write(memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B"))
+        data = memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B")
+        self._f.write(data)
+        self.hash.update(data)
         self._rows += len(rows)
 
     def finish(self) -> None:
@@ -95,6 +99,7 @@ class NpyStreamReader:
         self.shape, self.dtype = tuple(shape), dtype
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
         self.offset = self._f.tell()
+        self.hash = xxhash.xxh3_64()
         expected = self.offset + (shape[0] if shape else 1) * self.row_bytes
         size = os.fstat(self._f.fileno()).st_size
         if size != expected:
@@ -109,19 +114,27 @@ class NpyStreamReader:
         got = self._f.readinto(buf) if out.size else 0
         if got != len(buf):
             raise NpyInputError(f"{self.path} is truncated (it shrank while being read)")
+        self.hash.update(buf)
         return out
+
+    def check(self, expected: str | None) -> None:
+        """After the last row: compare the data's checksum with the one table.json recorded."""
+        if expected is not None and self.hash.hexdigest() != expected:
+            raise NpyInputError(f"{self.path} is damaged: its data does not match the checksum in {TABLE_FILE}")
 
     def close(self) -> None:
         self._f.close()
 
 
-def write_table_json(directory: str, layout: TableLayout, source: dict) -> str:
+def write_table_json(directory: str, layout: TableLayout, source: dict, checksums: dict | None = None) -> str:
+    """``checksums``: xxh3-64 (hex) of each .npy file's data bytes, checked by a restore."""
     record = {
         "format": NPY_FORMAT, "version": NPY_FORMAT_VERSION, "rows": layout.rows, "dim": layout.dim,
         "dtype": layout.dtype.name, "chunk_rows": layout.chunk_rows,
         "columns": [{"name": c.name, "file": column_file(i), **c.describe()} for i, c in enumerate(layout.columns)],
         "source": source,
         "table_msgpack_b64": base64.b64encode(msgpack.packb(layout.to_record())).decode(),
+        **({"xxh3_64": checksums} if checksums else {}),
     }
     return json.dumps(record, indent=1, default=str)
 
@@ -176,12 +189,25 @@ def _layout_from_json(path: str) -> TableLayout:
     return TableLayout.from_record(table, NpyInputError, path)
 
 
+def _checksums_from_json(directory: str) -> dict:
+    """Data checksums recorded by our dump (none for a plain directory or an older dump)."""
+    path = os.path.join(directory, TABLE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        sums = json.load(f).get("xxh3_64", {})
+    if not isinstance(sums, dict):
+        raise NpyInputError(f"{path} is damaged (its checksums are not a mapping)")
+    return sums
+
+
 class NpyTableReader:
     """Streams an .npy directory chunk by chunk, in the shape the store builder wants."""
 
     def __init__(self, directory: str, layout: TableLayout):
         self.directory, self.layout = directory, layout
         self._readers = []
+        self._checksums = _checksums_from_json(directory)
         try:
             self._ids = self._open(IDS_FILE, (layout.rows,))
             for i, column in enumerate(layout.columns):
@@ -207,6 +233,7 @@ class NpyTableReader:
             if raw.dtype.kind == "u" and len(raw) and int(raw.max()) > np.iinfo(np.int64).max:
                 raise NpyInputError(f"{self._ids.path} holds ids beyond the int64 range (chunk {chunk})")
             yield chunk, raw.astype(ID_DTYPE, copy=False)
+        self._ids.check(self._checksums.get(IDS_FILE))
 
     def chunks(self):
         """Yield (chunk, one array per column in the store's dtypes), all values finite."""
@@ -223,6 +250,8 @@ class NpyTableReader:
                     raise NpyInputError(f"{reader.path}: row {row} holds NaN or inf; a store holds finite values")
                 parts.append(part)
             yield chunk, parts
+        for i, reader in enumerate(self._readers):
+            reader.check(self._checksums.get(column_file(i)))
 
     def close(self) -> None:
         for reader in [getattr(self, "_ids", None), *self._readers]:
