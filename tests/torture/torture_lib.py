@@ -86,6 +86,7 @@ class LineReader:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() at which each line was read
         self._buf = ""
         self._fd = proc.stdout.fileno()
         os.set_blocking(self._fd, False)
@@ -104,6 +105,7 @@ class LineReader:
                 *done, self._buf = self._buf.split("\n")
                 new = [line for line in done if line]
                 self.lines.extend(new)
+                self.times.extend([time.monotonic()] * len(new))
         return new
 
     def sleep(self, seconds: float) -> None:
