@@ -45,6 +45,7 @@ def run_retry_protocol(child: subprocess.Popen, path: str, lift_fault) -> dict:
         failed = lines.wait_for("failed", 120)
         assert failed is not None, f"commit did not fail under the fault: {lines.lines} {tl.stderr_of(child)}"
         _, exc_type, is_oserror, message = failed.split(" ", 3)
+        view = lines.wait_for("handle-view", 120)
         during = table_state(path)
         lift_fault()
         child.stdin.write("retry\n")
@@ -53,6 +54,8 @@ def run_retry_protocol(child: subprocess.Popen, path: str, lift_fault) -> dict:
         after = table_state(path)
         return {"error": exc_type, "oserror": is_oserror == "1", "message": json.loads(message),
                 "during": during, "retried": retried is not None, "after": after,
+                "handle_view": json.loads(view.split(" ", 1)[1]) if view else None,
+                "reput": any(line.startswith("reput") for line in lines.lines),
                 "stderr": "" if retried else tl.stderr_of(child)}
     finally:
         tl.kill9(child)
@@ -86,8 +89,32 @@ def test_disk_full_during_commit_then_retry_same_handle(small_fs):
     assert seen["oserror"], seen
     assert "commit" in seen["message"] and "again" in seen["message"], seen["message"]
     assert seen["during"] == {"rows": ROWS, "values": [1.0]}, "the failed commit changed the store"
+    assert seen["handle_view"] == [2.0], "the handle lost its uncommitted put"
     assert seen["retried"], f"the same handle could not commit after space was freed: {seen['stderr']}"
+    assert not seen["reput"], "the retried commit did not write the kept changes"
     assert seen["after"] == {"rows": ROWS, "values": [2.0]}, "the retried commit lost the uncommitted put"
+
+
+def test_disk_full_with_spilled_chunks_rolls_back_the_handle_cleanly(small_fs):
+    """A cache smaller than the changes spills them into the pending LMDB transaction.
+
+    When that transaction's commit fails the spilled chunks are gone, so the handle cannot
+    keep its changes (a documented limit of the spill path): the error must say that the
+    handle was rolled back, and the handle must show exactly the last commit, never a mix.
+    """
+    path = os.path.join(small_fs, "store")
+    make_round_one(path)
+    child = tl.spawn_child("diskfull", path, small_fs, "--round", "2", "--cache-mb", "1", stdin=subprocess.PIPE)
+    seen = run_retry_protocol(child, path, lambda: os.remove(os.path.join(small_fs, "ballast")))
+    tl.record("fault: disk full during commit (changes spilled)", faults=1, clean_errors=int(seen["oserror"]),
+              rows_lost=0 if seen["after"].get("values") == [2.0] else ROWS,
+              inconsistent_opens=int(seen["during"].get("values") != [1.0] or seen["handle_view"] != [1.0]))
+    assert seen["oserror"], seen
+    assert "rolled back" in seen["message"], seen["message"]
+    assert seen["during"] == {"rows": ROWS, "values": [1.0]}, "the failed commit changed the store"
+    assert seen["handle_view"] == [1.0], f"the rolled-back handle shows {seen['handle_view']}, not the last commit"
+    assert seen["reput"] and seen["retried"], seen["stderr"]
+    assert seen["after"] == {"rows": ROWS, "values": [2.0]}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +143,8 @@ def test_io_error_during_commit_then_retry_same_handle(tmp_path, eio_shim, mode)
               inconsistent_opens=int(seen["during"].get("values") != [1.0]))
     assert seen["oserror"], seen
     assert seen["during"] == {"rows": ROWS, "values": [1.0]}, "the failed commit changed the store"
-    assert seen["retried"], f"the same handle could not commit after the I/O error cleared: {seen['stderr']}"
+    assert seen["handle_view"] == [2.0], "the handle lost its uncommitted put"
+    assert seen["retried"] and not seen["reput"], f"the same handle could not commit after the I/O error: {seen}"
     assert seen["after"] == {"rows": ROWS, "values": [2.0]}, "the retried commit lost the uncommitted put"
 
 

@@ -135,15 +135,20 @@ def _retry_protocol(store, r: int, provoke) -> None:
     else:
         say("committed-despite-fault")
         return
+    say("handle-view", json.dumps(np.unique(store.get(ids)).tolist()))
     assert sys.stdin.readline().strip() == "retry"
     store.commit()
+    if not (store.get(ids) == r).all():  # the handle was rolled back (spilled changes): put again
+        say("reput", r)
+        store.put(ids, np.full((len(ids), store.dim), r, store.dtype))
+        store.commit()
     say("retried", r)
     store.close()
     say("closed")
 
 
 def role_diskfull(args) -> None:
-    store = le.EmbeddingStore.open(args.path)
+    store = le.EmbeddingStore.open(args.path, cache_mb=args.cache_mb)
     say("open", table_round(store))
     _retry_protocol(store, args.round, lambda: say("ballast", _fill_disk(args.fill_dir)))
 
@@ -347,6 +352,7 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("fill_dir")
     p.add_argument("--round", type=int, default=2)
+    p.add_argument("--cache-mb", type=float, default=512.0)
     p.set_defaults(func=role_diskfull)
     p = sub.add_parser("iofault")
     p.add_argument("path")
