@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -85,9 +86,14 @@ def test_kill9_during_compact(tmp_path):
         tl.run_child("rounds", path, "--max-rounds", "1", timeout=300)  # new free pages, table value + 1
         want = want + 1
     left = leftovers(str(tmp_path), "store")
+    proc = tl.cli("--quiet", "compact", path)  # the next operation removes what killed ones left
+    left_after = leftovers(str(tmp_path), "store")
     tl.record("crash: kill -9 during compact", kills=kills, kills_survived=kills - len(bad),
-              inconsistent_opens=len(bad), rows_lost=0, leftover_temp_dirs=len(left))
+              inconsistent_opens=len(bad), rows_lost=0, leftover_temp_dirs=len(left),
+              leftover_after_next_compact=len(left_after))
     assert not bad, "\n".join(bad)
+    assert proc.returncode == 0, proc.stderr
+    assert left_after == [], f"hidden copies left by killed compacts were not cleaned up: {left_after}"
 
 
 @pytest.mark.parametrize("over_existing", [False, True], ids=["fresh", "force"])
@@ -103,13 +109,16 @@ def test_kill9_during_restore(tmp_path, over_existing):
     rng = random.Random(11 + over_existing)
     duration = timed_cli("--quiet", "restore", dump, str(tmp_path / "timing"))
     bad, kills, outcomes = [], 0, {"absent": 0, "old": 0, "new": 0}
+    target = str(tmp_path / "target")
+    left = 0
     for kill in range(KILLS):
-        target = str(tmp_path / f"target{kill}")
+        shutil.rmtree(target, ignore_errors=True)
         if over_existing:
             le.EmbeddingStore.create(target, 1000, 16, init="zeros").close()
         args = ["--quiet", "restore", *(["--force"] if over_existing else []), dump, target]
         kill_at_random(args, duration, rng)
         kills += 1
+        left += len(leftovers(str(tmp_path), "target"))
         if not os.path.exists(target) or not os.listdir(target):
             outcomes["absent"] += 1
             if over_existing:
@@ -126,11 +135,14 @@ def test_kill9_during_restore(tmp_path, over_existing):
             outcomes["old"] += 1
         else:
             bad.append(f"kill {kill}: the target holds neither the old nor the restored table")
-    left = leftovers(str(tmp_path), "target")
+    proc = tl.cli("--quiet", "restore", "--force", dump, target)
+    left_after = leftovers(str(tmp_path), "target")
     tl.record(f"crash: kill -9 during restore ({'--force over a store' if over_existing else 'fresh path'})",
               kills=kills, kills_survived=kills - len(bad), inconsistent_opens=len(bad), rows_lost=0,
-              leftover_temp_dirs=len(left), **outcomes)
+              leftover_temp_dirs_seen=left, leftover_after_next_restore=len(left_after), **outcomes)
     assert not bad, "\n".join(bad)
+    assert proc.returncode == 0, proc.stderr
+    assert left_after == [], f"hidden copies left by killed restores were not cleaned up: {left_after}"
 
 
 def test_restore_fuzz_damaged_dumps(tmp_path):
