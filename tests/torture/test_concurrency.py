@@ -86,6 +86,8 @@ def test_writer_readers_and_dumps_together(tmp_path):
     assert not dump_errors, dump_errors[:3]
     assert dumps > 0 and torn_dumps == 0, dump_rounds
     assert dump_rounds == sorted(dump_rounds), f"dumps went back in time: {dump_rounds}"
-    # the file stops growing: after the first rounds free pages are reused; a dump's snapshot
-    # may keep up to two more table copies alive, whatever the number of rounds
-    assert sizes[-1] <= max(sizes[:5]) + 2 * ROWS * DIM * 4, sizes
+    # the file stops growing: after the first rounds free pages are reused. A dump's read
+    # transaction (about a second) pins the pages of the commits made meanwhile, so the
+    # plateau is a few table copies higher -- bounded, whatever the number of rounds
+    # (300 rounds without reuse would need 300 copies).
+    assert max(sizes) <= max(sizes[:5]) + 4 * ROWS * DIM * 4, sizes
