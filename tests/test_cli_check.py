@@ -80,7 +80,7 @@ def test_info_json_reports_the_store_and_its_writer(tmp_path):
     assert info["bytes_on_disk"] >= info["data_file_bytes"] > 0
     assert info["lmdb"]["map_size"] >= info["lmdb"]["pages_in_use"] * info["lmdb"]["page_size"]
     assert set(info["columns"]) == {"adam_m", "steps"}
-    assert info["last_commit_time"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert info["last_commit"].startswith(time.strftime("%Y-", time.gmtime()))
     with le.EmbeddingStore.open(path):
         info = json.loads(ok("info", path, "--json").stdout)
         assert info["writer_active"] is True and info["writer_pid"] == os.getpid()
