@@ -175,3 +175,21 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path):
     assert stderr_on_tty("--quiet", "verify", path) == ""
     assert stderr_on_tty("dump", "-q", path, out) == ""
     assert run_cli("verify", path).stderr == ""  # a pipe is not a terminal
+
+
+def test_verify_checks_auxiliary_columns_too(tmp_path):
+    path = str(tmp_path / "s")
+    state = np.arange(600 * 6, dtype=np.float32).reshape(600, 6) + 0.5
+    with le.EmbeddingStore.create(path, 600, 4, chunk_rows=100, init="zeros") as s:
+        s.ensure_column("moments", 6, "float32")
+        s.put_column("moments", np.arange(600), state)
+    at = _payload_offset(os.path.join(path, "data.mdb"), state[200:300].tobytes())
+    with open(os.path.join(path, "data.mdb"), "r+b") as f:
+        f.seek(at + 7)
+        byte = f.read(1)
+        f.seek(at + 7)
+        f.write(bytes([byte[0] ^ 0x80]))
+    proc = run_cli("verify", path, "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["bad_chunks"] == [2]
+    assert [p["part"] for p in report["problems"]] == ["column 'moments'"]
