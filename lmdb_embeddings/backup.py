@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 
+import lmdb
+
 from . import dump_file, npy_dir
 from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
 from .fsutil import fsync_dir, replace_dir, sibling_temp
@@ -176,9 +178,10 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
         reader = npy_dir.NpyTableReader(src, layout, checksums)
         id_chunks, chunks = reader.id_chunks, reader.chunks
     tmp = sibling_temp(path, "restoring")
+    builder = None
     try:
-        builder = StoreBuilder(tmp, layout)
         try:
+            builder = StoreBuilder(tmp, layout)
             with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
                 for chunk, ids in id_chunks():
                     builder.add_ids(chunk, ids)
@@ -186,8 +189,12 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
                     builder.add_chunk(chunk, parts)
                     pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
             builder.finish()
+        except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
+            raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
+                                      "changed at the target") from None
         finally:
-            builder.close()
+            if builder is not None:
+                builder.close()
             reader.close()
         report = verify_store(tmp, progress=progress)
         if not report["ok"]:
