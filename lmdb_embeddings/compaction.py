@@ -18,6 +18,7 @@ import time
 import lmdb
 
 from . import environment
+from .backup import remove_stale_temps
 from .errors import CorruptionError, EmbeddingStoreError, WriterLockedError
 from .fsutil import replace_dir, sibling_temp
 from .progress import bar
@@ -37,6 +38,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
     except WriterLockedError as exc:
         raise WriterLockedError(f"cannot compact while a writer holds the store: {exc}") from None
     started = time.perf_counter()
+    remove_stale_temps(path, "compacting")
     tmp = sibling_temp(path, "compacting")
     try:
         os.mkdir(tmp)
