@@ -110,8 +110,9 @@ def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
                 pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
         for writer in writers:
             writer.finish()
+        checksums = {name: w.hash.hexdigest() for name, w in zip(names, writers, strict=True)}
         with open(tmps[npy_dir.TABLE_FILE], "w") as f:
-            f.write(npy_dir.write_table_json(out, layout, source))
+            f.write(npy_dir.write_table_json(layout, source, checksums))
         for name, tmp in tmps.items():
             os.replace(tmp, os.path.join(out, name))
         fsync_dir(out)
@@ -171,8 +172,8 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
     else:
         if not os.path.isdir(src):
             raise InvalidInputError(f"{src} is not a directory of .npy files")
-        layout = npy_dir.read_layout(src, chunk_rows)
-        reader = npy_dir.NpyTableReader(src, layout)
+        layout, checksums = npy_dir.read_layout(src, chunk_rows)
+        reader = npy_dir.NpyTableReader(src, layout, checksums)
         id_chunks, chunks = reader.id_chunks, reader.chunks
     tmp = sibling_temp(path, "restoring")
     try:

@@ -119,3 +119,19 @@ def test_dump_carries_the_last_commit_only(tmp_path):
     ok("restore", dump, dst)
     with le.EmbeddingStore.open(dst, readonly=True) as s:
         assert s.get([1]).tolist() == [[5.0] * 4]
+
+
+def test_npy_dump_detects_a_changed_file(tmp_path):
+    src, out, dst = str(tmp_path / "src"), tmp_path / "npy", str(tmp_path / "dst")
+    make_rich_store(src, dtype="float32")
+    ok("dump", src, str(out), "--format", "npy")
+    for name in ("embeddings.npy", "column-1.npy", "ids.npy"):
+        data = bytearray((out / name).read_bytes())
+        data[len(data) - 5] ^= 0x04  # a changed value; the file still loads in numpy
+        (out / name).write_bytes(bytes(data))
+        np.load(out / name)
+        assert_one_line_error(run_cli("restore", str(out), dst), name, "checksum mismatch")
+        data[len(data) - 5] ^= 0x04
+        (out / name).write_bytes(bytes(data))
+    assert not os.path.exists(dst)
+    ok("restore", str(out), dst)
