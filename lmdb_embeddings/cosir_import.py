@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -71,9 +72,14 @@ def load_chunk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with torch.serialization.safe_globals(_numpy_int_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CosirImportError(
+            f"{path}: cannot be read: it is not a torch.save file, or it holds objects other than tensors, "
+            "dicts and numbers (files are loaded with weights_only=True, which refuses pickled code)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CosirImportError(f"{path}: cannot be read as a torch.save file ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        detail = str(exc).splitlines()[0][:200] if str(exc) else "no detail"
+        raise CosirImportError(f"{path}: cannot be read as a torch.save file, it may be truncated or "
+                               f"corrupt ({type(exc).__name__}: {detail})") from None
     if not isinstance(data, dict):
         raise CosirImportError(f"{path}: holds a {type(data).__name__}, expected a dict {{sample_id: 1-D tensor}}")
     if not data:
