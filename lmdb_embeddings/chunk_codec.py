@@ -37,7 +37,8 @@ def checksum(payload, index: int) -> int:
 
 def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
     """Serialize a 2-D little-endian C-contiguous array as one chunk value."""
-    payload = memoryview(np.ascontiguousarray(rows)).cast("B")
+    # a flat uint8 view: zero-copy, and unlike memoryview.cast it accepts 0-row chunks
+    payload = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
     return msgpack.packb([int(rows.shape[0]), int(version), checksum(payload, index), payload])
 
 
@@ -68,7 +69,7 @@ def read_header(value, index: int, where: str = "") -> ChunkHeader:
         start = offset + 1 + width
         if start + length != len(value):
             raise ValueError(f"payload length {length} does not match value size {len(value)}")
-    except (ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (ValueError, IndexError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CorruptionError(f"chunk {index}{where}: malformed value ({exc})") from None
     return ChunkHeader(n_rows, version, crc, start, length)
 
