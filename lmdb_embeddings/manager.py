@@ -526,7 +526,7 @@ def _copy_committed_store(src: str, target: str) -> None:
     """Consistent compacted copy of the committed state of ``src`` at ``target`` (atomic swap)."""
     tmp = sibling_temp(target, "saving")
     os.mkdir(tmp)
-    shared = environment.acquire(src)
+    shared = environment.acquire(src, write=False)
     try:
         shared.env.copy(tmp, compact=True)
         fd = os.open(os.path.join(tmp, environment.DATA_FILE), os.O_RDONLY)
