@@ -17,7 +17,7 @@ import numpy as np
 import lmdb_embeddings as le
 from lmdb_embeddings import chunk_codec
 
-_INIT_BLOCK = 1 << 20  # rows initialized at a time by the baselines (bounded setup memory)
+_INIT_BLOCK = 1 << 16  # rows initialized at a time by the baselines (bounded setup memory)
 
 
 def init_block(start: int, stop: int, dim: int, seed: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import math
 COLUMNS = [
     ("workload", "workload", "{}"),
     ("label", "implementation", "{}"),
+    ("batches", "batches", "{}"),
     ("total_s", "total s", "{:.4g}"),
     ("rows_per_s", "rows/s", "{:,.0f}"),
     ("x_numpy_mem", "x numpy_mem", "{:.3f}"),
@@ -44,6 +45,8 @@ def _cell(r: dict, key: str, fmt: str | None) -> str:
         return "yes" if value else "NO (" + r.get("verify_detail", "") + ")"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if key == "batches" and r.get("capped"):
+        return f"{value} (capped)"
     if key == "bytes_written":
         return f"{value / 1e6:,.1f}"
     return fmt.format(value)

@@ -84,15 +84,17 @@ def main(argv=None) -> int:
         for wl in suite(args.suite):
             if only and wl.name not in only:
                 continue
-            for label, (impl, options) in wl.runs.items():
+            for label, (impl, options, cap) in wl.runs.items():
                 if labels and label not in labels:
                     continue
                 scratch = os.path.join(work, f"{wl.name}-{label}")
-                spec = {"workload": wl.as_dict() | {"runs": {}}, "impl": impl, "options": options, "dir": scratch}
+                max_batches = cap if cap is not None else wl.max_batches
+                spec = {"workload": wl.as_dict() | {"runs": {}, "max_batches": max_batches}, "impl": impl,
+                        "options": options, "dir": scratch}
                 res = run_child(["-m", "benchmarks.worker", json.dumps(spec)], args.timeout)
                 res.update(workload=wl.name, label=label, impl=impl, options=options, n=wl.n, dim=wl.dim,
-                           batch=wl.batch, epochs=wl.epochs, order=wl.order, max_batches=wl.max_batches,
-                           persistent=impl != "numpy_mem")
+                           batch=wl.batch, epochs=wl.epochs, order=wl.order, max_batches=max_batches,
+                           capped=cap is not None, persistent=impl != "numpy_mem")
                 if impl == "numpy_mem" and "verified" in res:
                     res["verify_detail"] += " (in memory: nothing persistent to reopen)"
                 results.append(res)
