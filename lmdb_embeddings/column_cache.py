@@ -128,7 +128,7 @@ class ColumnCache:
         """Make every chunk in ``chunks`` (unique, <= capacity) resident; return their slots."""
         slots = self.slots_of(chunks)
         present = slots != _NO_SLOT
-        n_hit = int(present.sum())
+        n_hit = int(np.count_nonzero(present))
         self.stats.l1_hits += n_hit
         self.stats.l1_misses += len(chunks) - n_hit
         if n_hit < len(chunks):

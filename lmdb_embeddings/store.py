@@ -444,8 +444,11 @@ class EmbeddingStore:
         slots = cache.ensure(chunks, lambda missing: self._load_chunks(column, missing, txn))
         if self._readonly:
             cache.slot_validated[slots] = self._commit
+        held = cache.slot_rows[slots]
+        if held.min() >= self._chunk_rows:  # every chunk full: none can lack rows
+            return slots
         expected = np.minimum(self._rows - chunks * self._chunk_rows, self._chunk_rows)
-        short = np.flatnonzero(cache.slot_rows[slots] < expected)
+        short = np.flatnonzero(held < expected)
         for i in short.tolist():  # chunks grown by add since they were loaded: pad with fill
             slot = int(slots[i])
             base = slot * self._chunk_rows
@@ -911,6 +914,8 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     table of few chunks): a presence bitmap over the range is then O(n) instead of a sort.
     """
     lo, hi = int(values.min()), int(values.max())
+    if lo == hi:  # one chunk (small tables, sequential batches within a chunk)
+        return np.array([lo], values.dtype), np.zeros(len(values), np.intp)
     span = hi - lo + 1
     if span > 4 * len(values) + 64:
         return np.unique(values, return_inverse=True)
