@@ -42,7 +42,8 @@ def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
     small header is packed apart and joined to the payload in ONE copy (packb copies the
     payload into its growing buffer, then again into the result).
     """
-    payload = memoryview(np.ascontiguousarray(rows)).cast("B")
+    # a flat uint8 view: zero-copy, and unlike memoryview.cast it accepts 0-row chunks
+    payload = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
     size = payload.nbytes
     if size < 0x100:
         bin_header = b"\xc4" + size.to_bytes(1, "big")
@@ -82,7 +83,7 @@ def read_header(value, index: int, where: str = "") -> ChunkHeader:
         start = offset + 1 + width
         if start + length != len(value):
             raise ValueError(f"payload length {length} does not match value size {len(value)}")
-    except (ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (ValueError, IndexError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CorruptionError(f"chunk {index}{where}: malformed value ({exc})") from None
     return ChunkHeader(n_rows, version, crc, start, length)
 

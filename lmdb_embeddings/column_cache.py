@@ -77,7 +77,8 @@ class ColumnCache:
         self.chunk_slot = np.full(0, _NO_SLOT, np.int64)
         self._free: list[int] = []
         self._tick = 0
-        self.l2: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
+        # chunk -> (rows, version, commit at which a reader last checked the version)
+        self.l2: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
         self.l2_bytes = 0
 
     # -- sizing ------------------------------------------------------------------------
@@ -185,9 +186,9 @@ class ColumnCache:
             self.spill(chunk, rows)
         elif self.l2_budget >= self.chunk_bytes:
             while self.l2 and self.l2_bytes + rows.nbytes > self.l2_budget:
-                _, (old, _) = self.l2.popitem(last=False)
+                _, (old, _, _) = self.l2.popitem(last=False)
                 self.l2_bytes -= old.nbytes
-            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]))
+            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]), int(self.slot_validated[slot]))
             self.l2_bytes += rows.nbytes
         self.chunk_slot[chunk] = _NO_SLOT
         self.slot_chunk[slot] = _NO_SLOT
@@ -220,7 +221,9 @@ class ColumnCache:
     def drop(self, chunks: Iterable[int]) -> None:
         """Forget chunks (stale in a reader, or discarded by rollback)."""
         for chunk in chunks:
-            self.l2_bytes -= self.l2.pop(chunk, (np.empty(0, np.uint8), 0))[0].nbytes
+            entry = self.l2.pop(chunk, None)
+            if entry is not None:
+                self.l2_bytes -= entry[0].nbytes
             if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
                 slot = int(self.chunk_slot[chunk])
                 self.chunk_slot[chunk] = _NO_SLOT

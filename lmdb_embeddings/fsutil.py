@@ -61,3 +61,9 @@ def replace_dir(new: str, target: str) -> None:
 def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if os.path.isfile(os.path.join(path, f)))
+
+
+def free_bytes(path: str) -> int:
+    """Bytes still available to this user on the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

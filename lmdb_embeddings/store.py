@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lmdb
 import msgpack
@@ -43,7 +44,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import fsync_dir, replace_dir, sibling_temp
+from .fsutil import free_bytes, fsync_dir, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -66,8 +67,9 @@ def column_db_name(name: str) -> bytes:
 class _Column:
     """One chunked column: the embeddings, or an auxiliary (optimizer state) column."""
 
-    def __init__(self, name: str, width: int, dtype: np.dtype, db, cache: ColumnCache, fill: float = 0.0):
-        self.name, self.width, self.dtype, self.db, self.cache, self.fill = name, width, dtype, db, cache, fill
+    def __init__(self, name: str, width: int, dtype: np.dtype, cache: ColumnCache, fill: float = 0.0):
+        self.name, self.width, self.dtype, self.cache, self.fill = name, width, dtype, cache, fill
+        self.db_name = column_db_name(name)
 
     def describe(self) -> dict:
         return {"width": self.width, "dtype": self.dtype.name, "fill": self.fill}
@@ -201,9 +203,9 @@ class EmbeddingStore:
             self._lock = WriterLock(path)
             self._lock.acquire()
         try:
-            self._env = environment.acquire(path, readahead=self._options.readahead)
-            if not self._readonly and not self._env.writable:
+            if not self._readonly and not os.access(path, os.W_OK):
                 raise ReadOnlyError(f"{path} is not writable by this user; open it with readonly=True")
+            self._env = environment.acquire(path, write=not self._readonly, readahead=self._options.readahead)
             self._load_metadata()
         except BaseException:
             self._detach()
@@ -214,9 +216,8 @@ class EmbeddingStore:
     def _load_metadata(self) -> None:
         env = self._env
         try:
-            if not env.has_db(META_DB):
+            if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
-            self._meta_db = env.db(META_DB)
             with env.reading() as txn:
                 fmt = _read_record(txn, b"format", self._meta_db)
                 if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
@@ -239,7 +240,6 @@ class EmbeddingStore:
             self._seed = int(config["seed"])
         except (KeyError, TypeError, ValueError, EmbeddingStoreError) as exc:
             raise CorruptionError(f"{self._path}: the store configuration is damaged ({exc})") from None
-        self._ids_db = env.db(IDS_DB)
         self._commit = int(state["commit"])
         self._rows = self._committed_rows = int(state["rows"])
         self._committed_at = state.get("committed_at")
@@ -252,11 +252,9 @@ class EmbeddingStore:
                 self._register_column(name, int(desc["width"]), as_dtype(desc["dtype"]), float(desc.get("fill", 0.0)))
 
     def _register_column(self, name: str, width: int, dtype: np.dtype, fill: float) -> _Column:
-        db_name = column_db_name(name)
-        db = self._env.db(db_name, create=False) if self._env.has_db(db_name) else None
         cache = ColumnCache(width, dtype, self._chunk_rows, 0, 0, self._stats)
         cache.spill = lambda chunk, rows, _name=name: self._spill(_name, chunk, rows)
-        column = self._columns[name] = _Column(name, width, dtype, db, cache, fill)
+        column = self._columns[name] = _Column(name, width, dtype, cache, fill)
         self._split_cache_budget()
         return column
 
@@ -269,6 +267,33 @@ class EmbeddingStore:
             cache = column.cache
             cache.capacity = max(2, int(l1 * share) // cache.chunk_bytes)
             cache.l2_budget = int(l2 * share)
+
+    @property
+    def _meta_db(self):
+        return self._env.cached_db(META_DB)
+
+    @property
+    def _ids_db(self):
+        return self._env.cached_db(IDS_DB)
+
+    def _column_db(self, column: _Column):
+        """The column's database, or None while it has never been committed."""
+        return self._env.cached_db(column.db_name)
+
+    @contextmanager
+    def _snapshot(self):
+        """Reader: one read transaction on the latest commit, with its state caught up.
+
+        A commit may have declared columns whose databases this process has not opened;
+        they can only be opened between transactions, so the snapshot is retaken then.
+        """
+        while True:
+            with self._env.reading() as txn:
+                missing = self._refresh(txn)
+                if not missing:
+                    yield txn
+                    return
+            self._env.open_dbs(missing)
 
     def _read_ids(self, start_row: int, stop_row: int) -> np.ndarray:
         """IDs of row slots ``start_row:stop_row`` as committed."""
@@ -388,8 +413,7 @@ class EmbeddingStore:
         with self._mutex:
             self._ready()
             if self._readonly:
-                with self._env.reading() as txn:
-                    self._refresh(txn)
+                with self._snapshot() as txn:
                     return self._gather(MAIN, self._index.slots(ids), txn)
             return self._gather(MAIN, self._index.slots(ids))
 
@@ -463,16 +487,28 @@ class EmbeddingStore:
         resident = slots >= 0
         check = np.zeros(len(chunks), bool)
         check[resident] = cache.slot_validated[slots[resident]] < self._commit
+        in_l2 = [c for c in chunks[~resident].tolist() if c in cache.l2 and cache.l2[c][2] < self._commit]
+        if not check.any() and not in_l2:
+            return
+        db = self._column_db(column)
+
+        def committed_version(chunk: int) -> int:
+            value = txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
+            return chunk_codec.read_header(value, chunk).version if value is not None else 0
+
         stale = []
-        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=False):
-            value = txn.get(chunk_codec.chunk_key(chunk), db=column.db) if column.db is not None else None
-            version = chunk_codec.read_header(value, chunk).version if value is not None else 0
-            if version != cache.slot_version[slot]:
+        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=True):
+            if committed_version(chunk) != cache.slot_version[slot]:
                 stale.append(chunk)
             else:
                 cache.slot_validated[slot] = self._commit
+        for chunk in in_l2:
+            rows, version, _ = cache.l2[chunk]
+            if committed_version(chunk) != version:
+                stale.append(chunk)
+            else:
+                cache.l2[chunk] = (rows, version, self._commit)
         cache.drop(stale)
-        cache.drop([c for c in chunks.tolist() if c in cache.l2 and c not in stale])
 
     def _load_chunks(self, column: _Column, chunks: list, txn) -> Iterator[tuple]:
         """Decoded chunks from LMDB (or fresh fill for chunks never written)."""
@@ -487,8 +523,9 @@ class EmbeddingStore:
 
     def _decode_chunks(self, column: _Column, chunks: list, txn) -> Iterator[tuple]:
         where = "" if column.name == MAIN else f" of column {column.name!r}"
+        db = self._column_db(column)
         for chunk in chunks:
-            value = txn.get(chunk_codec.chunk_key(chunk), db=column.db) if column.db is not None else None
+            value = txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
             if value is None:
                 if column.name == MAIN and chunk * self._chunk_rows < self._committed_rows:
                     raise CorruptionError(f"{self._path}: chunk {chunk} is missing from the store")
@@ -499,14 +536,22 @@ class EmbeddingStore:
 
     def _refresh_if_reader(self) -> None:
         if self._readonly:
-            with self._env.reading() as txn:
-                self._refresh(txn)
+            with self._snapshot():
+                pass
 
-    def _refresh(self, txn) -> None:
-        """Reader: catch up with the commits made since the last call (new IDs, columns)."""
+    def _refresh(self, txn) -> list:
+        """Reader: catch up with the commits made since the last call (new IDs, columns).
+
+        Returns the databases of committed columns this process has not opened yet (the
+        caller opens them outside the transaction and calls again).
+        """
         state = _read_record(txn, b"state", self._meta_db)
         if state["commit"] == self._commit:
-            return
+            return []
+        missing = [column_db_name(n) for n in state.get("columns", {})
+                   if self._env.cached_db(column_db_name(n)) is None]
+        if missing:
+            return missing
         rows = int(state["rows"])
         if rows > self._rows:
             keep = (self._rows // self._chunk_rows) * self._chunk_rows
@@ -515,13 +560,11 @@ class EmbeddingStore:
         self._rows = self._committed_rows = rows
         self._attrs = dict(state.get("attrs", {}))
         for name, desc in state.get("columns", {}).items():
-            column = self._columns.get(name)
-            if column is None:
+            if name not in self._columns:
                 self._register_column(name, int(desc["width"]), as_dtype(desc["dtype"]), float(desc.get("fill", 0.0)))
-            elif column.db is None and self._env.has_db(column_db_name(name)):
-                column.db = self._env.db(column_db_name(name))
         self._commit = int(state["commit"])
         self._committed_at = state.get("committed_at")
+        return []
 
     def _read_ids_in(self, txn, start_row: int, stop_row: int) -> np.ndarray:
         cr = self._chunk_rows
@@ -643,8 +686,7 @@ class EmbeddingStore:
             self._ready()
             column = self._column(name)
             if self._readonly:
-                with self._env.reading() as txn:
-                    self._refresh(txn)
+                with self._snapshot() as txn:
                     return self._gather(column.name, self._index.slots(ids), txn)
             return self._gather(column.name, self._index.slots(ids))
 
@@ -690,17 +732,23 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ transactions
     def _spill(self, name: str, chunk: int, rows: np.ndarray) -> None:
         """Write an evicted dirty chunk into the pending write transaction."""
+        if self._pending is None:
+            # The map cannot grow while this transaction is open, and the caller may keep
+            # adding rows (and spilling) before it commits: reserve room for all the disk
+            # can hold, so the map is never the limit (the mapping is virtual, not disk).
+            self._env.ensure_headroom(free_bytes(self._path) // 2)
         txn = self._pending_txn()
-        column = self._columns[name]
-        self._ensure_db(column, txn)
-        txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=column.db)
+        db = self._ensure_db(self._columns[name], txn)
+        txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=db)
         self._spilled += 1
 
-    def _ensure_db(self, column: _Column, txn: lmdb.Transaction) -> None:
-        """Create an auxiliary column's database inside the pending transaction."""
-        if column.db is None:
-            column.db = self._env.env.open_db(column_db_name(column.name), txn=txn, create=True)
-            self._dbs_in_pending.append(column.name)
+    def _ensure_db(self, column: _Column, txn: lmdb.Transaction):
+        """The column's database, created inside the pending transaction if new."""
+        db = self._column_db(column)
+        if db is None:
+            db = self._env.create_db(column.db_name, txn)
+            self._dbs_in_pending.append(column.db_name)
+        return db
 
     def _pending_txn(self) -> lmdb.Transaction:
         if self._pending is None:
@@ -752,10 +800,10 @@ class EmbeddingStore:
         written = 0
         for column in self._columns.values():
             dirty = column.cache.dirty_chunks()
-            if not dirty and column.name != MAIN and column.db is not None:
+            db = self._ensure_db(column, txn)  # declared columns get their (maybe empty) DB
+            if not dirty:
                 continue
-            self._ensure_db(column, txn)
-            with txn.cursor(db=column.db) as cursor:
+            with txn.cursor(db=db) as cursor:
                 for chunk, rows in dirty:
                     value = chunk_codec.encode_chunk(rows, chunk, version)
                     cursor.put(chunk_codec.chunk_key(chunk), value)
@@ -788,6 +836,7 @@ class EmbeddingStore:
 
     def _fail_commit(self, reason: str) -> None:
         self._abort_pending()
+        self._env.reopen_if_panicked()  # a failed meta-page write leaves the env unusable until reopened
         if self._spilled:
             lost = self._spilled
             self.rollback()
@@ -808,9 +857,8 @@ class EmbeddingStore:
             except lmdb.Error:
                 pass
             self._pending = None
-        for name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
-            if name in self._columns:
-                self._columns[name].db = None
+        for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
+            self._env.forget_db(db_name)
         self._dbs_in_pending = []
 
     def rollback(self) -> None:
@@ -836,7 +884,7 @@ class EmbeddingStore:
         self._env = None
 
     def _attach_env_only(self) -> None:
-        self._env = environment.acquire(self._path, readahead=self._options.readahead)
+        self._env = environment.acquire(self._path, write=not self._readonly, readahead=self._options.readahead)
         self._load_metadata()
         self._columns_changed = self._attrs_changed = False
 
@@ -846,12 +894,10 @@ class EmbeddingStore:
         with self._mutex:
             if self._closed:
                 return
-            try:
-                if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
-                    self.commit()
-            finally:
-                self._detach()
-                self._closed = True
+            if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
+                self.commit()  # if this raises (disk full), the handle stays open to retry
+            self._detach()
+            self._closed = True
 
     def _detach(self) -> None:
         if self._pid == os.getpid():
@@ -877,6 +923,9 @@ class EmbeddingStore:
     def __del__(self) -> None:  # release the lock and env without committing
         try:
             if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+                if self._attached and not self._readonly and self._has_changes():
+                    log.warning("%s: handle garbage-collected with uncommitted changes (discarded); "
+                                "call close() or commit()", self._path)
                 self._detach()
                 self._closed = True
         except Exception:

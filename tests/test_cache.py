@@ -1,0 +1,202 @@
+"""The L1/L2 chunk caches: byte budgets, hit counting, dirty chunks never lost (the spill
+path into the pending write transaction), and the LMDB map growing on demand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmdb_embeddings import EmbeddingStore, environment
+from lmdb_embeddings.column_cache import CacheStats, ColumnCache
+
+MIB = 1 << 20
+
+
+def _table(store) -> np.ndarray:
+    return store.get(store.ids)
+
+
+def test_cache_bytes_stay_within_budget(store_path):
+    # 20000 x 128 float32 = ~9.8 MiB table, 1 MiB cache, 32 KiB chunks
+    with EmbeddingStore.create(store_path, 20000, 128, chunk_rows=64, cache_mb=1) as store:
+        rng = np.random.default_rng(0)
+        for i in range(60):
+            ids = rng.integers(0, 20000, 512)
+            store.get(ids)
+            store.put(np.unique(ids), np.zeros((len(np.unique(ids)), 128)))
+            if i % 10 == 9:
+                store.commit()  # clean chunks pushed out of L1 then go to L2
+        store.get(rng.integers(0, 20000, 4096))
+        stats = store.stats()
+        assert stats["cache_bytes"] <= MIB + 64 * 128 * 4 * 2  # budget + a couple of chunks
+        assert stats["l1_chunks"] > 0 and stats["l2_chunks"] > 0
+        store.get(np.arange(20000))  # one call larger than the whole cache
+        assert store.stats()["cache_bytes"] <= MIB + 64 * 128 * 4 * 2
+    with EmbeddingStore.open(store_path, readonly=True, cache_mb=1) as reader:
+        reader.get(np.arange(20000))
+        assert reader.stats()["cache_bytes"] <= MIB + 64 * 128 * 4 * 2
+
+
+def test_explicit_tier_budgets(store_path):
+    with EmbeddingStore.create(store_path, 4096, 64, chunk_rows=64, l1_mb=0.25, l2_mb=0.25) as store:
+        store.get(np.arange(4096))
+        store.get(np.arange(4096))
+        stats = store.stats()
+        assert stats["cache_budget_bytes"] == MIB // 2
+        assert stats["cache_bytes"] <= MIB // 2 + 2 * 64 * 64 * 4
+
+
+def test_l2_serves_chunks_pushed_out_of_l1(store_path):
+    chunk = 64 * 32 * 4  # 8 KiB
+    with EmbeddingStore.create(store_path, 64 * 20, 32, chunk_rows=64, l1_mb=4 * chunk / MIB,
+                               l2_mb=40 * chunk / MIB) as store:
+        for c in range(20):
+            store.get([c * 64])
+        loaded = store.stats()["chunks_loaded"]
+        assert loaded == 20
+        for c in range(20):
+            store.get([c * 64])
+        stats = store.stats()
+        assert stats["chunks_loaded"] == loaded  # everything came from L1 or L2
+        assert stats["l2_hits"] >= 16
+
+
+def test_dirty_chunks_survive_a_cache_smaller_than_the_dirty_set(store_path):
+    n, dim = 8192, 64  # 2 MiB table, 64 KiB cache: almost every dirty chunk is spilled
+    with EmbeddingStore.create(store_path, n, dim, chunk_rows=64, cache_mb=1 / 16) as store:
+        original = _table(store)
+        new = original + 1.0
+        rng = np.random.default_rng(1)
+        for part in np.array_split(rng.permutation(n), 40):
+            store.put(part, new[part])
+        stats = store.stats()
+        assert stats["spilled_chunks"] > 50
+        assert stats["cache_bytes"] <= MIB / 16 + 2 * 64 * dim * 4
+        assert np.array_equal(_table(store), new)  # spilled chunks are read back from the pending txn
+        with EmbeddingStore.open(store_path, readonly=True) as reader:
+            assert np.array_equal(_table(reader), original)  # nothing visible before commit
+        store.commit()
+        assert store.stats()["spilled_chunks"] == 0
+    with EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert np.array_equal(_table(reader), new)
+
+
+def test_rollback_after_spill_discards_everything(store_path):
+    with EmbeddingStore.create(store_path, 4096, 64, chunk_rows=64, cache_mb=1 / 16) as store:
+        original = _table(store)
+        store.put(np.arange(4096), original + 2.0)
+        store.add(np.arange(5000, 5100))
+        assert store.stats()["spilled_chunks"] > 0
+        store.rollback()
+        assert np.array_equal(_table(store), original) and len(store) == 4096
+        store.put([0], np.zeros((1, 64)))
+    with EmbeddingStore.open(store_path, readonly=True) as reader:
+        expected = original.copy()
+        expected[0] = 0
+        assert np.array_equal(_table(reader), expected)
+
+
+def test_spill_then_commit_then_keep_training(store_path):
+    with EmbeddingStore.create(store_path, 2048, 32, chunk_rows=32, cache_mb=1 / 32, init="zeros") as store:
+        for epoch in range(3):
+            for part in np.array_split(np.arange(2048), 16):
+                store.put(part, store.get(part) + 1.0)
+            store.commit()
+            assert np.array_equal(_table(store), np.full((2048, 32), epoch + 1.0, np.float32))
+    with EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert np.array_equal(_table(reader), np.full((2048, 32), 3.0, np.float32))
+
+
+@pytest.fixture
+def small_map(monkeypatch):
+    """Start every environment at an 8 MiB map, so growth is exercised with little data."""
+    monkeypatch.setattr(environment, "MIN_MAP_SIZE", 8 * MIB)
+    monkeypatch.setattr(environment._open, "__defaults__", (8 * MIB,))
+
+
+def test_map_grows_for_commits(store_path, small_map):
+    with EmbeddingStore.create(store_path, 100, 256, chunk_rows=64, init="zeros") as store:
+        start = store._env.env.info()["map_size"]
+        assert start == 8 * MIB
+        for i in range(8):  # 8 x 4 MiB of new rows, committed each time
+            store.add(np.arange(100 + i * 4096, 100 + (i + 1) * 4096), np.full((4096, 256), float(i)))
+            store.commit()
+        assert store._env.env.info()["map_size"] > 32 * MIB
+    with EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert len(reader) == 100 + 8 * 4096
+        assert np.array_equal(reader.get([100 + 7 * 4096]), np.full((1, 256), 7.0, np.float32))
+
+
+def test_map_grows_while_spilling_into_an_open_transaction(store_path, small_map):
+    # The pending write transaction cannot grow the map: it must be large enough up front.
+    with EmbeddingStore.create(store_path, 10, 256, chunk_rows=64, init="zeros", cache_mb=0.5) as store:
+        for i in range(36):  # 144 MiB of uncommitted rows through a 0.5 MiB cache (more than the
+            # 128 MiB map that the slack reserved when the transaction opened gives)
+            store.add(np.arange(10 + i * 4096, 10 + (i + 1) * 4096), np.full((4096, 256), float(i)))
+        assert store.stats()["spilled_chunks"] > 100
+        store.commit()
+    with EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert len(reader) == 10 + 36 * 4096
+        assert np.array_equal(reader.get([10, 10 + 35 * 4096 + 5]), [[0.0] * 256, [35.0] * 256])
+
+
+def test_reader_adopts_a_map_grown_by_the_writer(store_path, small_map):
+    with EmbeddingStore.create(store_path, 10, 256, chunk_rows=64, init="zeros") as store:
+        reader = EmbeddingStore.open(store_path, readonly=True)
+        assert len(reader) == 10
+        store.add(np.arange(10, 10 + 50000), np.ones((50000, 256)))
+        store.commit()
+        assert len(reader) == 50010 and reader.get([49999]).all()
+        reader.close()
+
+
+# ----------------------------------------------------------------- ColumnCache on its own
+def _cache(capacity_chunks: int, l2_chunks: int, chunk_rows: int = 4, width: int = 2):
+    chunk_bytes = chunk_rows * width * 4
+    stats = CacheStats()
+    return ColumnCache(width, np.float32, chunk_rows, capacity_chunks * chunk_bytes, l2_chunks * chunk_bytes,
+                       stats), stats
+
+
+def _loader(log):
+    def load(chunks):
+        for chunk in chunks:
+            log.append(chunk)
+            yield chunk, np.full((4, 2), float(chunk), np.float32), 1
+    return load
+
+
+def test_column_cache_lru_eviction_to_l2_and_back():
+    cache, stats = _cache(capacity_chunks=2, l2_chunks=2)
+    loads: list[int] = []
+    for chunk in (0, 1, 0, 2):  # 1 is least recently used when 2 arrives
+        cache.ensure(np.array([chunk]), _loader(loads))
+    assert loads == [0, 1, 2] and list(cache.l2) == [1]
+    cache.ensure(np.array([1]), _loader(loads))  # from L2, not reloaded
+    assert loads == [0, 1, 2] and stats.l2_hits == 1 and list(cache.l2) == [0]
+    slots = cache.ensure(np.array([0, 1]), _loader(loads))
+    assert np.array_equal(cache.slab[slots[1] * 4], [1.0, 1.0])
+
+
+def test_column_cache_spills_dirty_victims_and_never_drops_them():
+    cache, _ = _cache(capacity_chunks=2, l2_chunks=4)
+    spilled = []
+    cache.spill = lambda chunk, rows: spilled.append((chunk, rows.copy()))
+    loads: list[int] = []
+    slot = cache.ensure(np.array([5]), _loader(loads))[0]
+    cache.slab[slot * 4 : slot * 4 + 4] = 99.0
+    cache.mark_dirty(np.array([slot]))
+    cache.ensure(np.array([6]), _loader(loads))
+    cache.ensure(np.array([7]), _loader(loads))  # evicts dirty chunk 5
+    assert [c for c, _ in spilled] == [5] and np.all(spilled[0][1] == 99.0)
+    assert 5 not in cache.l2  # a spilled chunk is not kept as a clean copy
+    assert cache.n_dirty == 0
+
+
+def test_column_cache_without_spill_target_refuses_to_drop_dirty():
+    cache, _ = _cache(capacity_chunks=2, l2_chunks=0)
+    slot = cache.ensure(np.array([0]), _loader([]))[0]
+    cache.mark_dirty(np.array([slot]))
+    cache.ensure(np.array([1]), _loader([]))
+    with pytest.raises(RuntimeError, match="dirty"):
+        cache.ensure(np.array([2]), _loader([]))
