@@ -437,12 +437,12 @@ class EmbeddingStore:
     def _gather(self, name: str, slots: np.ndarray, txn=None) -> np.ndarray:
         column = self._columns[name]
         out = np.empty((len(slots), column.width), column.dtype)
-        for positions, cache_rows in self._locate(column, slots, txn):
+        for positions, cache_rows, _ in self._locate(column, slots, txn):
             out[positions] = column.cache.slab[cache_rows]
         return out
 
     def _locate(self, column: _Column, slots: np.ndarray, txn) -> Iterator[tuple]:
-        """Yield (positions in ``slots``, rows in the column's slab) with chunks resident.
+        """Yield (positions in ``slots``, rows in the column's slab, cache slots of the chunks).
 
         All chunks of a call are made resident at once when they fit in L1 (the common
         case: one fancy index); otherwise in groups that fit, one group at a time.
@@ -452,20 +452,18 @@ class EmbeddingStore:
         cr = self._chunk_rows
         chunk_of = slots // cr
         offset = slots - chunk_of * cr
-        unique = np.unique(chunk_of)
-        group = max(1, column.cache.capacity // 2)
-        whole = len(unique) <= column.cache.capacity
-        for start in range(0, len(unique), len(unique) if whole else group):
-            part = unique[start : start + (len(unique) if whole else group)]
+        unique, inverse = _unique_inverse(chunk_of)
+        capacity = column.cache.capacity
+        if len(unique) <= capacity:
+            cache_slots = self._resident(column, unique, txn)
+            yield slice(None), cache_slots[inverse] * cr + offset, cache_slots
+            return
+        group = max(1, capacity // 2)
+        for start in range(0, len(unique), group):
+            part = unique[start : start + group]
             cache_slots = self._resident(column, part, txn)
-            if whole:
-                positions = slice(None)
-                pos_chunks = chunk_of
-            else:
-                positions = np.flatnonzero((chunk_of >= part[0]) & (chunk_of <= part[-1]))
-                pos_chunks = chunk_of[positions]
-            cache_rows = cache_slots[np.searchsorted(part, pos_chunks)] * cr + offset[positions]
-            yield positions, cache_rows
+            positions = np.flatnonzero((inverse >= start) & (inverse < start + len(part)))
+            yield positions, cache_slots[inverse[positions] - start] * cr + offset[positions], cache_slots
 
     def _resident(self, column: _Column, chunks: np.ndarray, txn) -> np.ndarray:
         cache = column.cache
@@ -475,8 +473,11 @@ class EmbeddingStore:
         slots = cache.ensure(chunks, lambda missing: self._load_chunks(column, missing, txn))
         if self._readonly:
             cache.slot_validated[slots] = self._commit
+        held = cache.slot_rows[slots]
+        if held.min() >= self._chunk_rows:  # every chunk full: none can lack rows
+            return slots
         expected = np.minimum(self._rows - chunks * self._chunk_rows, self._chunk_rows)
-        short = np.flatnonzero(cache.slot_rows[slots] < expected)
+        short = np.flatnonzero(held < expected)
         for i in short.tolist():  # chunks grown by add since they were loaded: pad with fill
             slot = int(slots[i])
             base = slot * self._chunk_rows
@@ -608,9 +609,9 @@ class EmbeddingStore:
 
     def _scatter(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
         column = self._columns[name]
-        for positions, cache_rows in self._locate(column, slots, None):
+        for positions, cache_rows, cache_slots in self._locate(column, slots, None):
             column.cache.slab[cache_rows] = values[positions]
-            column.cache.mark_dirty(np.unique(cache_rows // self._chunk_rows))
+            column.cache.mark_dirty(cache_slots)  # every located chunk receives rows
 
     def add(self, ids, values=None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -968,6 +969,26 @@ def pack_record(record: dict) -> bytes:
     """
     body = {k: v for k, v in record.items() if k != _RECORD_CHECKSUM}
     return msgpack.packb({**body, _RECORD_CHECKSUM: xxhash.xxh3_64_intdigest(msgpack.packb(body))})
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` without a sort when the span is small.
+
+    A batch's chunk numbers usually lie in a narrow range (sequential passes, or a
+    table of few chunks): a presence bitmap over the range is then O(n) instead of a sort.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:  # one chunk (small tables, sequential batches within a chunk)
+        return np.array([lo], values.dtype), np.zeros(len(values), np.intp)
+    span = hi - lo + 1
+    if span > 4 * len(values) + 64:
+        return np.unique(values, return_inverse=True)
+    present = np.zeros(span, bool)
+    shifted = values - lo
+    present[shifted] = True
+    unique = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return unique + lo, rank[shifted]
 
 
 def _read_record(txn, key: bytes, db):
