@@ -408,12 +408,12 @@ class EmbeddingStore:
     def _gather(self, name: str, slots: np.ndarray, txn=None) -> np.ndarray:
         column = self._columns[name]
         out = np.empty((len(slots), column.width), column.dtype)
-        for positions, cache_rows in self._locate(column, slots, txn):
+        for positions, cache_rows, _ in self._locate(column, slots, txn):
             out[positions] = column.cache.slab[cache_rows]
         return out
 
     def _locate(self, column: _Column, slots: np.ndarray, txn) -> Iterator[tuple]:
-        """Yield (positions in ``slots``, rows in the column's slab) with chunks resident.
+        """Yield (positions in ``slots``, rows in the column's slab, cache slots of the chunks).
 
         All chunks of a call are made resident at once when they fit in L1 (the common
         case: one fancy index); otherwise in groups that fit, one group at a time.
@@ -423,20 +423,18 @@ class EmbeddingStore:
         cr = self._chunk_rows
         chunk_of = slots // cr
         offset = slots - chunk_of * cr
-        unique = np.unique(chunk_of)
-        group = max(1, column.cache.capacity // 2)
-        whole = len(unique) <= column.cache.capacity
-        for start in range(0, len(unique), len(unique) if whole else group):
-            part = unique[start : start + (len(unique) if whole else group)]
+        unique, inverse = _unique_inverse(chunk_of)
+        capacity = column.cache.capacity
+        if len(unique) <= capacity:
+            cache_slots = self._resident(column, unique, txn)
+            yield slice(None), cache_slots[inverse] * cr + offset, cache_slots
+            return
+        group = max(1, capacity // 2)
+        for start in range(0, len(unique), group):
+            part = unique[start : start + group]
             cache_slots = self._resident(column, part, txn)
-            if whole:
-                positions = slice(None)
-                pos_chunks = chunk_of
-            else:
-                positions = np.flatnonzero((chunk_of >= part[0]) & (chunk_of <= part[-1]))
-                pos_chunks = chunk_of[positions]
-            cache_rows = cache_slots[np.searchsorted(part, pos_chunks)] * cr + offset[positions]
-            yield positions, cache_rows
+            positions = np.flatnonzero((inverse >= start) & (inverse < start + len(part)))
+            yield positions, cache_slots[inverse[positions] - start] * cr + offset[positions], cache_slots
 
     def _resident(self, column: _Column, chunks: np.ndarray, txn) -> np.ndarray:
         cache = column.cache
@@ -560,9 +558,9 @@ class EmbeddingStore:
 
     def _scatter(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
         column = self._columns[name]
-        for positions, cache_rows in self._locate(column, slots, None):
+        for positions, cache_rows, cache_slots in self._locate(column, slots, None):
             column.cache.slab[cache_rows] = values[positions]
-            column.cache.mark_dirty(np.unique(cache_rows // self._chunk_rows))
+            column.cache.mark_dirty(cache_slots)  # every located chunk receives rows
 
     def add(self, ids, values=None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -906,6 +904,24 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` without a sort when the span is small.
+
+    A batch's chunk numbers usually lie in a narrow range (sequential passes, or a
+    table of few chunks): a presence bitmap over the range is then O(n) instead of a sort.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    span = hi - lo + 1
+    if span > 4 * len(values) + 64:
+        return np.unique(values, return_inverse=True)
+    present = np.zeros(span, bool)
+    shifted = values - lo
+    present[shifted] = True
+    unique = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return unique + lo, rank[shifted]
+
+
 def _read_record(txn, key: bytes, db):
     raw = txn.get(key, db=db)
     if raw is None:
