@@ -221,7 +221,8 @@ class EmbeddingStore:
             if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
-                fmt = _read_record(txn, b"format", self._meta_db)
+                # magic and version first: a newer format may checksum its records differently
+                fmt = _read_record(txn, b"format", self._meta_db, verify=False)
                 if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
                     raise NotAStoreError(f"{self._path} is not an lmdb_embeddings store (bad magic)")
                 version = fmt.get("format_version")
@@ -230,6 +231,7 @@ class EmbeddingStore:
                         f"{self._path} was written in format version {version}; this library reads up to "
                         f"version {FORMAT_VERSION}: upgrade lmdb_embeddings"
                     )
+                _read_record(txn, b"format", self._meta_db)  # now its checksum
                 config = _read_record(txn, b"config", self._meta_db)
                 state = _read_record(txn, b"state", self._meta_db)
         except lmdb.Error as exc:
@@ -991,14 +993,14 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique + lo, rank[shifted]
 
 
-def _read_record(txn, key: bytes, db):
+def _read_record(txn, key: bytes, db, verify: bool = True):
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
-    return unpack_record(raw, key)
+    return unpack_record(raw, key, verify)
 
 
-def unpack_record(raw, key: bytes) -> dict:
+def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
     """Decode a metadata record written by :func:`pack_record` and check its checksum.
 
     Records written without a checksum (older stores) are accepted as they are.
@@ -1011,7 +1013,7 @@ def unpack_record(raw, key: bytes) -> dict:
         raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (not a map)")
     if _RECORD_CHECKSUM in record:
         stored = record.pop(_RECORD_CHECKSUM)
-        if stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
+        if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
             raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
     return record
 
