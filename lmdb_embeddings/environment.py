@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import lmdb
 
-from .errors import EmbeddingStoreError
+from .errors import CorruptionError, EmbeddingStoreError
 
 DATA_FILE = "data.mdb"
 MAX_DBS = 64
@@ -169,10 +169,30 @@ def _open(path: str, readonly: bool, readahead: bool, map_size: int = MIN_MAP_SI
     except lmdb.Error as exc:
         raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
     try:
+        _check_not_truncated(path, env)
+    except BaseException:
+        env.close()
+        raise
+    try:
         env.reader_check()  # clear slots of readers killed earlier
     except lmdb.Error:
         pass
     return env
+
+
+def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
+    """Refuse a data file shorter than its last committed page.
+
+    LMDB maps the file and would die with SIGBUS on the first page past its end; the
+    meta pages (read at open) say where the committed data ends, so compare first.
+    """
+    size = os.path.getsize(os.path.join(path, DATA_FILE))
+    psize = env.stat()["psize"]
+    needed = (env.info()["last_pgno"] + 1) * psize
+    if size < max(needed, 2 * psize):
+        raise CorruptionError(
+            f"{os.path.join(path, DATA_FILE)} is truncated: {size} bytes, but its last committed page "
+            f"ends at byte {needed}; restore the store from a dump or backup")
 
 
 def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:

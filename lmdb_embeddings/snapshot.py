@@ -14,12 +14,11 @@ import mmap
 import os
 
 import lmdb
-import msgpack
 import numpy as np
 
 from . import chunk_codec, environment
 from .errors import CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
-from .store import FORMAT_VERSION, IDS_DB, MAGIC, MAIN, META_DB, column_db_name
+from .store import FORMAT_VERSION, IDS_DB, MAGIC, MAIN, META_DB, column_db_name, unpack_record
 from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
 
 _MADV_DONTNEED = 4
@@ -48,9 +47,9 @@ def _record(txn, meta_db, key: bytes, path: str):
     if raw is None:
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {key.decode()!r} metadata record)")
     try:
-        return msgpack.unpackb(bytes(raw))
-    except Exception as exc:
-        raise CorruptionError(f"{path}: the {key.decode()!r} metadata record is damaged ({exc})") from None
+        return unpack_record(raw, key)
+    except CorruptionError as exc:
+        raise CorruptionError(f"{path}: {exc}") from None
 
 
 def read_layout(txn, meta_db, path: str) -> TableLayout:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import time
 
 import lmdb
-import msgpack
 import numpy as np
 
 from . import chunk_codec, environment
 from .errors import EmbeddingStoreError
 from .fsutil import fsync_dir
 from .initializers import NORMAL_STD
-from .store import FORMAT_VERSION, IDS_DB, MAGIC, META_DB, column_db_name
+from .store import FORMAT_VERSION, IDS_DB, MAGIC, META_DB, column_db_name, pack_record
 from .table_layout import ID_DTYPE, TableLayout
 
 _TXN_BYTES = 64 << 20
@@ -91,9 +90,9 @@ class StoreBuilder:
         txn = self._txn or self._env.begin(write=True)
         self._txn = None
         with txn:
-            txn.put(b"format", msgpack.packb({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=self._meta_db)
-            txn.put(b"config", msgpack.packb(config), db=self._meta_db)
-            txn.put(b"state", msgpack.packb(state), db=self._meta_db)
+            txn.put(b"format", pack_record({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=self._meta_db)
+            txn.put(b"config", pack_record(config), db=self._meta_db)
+            txn.put(b"state", pack_record(state), db=self._meta_db)
         self._env.sync(True)
         self.close()
         fsync_dir(self.directory)
