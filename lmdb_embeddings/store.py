@@ -45,7 +45,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import free_bytes, fsync_dir, replace_dir, sibling_temp
+from .fsutil import free_bytes, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -58,7 +58,6 @@ FORMAT_VERSION = 1
 META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
-_BUILD_TXN_BYTES = 64 << 20
 _RECORD_CHECKSUM = "xxh3"
 
 
@@ -1042,41 +1041,30 @@ def _check_create_target(path: str, overwrite: bool) -> None:
 
 def _build_store(tmp: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
                  seed: int, values: np.ndarray | None) -> None:
-    """Write a complete new store into directory ``tmp`` (not yet visible at its path)."""
-    n = len(ids)
-    row_bytes = dim * dtype.itemsize
-    env = environment.create_env(tmp, 2 * n * (row_bytes + 16) + (64 << 20))
-    try:
-        meta_db = env.open_db(META_DB)
-        ids_db = env.open_db(IDS_DB)
-        main_db = env.open_db(column_db_name(MAIN))
-        n_chunks = (n + chunk_rows - 1) // chunk_rows
-        per_txn = max(1, _BUILD_TXN_BYTES // max(chunk_rows * row_bytes, 1))
-        for first in range(0, n_chunks, per_txn):
-            with env.begin(write=True) as txn:
-                rows_cur = txn.cursor(db=main_db)
-                ids_cur = txn.cursor(db=ids_db)
-                for chunk in range(first, min(first + per_txn, n_chunks)):
-                    lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
-                    if values is None:
-                        rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
-                    else:
-                        rows = values[lo:hi]
-                    key = chunk_codec.chunk_key(chunk)
-                    rows_cur.put(key, chunk_codec.encode_chunk(rows, chunk, 0), append=True)
-                    ids_cur.put(key, chunk_codec.encode_chunk(ids[lo:hi].reshape(-1, 1), chunk, 0), append=True)
-        from . import __version__
+    """Write a complete new store into directory ``tmp`` (not yet visible at its path).
 
-        with env.begin(write=True) as txn:
-            txn.put(b"format", pack_record({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=meta_db)
-            txn.put(b"config", pack_record({
-                "dim": dim, "dtype": dtype.name, "chunk_rows": chunk_rows, "init": spec, "seed": seed,
-                "created_at": time.time(), "library_version": __version__}), db=meta_db)
-            txn.put(b"state", pack_record({
-                "commit": 0, "rows": n, "committed_at": time.time(), "attrs": {},
-                "columns": {MAIN: {"width": dim, "dtype": dtype.name, "fill": 0.0}}}), db=meta_db)
-        env.sync(True)
-    finally:
-        env.close()
-    fsync_dir(tmp)
+    Goes through the same ``StoreBuilder`` as restore and import, chunk by chunk, so the
+    initial values are generated one chunk at a time and memory stays bounded.
+    """
+    from .store_builder import StoreBuilder
+    from .table_layout import ColumnSpec, TableLayout
+
+    n = len(ids)
+    layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
+                         config={"init": spec, "seed": seed})
+    os.makedirs(tmp)
+    builder = StoreBuilder(tmp, layout)
+    try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            if values is None:
+                rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
+            else:
+                rows = values[lo:hi]
+            builder.add_ids(chunk, ids[lo:hi])
+            builder.add_chunk(chunk, [rows])
+        builder.finish()
+    except BaseException:
+        builder.close()
+        raise
 
