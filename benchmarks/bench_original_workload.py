@@ -110,7 +110,7 @@ def commit_cost(base: str, dirty_chunks: int, n: int) -> float:
 
 
 def chunk_path_vs_plain(base: str, n: int) -> dict:
-    """Median seconds: manager chunk get -> step -> update, vs store get/put of the same rows."""
+    """Median seconds: manager chunk get -> step -> update, vs store get_tensor -> step -> put of the same rows."""
     path = tempfile.mkdtemp(prefix="chunk_probe_", dir=base)
     try:
         m = le.TrainableEmbeddingManager(list(range(N_IDS)), DIM, device="cpu", storage_mode="disk",
@@ -125,10 +125,10 @@ def chunk_path_vs_plain(base: str, n: int) -> dict:
                 if name == "manager_chunk":
                     ids, emb = m.get_embeddings_by_chunk(c)
                     m.update_embeddings_by_chunk(c, ids, emb.mul_(0.999))
-                else:
+                else:  # the same rows and the same step, through the store's tensor API
                     ids = np.arange(c * CHUNK, (c + 1) * CHUNK)
-                    rows = store.get(ids)
-                    store.put(ids, rows * np.float32(0.999))
+                    emb = store.get_tensor(ids)
+                    store.put(ids, emb.mul_(0.999))
                 times.append(time.perf_counter() - t)
             out[name] = statistics.median(times)
         m.force_sync_all_chunks()
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="fresh managers per configuration")
     parser.add_argument("--dir", default=None, help="where the stores go (default: the system temp dir)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one run per configuration")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     base = args.dir or tempfile.gettempdir()
@@ -174,15 +175,26 @@ def main(argv=None) -> int:
     for label, r in results["configs"].items():
         tmpfs = f"{r['tmpfs_total_ms_median']:.2f} ms" if r["tmpfs_total_ms_median"] is not None else "n/a"
         print(f"| {label} | {r['total_ms_median']:.2f} ms | {r['total_ms_min']:.2f} ms | {r['loop_ms_median']:.2f} ms"
-              f" | {tmpfs} | {r['commits']} | {ORIGINAL_BEST_S * 1e3 / r['total_ms_median']:.0f}x faster |"
+              f" | {tmpfs} | {r['commits']} | {ORIGINAL_BEST_S * 1e3 / r['total_ms_median']:.1f}x faster |"
               f" {'met' if r['total_ms_median'] < TARGET_MS else 'missed'} |")
     print(f"\nfsync of a 4 KiB write here: {results['fsync_ms']:.3f} ms (median)")
     print(f"store.commit() of 1 dirty chunk (51 KiB): {results['commit_1_chunk_ms']:.3f} ms; "
           f"of 10 dirty chunks (512 KiB): {results['commit_10_chunks_ms']:.3f} ms (medians)")
     cr = results["chunk_roundtrip_us"]
     print(f"chunk path get_embeddings_by_chunk + update_embeddings_by_chunk: {cr['manager_chunk']:.1f} us; "
-          f"plain store.get + store.put of the same 100 rows: {cr['store_plain']:.1f} us "
+          f"plain store.get_tensor + store.put of the same 100 rows: {cr['store_plain']:.1f} us "
           f"(ratio {cr['manager_chunk'] / cr['store_plain']:.2f})")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        for label, config in CONFIGS.items():
+            prof = cProfile.Profile()
+            prof.enable()
+            run_workload(base, config, 0)
+            prof.disable()
+            print(f"\n--- profile: {label} (whole run incl. construction; by own time) ---")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(8)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -10,9 +10,13 @@ directory, so nothing (and no half store) is left at the target.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+
+import lmdb
+import psutil
 
 from . import dump_file, npy_dir
 from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
@@ -32,6 +36,34 @@ def _source(path: str, snap: Snapshot) -> dict:
     from . import __version__
 
     return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
+
+
+def remove_stale_temps(path: str, purpose: str) -> list[str]:
+    """Remove ``sibling_temp(path, purpose)`` leftovers of processes that died (kill -9).
+
+    Only names of exactly that pattern whose pid no longer runs are touched.
+    """
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    prefix = f".{name}.{purpose}-"
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid_text, _, suffix = entry[len(prefix):].partition("-")
+        if not pid_text.isdigit() or len(suffix) != 8 or psutil.pid_exists(int(pid_text)):
+            continue
+        victim = os.path.join(parent, entry)
+        if os.path.isdir(victim) and not os.path.islink(victim):
+            shutil.rmtree(victim, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(victim)
+        removed.append(victim)
+    return removed
 
 
 def _check_parent(path: str) -> None:
@@ -64,6 +96,7 @@ def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = Fal
 
 def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
     layout = snap.layout
+    remove_stale_temps(out, "dumping")
     tmp = sibling_temp(out, "dumping")
     try:
         with open(tmp, "wb") as f, bar(layout.rows * layout.row_bytes, "dump", progress) as pbar:
@@ -91,6 +124,8 @@ def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     names = [npy_dir.IDS_FILE] + [npy_dir.column_file(i) for i in range(len(layout.columns))]
+    for name in [*names, npy_dir.TABLE_FILE]:
+        remove_stale_temps(os.path.join(out, name), "dumping")
     tmps = {name: sibling_temp(os.path.join(out, name), "dumping") for name in [*names, npy_dir.TABLE_FILE]}
     writers = []
     try:
@@ -110,9 +145,9 @@ def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
                 pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
         for writer in writers:
             writer.finish()
+        checksums = {name: w.hash.hexdigest() for name, w in zip(names, writers, strict=True)}
         with open(tmps[npy_dir.TABLE_FILE], "w") as f:
-            f.write(npy_dir.write_table_json(out, layout, source, checksums={
-                name: writer.hash.hexdigest() for name, writer in zip(names, writers, strict=True)}))
+            f.write(npy_dir.write_table_json(layout, source, checksums))
         for name, tmp in tmps.items():
             os.replace(tmp, os.path.join(out, name))
         fsync_dir(out)
@@ -172,13 +207,15 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
     else:
         if not os.path.isdir(src):
             raise InvalidInputError(f"{src} is not a directory of .npy files")
-        layout = npy_dir.read_layout(src, chunk_rows)
-        reader = npy_dir.NpyTableReader(src, layout)
+        layout, checksums = npy_dir.read_layout(src, chunk_rows)
+        reader = npy_dir.NpyTableReader(src, layout, checksums)
         id_chunks, chunks = reader.id_chunks, reader.chunks
+    remove_stale_temps(path, "restoring")
     tmp = sibling_temp(path, "restoring")
+    builder = None
     try:
-        builder = StoreBuilder(tmp, layout)
         try:
+            builder = StoreBuilder(tmp, layout)
             with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
                 for chunk, ids in id_chunks():
                     builder.add_ids(chunk, ids)
@@ -186,8 +223,12 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
                     builder.add_chunk(chunk, parts)
                     pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
             builder.finish()
+        except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
+            raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
+                                      "changed at the target") from None
         finally:
-            builder.close()
+            if builder is not None:
+                builder.close()
             reader.close()
         report = verify_store(tmp, progress=progress)
         if not report["ok"]:

@@ -60,7 +60,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"columns:         {', '.join(info['columns']) or '(embeddings only)'}",
         f"format version:  {info['format_version']}",
         f"commits:         {info['commit_count']}",
-        f"last commit:     {info['last_commit_time']}",
+        f"last commit:     {info['last_commit']}",
         f"bytes on disk:   {info['bytes_on_disk']} ({_human_bytes(info['bytes_on_disk'])})",
         f"lmdb pages:      {lm['pages_in_use']} in use, {lm['free_pages']} free, {lm['page_size']} bytes each",
         f"lmdb map size:   {lm['map_size']} ({_human_bytes(lm['map_size'])})",

@@ -18,17 +18,19 @@ import time
 import lmdb
 
 from . import environment
+from .backup import remove_stale_temps
 from .errors import CorruptionError, EmbeddingStoreError, WriterLockedError
 from .fsutil import replace_dir, sibling_temp
 from .progress import bar
-from .snapshot import check_store_dir
+from .snapshot import Snapshot
 from .store_check import verify_store
 from .writer_lock import WriterLock
 
 
 def compact_store(path: str, *, progress: bool = False) -> dict:
     path = os.path.abspath(path)
-    check_store_dir(path)
+    with Snapshot(path):  # a store we can read (not a newer format, metadata intact) before copying it
+        pass
     data_file = os.path.join(path, environment.DATA_FILE)
     before = os.path.getsize(data_file)
     lock = WriterLock(path)
@@ -37,6 +39,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
     except WriterLockedError as exc:
         raise WriterLockedError(f"cannot compact while a writer holds the store: {exc}") from None
     started = time.perf_counter()
+    remove_stale_temps(path, "compacting")
     tmp = sibling_temp(path, "compacting")
     try:
         os.mkdir(tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -69,17 +70,23 @@ def load_chunk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     name = os.path.basename(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_int_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CosirImportError(
+            f"{path}: cannot be read: it is not a torch.save file, or it holds objects other than tensors, "
+            "dicts and numbers (files are loaded with weights_only=True, which refuses pickled code)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CosirImportError(f"{path}: cannot be read as a torch.save file ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        detail = str(exc).splitlines()[0][:200] if str(exc) else "no detail"
+        raise CosirImportError(f"{path}: cannot be read as a torch.save file, it may be truncated or "
+                               f"corrupt ({type(exc).__name__}: {detail})") from None
     if not isinstance(data, dict):
         raise CosirImportError(f"{path}: holds a {type(data).__name__}, expected a dict {{sample_id: 1-D tensor}}")
     if not data:
         return np.empty(0, np.int64), np.empty((0, 0), np.float32)
     keys = list(data)
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-        bad = next(k for k in keys if not isinstance(k, int) or isinstance(k, bool))
+    if not all(_is_int(k) for k in keys):
+        bad = next(k for k in keys if not _is_int(k))
         raise CosirImportError(f"{name}: key {bad!r} is not an integer sample id")
     values = list(data.values())
     if not all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in values):
@@ -95,6 +102,24 @@ def load_chunk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     if rows.dtype not in (torch.float16, torch.float32, torch.float64):
         rows = rows.to(torch.float32)
     return ids, rows.numpy()
+
+
+def _is_int(key) -> bool:
+    return isinstance(key, (int, np.integer)) and not isinstance(key, bool)
+
+
+def _numpy_int_globals() -> list:
+    """What unpickling numpy integer sample IDs needs (the original kept IDs as given, numpy ones too).
+
+    Only scalar reconstruction from a dtype and raw bytes: no code runs. Files written under
+    numpy 1 name the function ``numpy.core.multiarray.scalar``, under numpy 2 ``numpy._core...``.
+    """
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    int_dtypes = [type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64,
+                                               np.uint8, np.uint16, np.uint32, np.uint64)]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *int_dtypes]
 
 
 def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool = False,

@@ -73,7 +73,9 @@ class _Offsets:
 
 
 def _header_bytes(layout: TableLayout, source: dict) -> bytes:
-    return msgpack.packb({"table": layout.to_record(), "source": source})
+    summary = {"dim": layout.dim, "dtype": layout.dtype.name, "rows": layout.rows, "chunk_rows": layout.chunk_rows,
+               "chunks": layout.n_chunks, "ids": {"dtype": ID_DTYPE.str, "layout": "blocks after the header"}}
+    return msgpack.packb({**summary, "table": layout.to_record(), "source": source})
 
 
 class DumpWriter:
@@ -183,6 +185,9 @@ class DumpReader:
         except Exception as exc:
             self._fail(f"the header is not valid ({type(exc).__name__}: {exc})")
         self.layout = TableLayout.from_record(table, DumpFileError, self.path)
+        summary = (record.get("dim"), record.get("dtype"), record.get("rows"), record.get("chunk_rows"))
+        if summary != (self.layout.dim, self.layout.dtype.name, self.layout.rows, self.layout.chunk_rows):
+            self._fail(f"the header contradicts itself: dim/dtype/rows/chunk_rows {summary} vs its table record")
         self.offsets = _Offsets(self.layout, header_len)
         if self.size != self.offsets.total:
             if self.size < self.offsets.total:

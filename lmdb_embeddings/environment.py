@@ -231,13 +231,6 @@ def is_open_here(path: str) -> bool:
     return _realpath(path) in _registry
 
 
-def create_env(path: str, map_size: int) -> lmdb.Environment:
-    """A brand-new environment for building a store (not shared, closed by the caller)."""
-    return lmdb.open(os.fspath(path), subdir=True, map_size=max(map_size, MIN_MAP_SIZE),
-                     max_dbs=MAX_DBS, max_readers=MAX_READERS, sync=True, metasync=True,
-                     writemap=False, meminit=False, max_spare_txns=0)
-
-
 def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()  # the parent may have held it while forking

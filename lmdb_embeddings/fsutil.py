@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import re
 import shutil
 import uuid
 
@@ -13,46 +12,10 @@ _RENAME_EXCHANGE = 2
 
 
 def sibling_temp(path: str, purpose: str) -> str:
-    """A fresh hidden path next to ``path`` (same filesystem, so rename is atomic).
-
-    Hidden siblings left by processes that died (kill -9 during create, restore,
-    compact ...) are removed first, so crashes do not pile up copies of the store.
-    """
+    """A fresh hidden path next to ``path`` (same filesystem, so rename is atomic)."""
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path.rstrip(os.sep))
-    _remove_abandoned(parent, name)
     return os.path.join(parent, f".{name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _remove_abandoned(parent: str, name: str) -> None:
-    """Delete ``.NAME.PURPOSE-PID-XXXXXXXX`` siblings whose process no longer exists."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[0-9a-f]{{8}}")
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        victim = os.path.join(parent, entry)
-        if os.path.isdir(victim) and not os.path.islink(victim):
-            shutil.rmtree(victim, ignore_errors=True)
-        else:
-            try:
-                os.unlink(victim)
-            except OSError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def fsync_dir(path: str) -> None:

@@ -32,6 +32,7 @@ import torch
 from . import environment
 from .errors import EmbeddingStoreError, InvalidInputError, UnknownIdError, WriterLockedError
 from .fsutil import dir_size, fsync_dir, replace_dir, sibling_temp
+from .initializers import INIT_KINDS
 from .inputs import as_ids, as_positive_int, to_numpy
 from .store import EmbeddingStore, is_store
 from .writer_lock import holder_pid
@@ -104,6 +105,9 @@ class TrainableEmbeddingManager:
         if initialization_strategy == "imgtxt":
             raise InvalidInputError("the 'imgtxt' strategy needs a model and features: create the manager with "
                                     "another strategy, then write the rows with update_embeddings_by_chunk")
+        if initialization_strategy not in INIT_KINDS:
+            raise InvalidInputError(f"Unknown initialization strategy: {initialization_strategy!r}; use one of "
+                                    f"{', '.join(INIT_KINDS)}")
         fm_chunk = getattr(feature_manager, "chunk_size", None) if feature_manager is not None else None
         if fm_chunk is not None:
             chunk_size = fm_chunk
@@ -199,8 +203,13 @@ class TrainableEmbeddingManager:
             raise
         if len(missing):
             log.info("adding %d sample ids that %s did not hold yet", len(missing), path)
-            store.add(missing)
-            store.commit()
+            try:
+                store.add(missing)
+                store.commit()
+            except BaseException:
+                store.rollback()
+                store.close()
+                raise
         extra = len(store) - len(ids)
         if extra > 0:
             log.info("%s holds %d sample ids beyond those passed; they are kept and managed too", path, extra)
@@ -389,8 +398,7 @@ class TrainableEmbeddingManager:
         chunk_details = {}
         for c in range(self.num_chunks):
             n = min(self.chunk_size, len(self._ids) - c * self.chunk_size)
-            chunk_details[c] = {"file": STORE_DIRNAME if self.store_path.endswith(STORE_DIRNAME) else
-                                os.path.basename(self.store_path),
+            chunk_details[c] = {"file": os.path.basename(self.store_path),
                                 "size_mb": n * self.embedding_dim * itemsize / _MIB, "sample_count": n}
         hits, misses = s["l1_hits"] + s["l2_hits"], s["l2_misses"]
         return {
@@ -518,7 +526,7 @@ def _copy_committed_store(src: str, target: str) -> None:
     """Consistent compacted copy of the committed state of ``src`` at ``target`` (atomic swap)."""
     tmp = sibling_temp(target, "saving")
     os.mkdir(tmp)
-    shared = environment.acquire(src)
+    shared = environment.acquire(src, write=False)
     try:
         shared.env.copy(tmp, compact=True)
         fd = os.open(os.path.join(tmp, environment.DATA_FILE), os.O_RDONLY)

@@ -13,6 +13,7 @@ streamed chunk by chunk (no memory map, no whole array in memory).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 
@@ -44,16 +45,19 @@ class NpyStreamWriter:
     def __init__(self, path: str, dtype: np.dtype, shape: tuple):
         self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
         self._f = open(path, "wb")  # noqa: SIM115 - closed by finish()/close()
+        self.hash = xxhash.xxh3_64()
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_2_0(self._f, header) if len(repr(shape)) > 60000 else \
-            np.lib.format.write_array_header_1_0(self._f, header)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, header)
+        self._write(head.getvalue())
         self._rows = 0
-        self.hash = xxhash.xxh3_64()  # of the data bytes, recorded in table.json
 
-    def write(self, rows: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B")
+    def _write(self, data) -> None:
         self._f.write(data)
         self.hash.update(data)
+
+    def write(self, rows: np.ndarray) -> None:
+        self._write(memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B"))
         self._rows += len(rows)
 
     def finish(self) -> None:
@@ -99,7 +103,7 @@ class NpyStreamReader:
         self.shape, self.dtype = tuple(shape), dtype
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
         self.offset = self._f.tell()
-        self.hash = xxhash.xxh3_64()
+        self.hash = xxhash.xxh3_64(os.pread(self._f.fileno(), self.offset, 0))
         expected = self.offset + (shape[0] if shape else 1) * self.row_bytes
         size = os.fstat(self._f.fileno()).st_size
         if size != expected:
@@ -117,31 +121,28 @@ class NpyStreamReader:
         self.hash.update(buf)
         return out
 
-    def check(self, expected: str | None) -> None:
-        """After the last row: compare the data's checksum with the one table.json recorded."""
-        if expected is not None and self.hash.hexdigest() != expected:
-            raise NpyInputError(f"{self.path} is damaged: its data does not match the checksum in {TABLE_FILE}")
-
     def close(self) -> None:
         self._f.close()
 
 
-def write_table_json(directory: str, layout: TableLayout, source: dict, checksums: dict | None = None) -> str:
-    """``checksums``: xxh3-64 (hex) of each .npy file's data bytes, checked by a restore."""
+def write_table_json(layout: TableLayout, source: dict, checksums: dict[str, str]) -> str:
+    """table.json: readable fields, the exact table record, and each file's xxh3-64."""
+    table = msgpack.packb(layout.to_record())
     record = {
         "format": NPY_FORMAT, "version": NPY_FORMAT_VERSION, "rows": layout.rows, "dim": layout.dim,
         "dtype": layout.dtype.name, "chunk_rows": layout.chunk_rows,
         "columns": [{"name": c.name, "file": column_file(i), **c.describe()} for i, c in enumerate(layout.columns)],
         "source": source,
-        "table_msgpack_b64": base64.b64encode(msgpack.packb(layout.to_record())).decode(),
-        **({"xxh3_64": checksums} if checksums else {}),
+        "table_msgpack_b64": base64.b64encode(table).decode(), "table_xxh3_64": xxhash.xxh3_64_hexdigest(table),
+        "files_xxh3_64": checksums,
     }
     return json.dumps(record, indent=1, default=str)
 
 
-def read_layout(directory: str, chunk_rows: int | None) -> TableLayout:
+def read_layout(directory: str, chunk_rows: int | None) -> tuple[TableLayout, dict[str, str]]:
     """The table layout of an .npy directory (``table.json`` if present, else the two files).
 
+    Returns the layout and the files' expected xxh3-64 (empty without ``table.json``).
     ``chunk_rows`` overrides the chunking (needed only for plain directories; default 1024).
     """
     ids = NpyStreamReader(os.path.join(directory, IDS_FILE))
@@ -159,8 +160,9 @@ def read_layout(directory: str, chunk_rows: int | None) -> TableLayout:
     except EmbeddingStoreError as exc:
         raise NpyInputError(f"{emb.path}: {exc}") from None
     table_path = os.path.join(directory, TABLE_FILE)
+    checksums = {}
     if os.path.exists(table_path):
-        layout = _layout_from_json(table_path)
+        layout, checksums = _layout_from_json(table_path)
         if layout.rows != ids.shape[0] or layout.dim != emb.shape[1] or layout.dtype != dtype:
             raise NpyInputError(f"{table_path} describes {layout.rows} x {layout.dim} {layout.dtype}, but "
                                 f"{EMBEDDINGS_FILE} holds {emb.shape} {dtype}")
@@ -169,10 +171,10 @@ def read_layout(directory: str, chunk_rows: int | None) -> TableLayout:
                                  layout.commit, layout.committed_at)
     else:
         layout = TableLayout(chunk_rows or 1024, ids.shape[0], (ColumnSpec(MAIN, emb.shape[1], dtype),))
-    return layout
+    return layout, checksums
 
 
-def _layout_from_json(path: str) -> TableLayout:
+def _layout_from_json(path: str) -> tuple[TableLayout, dict[str, str]]:
     try:
         with open(path) as f:
             record = json.load(f)
@@ -181,33 +183,24 @@ def _layout_from_json(path: str) -> TableLayout:
         if int(record.get("version", 0)) > NPY_FORMAT_VERSION:
             raise NpyInputError(f"{path} has version {record['version']}; this tool reads up to "
                                 f"{NPY_FORMAT_VERSION}: upgrade lmdb_embeddings")
-        table = msgpack.unpackb(base64.b64decode(record["table_msgpack_b64"], validate=True))
+        packed = base64.b64decode(record["table_msgpack_b64"], validate=True)
+        if xxhash.xxh3_64_hexdigest(packed) != record["table_xxh3_64"]:
+            raise NpyInputError(f"{path}: table checksum mismatch (the file was changed after the dump)")
+        table = msgpack.unpackb(packed)
+        checksums = {str(k): str(v) for k, v in dict(record["files_xxh3_64"]).items()}
     except NpyInputError:
         raise
     except Exception as exc:
         raise NpyInputError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
-    return TableLayout.from_record(table, NpyInputError, path)
-
-
-def _checksums_from_json(directory: str) -> dict:
-    """Data checksums recorded by our dump (none for a plain directory or an older dump)."""
-    path = os.path.join(directory, TABLE_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        sums = json.load(f).get("xxh3_64", {})
-    if not isinstance(sums, dict):
-        raise NpyInputError(f"{path} is damaged (its checksums are not a mapping)")
-    return sums
+    return TableLayout.from_record(table, NpyInputError, path), checksums
 
 
 class NpyTableReader:
     """Streams an .npy directory chunk by chunk, in the shape the store builder wants."""
 
-    def __init__(self, directory: str, layout: TableLayout):
-        self.directory, self.layout = directory, layout
+    def __init__(self, directory: str, layout: TableLayout, checksums: dict[str, str] | None = None):
+        self.directory, self.layout, self.checksums = directory, layout, checksums or {}
         self._readers = []
-        self._checksums = _checksums_from_json(directory)
         try:
             self._ids = self._open(IDS_FILE, (layout.rows,))
             for i, column in enumerate(layout.columns):
@@ -233,7 +226,6 @@ class NpyTableReader:
             if raw.dtype.kind == "u" and len(raw) and int(raw.max()) > np.iinfo(np.int64).max:
                 raise NpyInputError(f"{self._ids.path} holds ids beyond the int64 range (chunk {chunk})")
             yield chunk, raw.astype(ID_DTYPE, copy=False)
-        self._ids.check(self._checksums.get(IDS_FILE))
 
     def chunks(self):
         """Yield (chunk, one array per column in the store's dtypes), all values finite."""
@@ -250,8 +242,15 @@ class NpyTableReader:
                     raise NpyInputError(f"{reader.path}: row {row} holds NaN or inf; a store holds finite values")
                 parts.append(part)
             yield chunk, parts
-        for i, reader in enumerate(self._readers):
-            reader.check(self._checksums.get(column_file(i)))
+        self._check_checksums()
+
+    def _check_checksums(self) -> None:
+        """Files written by ``dump --format npy`` must be byte for byte what was written."""
+        for reader in [self._ids, *self._readers]:
+            expected = self.checksums.get(os.path.basename(reader.path))
+            if expected is not None and reader.hash.hexdigest() != expected:
+                raise NpyInputError(f"{reader.path}: checksum mismatch (the file was changed or damaged after the "
+                                    "dump; table.json holds the checksum it had)")
 
     def close(self) -> None:
         for reader in [getattr(self, "_ids", None), *self._readers]:

@@ -42,25 +42,26 @@ def check_store_dir(path: str) -> None:
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {environment.DATA_FILE} in it)")
 
 
-def _record(txn, meta_db, key: bytes, path: str):
+def _record(txn, meta_db, key: bytes, path: str, verify: bool = True):
     raw = txn.get(key, db=meta_db)
     if raw is None:
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {key.decode()!r} metadata record)")
     try:
-        return unpack_record(raw, key)
+        return unpack_record(raw, key, verify=verify)
     except CorruptionError as exc:
         raise CorruptionError(f"{path}: {exc}") from None
 
 
 def read_layout(txn, meta_db, path: str) -> TableLayout:
     """The table's layout from the metadata records, checked like ``EmbeddingStore.open`` does."""
-    fmt = _record(txn, meta_db, b"format", path)
+    fmt = _record(txn, meta_db, b"format", path, verify=False)  # a newer format may checksum differently
     if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (bad magic in its metadata)")
     version = fmt.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FormatVersionError(f"{path} was written in store format version {version}; this tool reads up "
                                  f"to version {FORMAT_VERSION}: upgrade lmdb_embeddings")
+    _record(txn, meta_db, b"format", path)  # a format we read: now its checksum too
     config = _record(txn, meta_db, b"config", path)
     state = _record(txn, meta_db, b"state", path)
     try:
@@ -75,20 +76,20 @@ def read_layout(txn, meta_db, path: str) -> TableLayout:
     return TableLayout.from_record(record, CorruptionError, path)
 
 
-def _mapping_of(path: str) -> tuple[int, int]:
-    """Address range of our memory mapping of ``path`` ((0, 0) if not found)."""
+def _mappings_of(path: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of ``path``."""
     real = os.path.realpath(path)
-    lo = hi = 0
+    ranges = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip() == real:
+                if len(parts) == 6 and parts[5].rstrip("\n") == real:
                     start, end = (int(x, 16) for x in parts[0].split("-"))
-                    lo, hi = (start, end) if not hi else (min(lo, start), max(hi, end))
+                    ranges.append((start, end))
     except OSError:
         pass
-    return lo, hi
+    return ranges
 
 
 class Snapshot:
@@ -101,7 +102,6 @@ class Snapshot:
         self._txn = None
         self._dbs: dict[str, object] = {}
         self._read_bytes = 0  # read from the map since the last release_pages()
-        self._map_range: tuple[int, int] | None = None
         try:
             self._begin()
         except BaseException:
@@ -203,10 +203,8 @@ class Snapshot:
         if _madvise is None or (self._read_bytes < _RELEASE_EVERY and not force):
             return
         self._read_bytes = 0
-        if self._map_range is None:
-            self._map_range = _mapping_of(os.path.join(self._shared.path, environment.DATA_FILE))
-        lo, hi = self._map_range
-        if hi > lo:
+        # looked up each time: the map moves if this process's environment was resized
+        for lo, hi in _mappings_of(os.path.join(self._shared.path, environment.DATA_FILE)):
             _madvise(lo, hi - lo, _MADV_DONTNEED)
 
     def close(self) -> None:

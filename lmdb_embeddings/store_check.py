@@ -143,7 +143,7 @@ def store_info(path: str) -> dict:
             "chunk_rows": layout.chunk_rows, "chunks": layout.n_chunks,
             "columns": {c.name: c.describe() for c in layout.aux_columns()},
             "format_version": FORMAT_VERSION, "commit_count": layout.commit,
-            "last_commit_time": (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+            "last_commit": (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
                                  if isinstance(when, (int, float)) else None),
             "last_commit_unix": when,
             "attrs": sorted(layout.attrs),

@@ -31,7 +31,8 @@ while time.time() < deadline:
     k += 1
     store.put(ids, np.full((len(ids), store.dim), float(k), np.float32))  # the whole table, one value
     store.commit()
-print(k, flush=True)
+    print(k, time.time(), flush=True)  # when commit k became visible
+print("done", flush=True)
 store.close()
 """
 
@@ -43,10 +44,12 @@ def test_dump_while_a_writer_commits_sees_one_commit(tmp_path):
                               env=subprocess_env(), cwd=ROOT)
     try:
         assert writer.stdout.readline().strip() == "ready"
-        seen = []
+        seen, windows = [], []
         for i in range(4):
             out = str(tmp_path / f"npy{i}")
+            started = time.time()
             ok("dump", src, out, "--format", "npy")
+            windows.append((started, time.time()))
             rows = np.load(os.path.join(out, "embeddings.npy"))
             values = np.unique(rows)
             assert len(values) == 1, f"dump {i} mixes commits: values {values[:10]}"
@@ -59,9 +62,11 @@ def test_dump_while_a_writer_commits_sees_one_commit(tmp_path):
             assert s.commit_count == int(np.unique(s.get(s.ids))[0])  # commit k wrote value k
     finally:
         out, _ = writer.communicate(timeout=60)
-    assert writer.returncode == 0
-    assert int(out.strip()) > 1
-    assert len(set(seen)) > 1 or seen[0] > 0, seen  # the writer was committing meanwhile
+    assert writer.returncode == 0 and out.splitlines()[-1] == "done"
+    commit_times = [float(line.split()[1]) for line in out.splitlines()[:-1]]
+    # the writer really committed while the dumps ran (else this test would prove nothing)
+    assert any(lo < t < hi for lo, hi in windows for t in commit_times), (windows, commit_times[:5])
+    assert min(seen) >= 1
 
 
 def test_info_json_reports_the_store_and_its_writer(tmp_path):
@@ -75,7 +80,7 @@ def test_info_json_reports_the_store_and_its_writer(tmp_path):
     assert info["bytes_on_disk"] >= info["data_file_bytes"] > 0
     assert info["lmdb"]["map_size"] >= info["lmdb"]["pages_in_use"] * info["lmdb"]["page_size"]
     assert set(info["columns"]) == {"adam_m", "steps"}
-    assert info["last_commit_time"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert info["last_commit"].startswith(time.strftime("%Y-", time.gmtime()))
     with le.EmbeddingStore.open(path):
         info = json.loads(ok("info", path, "--json").stdout)
         assert info["writer_active"] is True and info["writer_pid"] == os.getpid()
@@ -170,3 +175,39 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path):
     assert stderr_on_tty("--quiet", "verify", path) == ""
     assert stderr_on_tty("dump", "-q", path, out) == ""
     assert run_cli("verify", path).stderr == ""  # a pipe is not a terminal
+
+
+def test_verify_checks_auxiliary_columns_too(tmp_path):
+    path = str(tmp_path / "s")
+    state = np.arange(600 * 6, dtype=np.float32).reshape(600, 6) + 0.5
+    with le.EmbeddingStore.create(path, 600, 4, chunk_rows=100, init="zeros") as s:
+        s.ensure_column("moments", 6, "float32")
+        s.put_column("moments", np.arange(600), state)
+    at = _payload_offset(os.path.join(path, "data.mdb"), state[200:300].tobytes())
+    with open(os.path.join(path, "data.mdb"), "r+b") as f:
+        f.seek(at + 7)
+        byte = f.read(1)
+        f.seek(at + 7)
+        f.write(bytes([byte[0] ^ 0x80]))
+    proc = run_cli("verify", path, "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["bad_chunks"] == [2]
+    assert [p["part"] for p in report["problems"]] == ["column 'moments'"]
+
+
+def test_a_store_from_a_newer_format_is_refused_by_name(tmp_path):
+    import lmdb
+    import msgpack
+
+    from lmdb_embeddings import store as store_module
+
+    path = str(tmp_path / "s")
+    le.EmbeddingStore.create(path, 10, 4).close()
+    env = lmdb.open(path, max_dbs=64)
+    with env.begin(write=True) as txn:  # a future format, with a checksum scheme we do not know
+        record = {"magic": store_module.MAGIC, "format_version": 99, store_module._RECORD_CHECKSUM: 12345}
+        txn.put(b"format", msgpack.packb(record), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    for command in (("info", path), ("verify", path), ("dump", path, str(tmp_path / "d")), ("compact", path)):
+        proc = run_cli(*command)
+        assert "format version 99" in assert_one_line_error(proc) and proc.returncode == 2, command

@@ -119,3 +119,33 @@ def test_dump_carries_the_last_commit_only(tmp_path):
     ok("restore", dump, dst)
     with le.EmbeddingStore.open(dst, readonly=True) as s:
         assert s.get([1]).tolist() == [[5.0] * 4]
+
+
+def test_npy_dump_detects_a_changed_file(tmp_path):
+    src, out, dst = str(tmp_path / "src"), tmp_path / "npy", str(tmp_path / "dst")
+    make_rich_store(src, dtype="float32")
+    ok("dump", src, str(out), "--format", "npy")
+    for name in ("embeddings.npy", "column-1.npy", "ids.npy"):
+        data = bytearray((out / name).read_bytes())
+        data[len(data) - 5] ^= 0x04  # a changed value; the file still loads in numpy
+        (out / name).write_bytes(bytes(data))
+        np.load(out / name)
+        assert_one_line_error(run_cli("restore", str(out), dst), name, "checksum mismatch")
+        data[len(data) - 5] ^= 0x04
+        (out / name).write_bytes(bytes(data))
+    assert not os.path.exists(dst)
+    ok("restore", str(out), dst)
+
+
+def test_restore_removes_temp_dirs_of_dead_restores_only(tmp_path):
+    src, dump, dst = str(tmp_path / "src"), str(tmp_path / "t.lemb"), str(tmp_path / "dst")
+    le.EmbeddingStore.create(src, 100, 4, chunk_rows=32).close()
+    ok("dump", src, dump)
+    dead = tmp_path / f".dst.restoring-{2**22 + 7}-0123abcd"  # beyond pid_max: that process is gone
+    alive = tmp_path / f".dst.restoring-{os.getpid()}-89abcdef"  # a restore still running: kept
+    for leftover in (dead, alive):
+        leftover.mkdir()
+        (leftover / "data.mdb").write_bytes(b"half a store")
+    ok("restore", dump, dst)
+    assert not dead.exists() and alive.exists()
+    assert_same_store(read_store(src), read_store(dst))

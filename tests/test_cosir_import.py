@@ -134,6 +134,17 @@ def test_non_unique_ids_across_files(tmp_path):
     assert not os.path.exists(tmp_path / "store")
 
 
+def test_numpy_integer_sample_ids(tmp_path):
+    """The original kept sample IDs as passed: numpy integers end up as the file's keys."""
+    (tmp_path / "src").mkdir()
+    rows = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    torch.save({np.int64(10 + i): rows[i] for i in range(3)}, tmp_path / "src" / "embeddings_chunk_0.pt")
+    import_cosir(tmp_path / "src", tmp_path / "store")
+    with le.EmbeddingStore.open(str(tmp_path / "store"), readonly=True) as store:
+        assert store.ids.tolist() == [10, 11, 12]
+        assert np.array_equal(store.get([10, 11, 12]), rows.numpy())
+
+
 class Payload:
     """Not a tensor: a weights_only load must refuse to unpickle it."""
 

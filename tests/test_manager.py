@@ -350,7 +350,7 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
     m.close()
 
 
-def test_imports_original_chunk_files_once_and_logs_it(tmp_path, caplog):
+def test_imports_original_chunk_files_once_and_logs_it(tmp_path, caplog, capsys):
     from test_cosir_import import write_original
 
     emb = tmp_path / "emb"
@@ -362,6 +362,7 @@ def test_imports_original_chunk_files_once_and_logs_it(tmp_path, caplog):
         m = le.TrainableEmbeddingManager(ids.tolist(), 8, device="cpu", storage_mode="disk",
                                          embeddings_dir=str(emb), chunk_size=100)
     assert sum("importing" in r.getMessage() for r in caplog.records) == 1
+    assert capsys.readouterr() == ("", "")  # told through logging only
     assert np.array_equal(m.get_all_embeddings()[1].numpy(), rows)
     assert m.get_embeddings_by_chunk(2)[0] == list(range(200, 300))  # chunk ids kept
     m.update_embeddings([0], torch.zeros(1, 8))
