@@ -167,8 +167,10 @@ def main(argv=None) -> int:
     chunk = chunk_path_vs_plain(base, 200)
     results["chunk_roundtrip_us"] = {k: 1e6 * v for k, v in chunk.items()}
 
+    results["loadavg_1min"] = os.getloadavg()[0]
     print(f"Original CoSiR workload ({N_IDS} x {DIM}, chunk_size {CHUNK}, {OPS} batches of {BATCH}), "
-          f"stores in {base}, median of {args.repeats} fresh managers\n")
+          f"stores in {base}, median of {args.repeats} fresh managers; load average {results['loadavg_1min']:.1f} "
+          f"on {os.cpu_count()} CPUs\n")
     print("| configuration | total (loop + final sync) | min | loop only | tmpfs total | commits in timed part |"
           " vs original 140 ms | target < 5 ms |")
     print("|---|---|---|---|---|---|---|---|")
