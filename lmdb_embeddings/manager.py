@@ -7,7 +7,7 @@ argument and return types, and maps them onto one store:
 * the manager's chunk ``c`` is the store's chunk ``c`` (``chunk_size`` -> ``chunk_rows``),
   rows in the order of the sorted sample IDs, exactly as the original grouped them, so a
   chunk-by-chunk loop is one vectorized get/put of contiguous rows;
-* a "sync" is one store commit: every change since the last one, atomically, one fsync;
+* a "sync" is one store commit: every change since the last one, in one synced LMDB transaction;
 * ``storage_mode="memory"`` sizes the store's L1 cache to hold the whole table (still
   persisted through the store); ``"disk"`` uses ``cache_l1_size_mb``/``cache_l2_size_mb``.
 
@@ -326,7 +326,7 @@ class TrainableEmbeddingManager:
             self._sync_operations += 1
 
     def sync_dirty_chunks_to_disk(self) -> None:
-        """Commit every update so far (one atomic commit, one fsync)."""
+        """Commit every update so far (one atomic, synced LMDB transaction)."""
         self._commit()
 
     def force_sync_all_chunks(self) -> None:
