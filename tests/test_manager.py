@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -336,6 +337,8 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=subprocess_env(), cwd=ROOT)
+    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the readline below
+    watchdog.start()
     try:
         lines = []
         while "READY" not in lines:
@@ -345,6 +348,7 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
