@@ -7,7 +7,7 @@ argument and return types, and maps them onto one store:
 * the manager's chunk ``c`` is the store's chunk ``c`` (``chunk_size`` -> ``chunk_rows``),
   rows in the order of the sorted sample IDs, exactly as the original grouped them, so a
   chunk-by-chunk loop is one vectorized get/put of contiguous rows;
-* a "sync" is one store commit: every change since the last one, atomically, one fsync;
+* a "sync" is one store commit: every change since the last one, in one synced LMDB transaction;
 * ``storage_mode="memory"`` sizes the store's L1 cache to hold the whole table (still
   persisted through the store); ``"disk"`` uses ``cache_l1_size_mb``/``cache_l2_size_mb``.
 
@@ -326,7 +326,7 @@ class TrainableEmbeddingManager:
             self._sync_operations += 1
 
     def sync_dirty_chunks_to_disk(self) -> None:
-        """Commit every update so far (one atomic commit, one fsync)."""
+        """Commit every update so far (one atomic, synced LMDB transaction)."""
         self._commit()
 
     def force_sync_all_chunks(self) -> None:
@@ -426,36 +426,31 @@ class TrainableEmbeddingManager:
         }
 
     def get_embedding_statistics(self) -> dict:
-        """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory)."""
+        """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory).
+
+        Means and variances are merged group by group (Chan et al.), so they stay exact even
+        when the spread is tiny next to the mean (e.g. unit-norm rows).
+        """
         n, dim = len(self._ids), self.embedding_dim
-        total = np.zeros(dim)
-        total_sq = np.zeros(dim)
+        dims, norms = _Moments(dim), _Moments(1)
         lo_v = np.full(dim, np.inf)
         hi_v = np.full(dim, -np.inf)
-        norm_sum = norm_sq = 0.0
         step = max(1, _STATS_GROUP_BYTES // (dim * 8))
         for lo in range(0, n, step):
             rows = self._store.get(self._ids[lo : lo + step]).astype(np.float64)
-            total += rows.sum(0)
-            total_sq += (rows * rows).sum(0)
+            dims.add(rows)
+            norms.add(np.sqrt((rows * rows).sum(1, keepdims=True)))
             np.minimum(lo_v, rows.min(0), out=lo_v)
             np.maximum(hi_v, rows.max(0), out=hi_v)
-            norms = np.sqrt((rows * rows).sum(1))
-            norm_sum += float(norms.sum())
-            norm_sq += float((norms * norms).sum())
-        mean = total / n if n else np.full(dim, np.nan)
-        var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else np.full(dim, np.nan)
-        norm_mean = norm_sum / n if n else float("nan")
-        norm_var = (norm_sq - n * norm_mean * norm_mean) / (n - 1) if n > 1 else float("nan")
 
         def cpu(a):
             return torch.from_numpy(np.asarray(a, dtype=self._store.dtype))
 
         return {
-            "mean_norm": norm_mean,
-            "std_norm": math.sqrt(max(norm_var, 0.0)) if n > 1 else float("nan"),
-            "mean_values": cpu(mean),
-            "std_values": cpu(np.sqrt(np.maximum(var, 0.0))),
+            "mean_norm": float(norms.mean[0]),
+            "std_norm": float(norms.std()[0]),
+            "mean_values": cpu(dims.mean),
+            "std_values": cpu(dims.std()),
             "min_values": cpu(lo_v),
             "max_values": cpu(hi_v),
             "num_frozen": 0,  # this manager has no frozen rows
@@ -491,6 +486,34 @@ class TrainableEmbeddingManager:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._ids)} x {self.embedding_dim}"
         return f"TrainableEmbeddingManager({str(self.embeddings_dir)!r}, {self.storage_mode}, {state})"
+
+
+class _Moments:
+    """Running count, mean and centered sum of squares per column, merged group by group."""
+
+    def __init__(self, width: int):
+        self.n = 0
+        self.mean = np.full(width, np.nan)
+        self.m2 = np.zeros(width)
+
+    def add(self, rows: np.ndarray) -> None:
+        k = len(rows)
+        if k == 0:
+            return
+        mean = rows.mean(0)
+        m2 = ((rows - mean) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = k, mean, m2
+            return
+        total = self.n + k
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (k / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * k / total)
+        self.n = total
+
+    def std(self) -> np.ndarray:
+        """Unbiased standard deviation (torch.std's default); NaN for fewer than two rows."""
+        return np.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else np.full(len(self.m2), np.nan)
 
 
 def _open_writer(path: str, options: dict) -> EmbeddingStore:

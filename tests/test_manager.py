@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -250,6 +251,13 @@ def test_methods_and_return_types(tmp_path):
     assert torch.equal(stats["min_values"], table.min(0).values)
     assert torch.equal(stats["max_values"], table.max(0).values)
 
+    unit = make(tmp_path / "unit", sample_ids=list(range(300)), embedding_dim=8, chunk_size=64)
+    rows = torch.nn.functional.normalize(torch.randn(300, 8, dtype=torch.float64), dim=1).float()
+    unit.update_embeddings(list(range(300)), rows)
+    unit_stats = unit.get_embedding_statistics()  # unit-norm rows: the norms' spread is ~1e-8, not noise
+    assert unit_stats["std_norm"] == pytest.approx(rows.double().norm(dim=1).std().item(), rel=1e-3, abs=1e-12)
+    unit.close()
+
     saved = tmp_path / "final"
     assert m.save_final_embeddings(str(saved)) is None
     assert m.embeddings_dir == saved and m.store_path.startswith(str(saved))
@@ -329,6 +337,8 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=subprocess_env(), cwd=ROOT)
+    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the readline below
+    watchdog.start()
     try:
         lines = []
         while "READY" not in lines:
@@ -338,6 +348,7 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
