@@ -1,4 +1,7 @@
-"""Rendering results: a markdown table, JSON lines and a PNG chart."""
+"""Rendering results: a markdown table, JSON lines and a PNG chart.
+
+``python -m benchmarks.report RESULTS.jsonl`` re-renders the .md and .png beside it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ COLUMNS = [
     ("rows_per_s", "rows/s", "{:,.0f}"),
     ("x_numpy_mem", "x numpy_mem", "{:.3f}"),
     ("x_memmap_epoch", "x memmap_epoch", "{:.3f}"),
+    ("x_lmdb_row_batched", "x lmdb_row_batched", "{:.2f}"),
     ("median_get_ms", "get ms (median)", "{:.3f}"),
     ("median_put_ms", "put ms (median)", "{:.3f}"),
     ("commit_s", "commit s", "{:.3f}"),
@@ -111,3 +115,28 @@ def chart(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def main(argv=None) -> None:
+    import os
+    import sys
+
+    path = (argv or sys.argv[1:])[0]
+    results = read_jsonl(path)
+    add_ratios(results)
+    stem = os.path.splitext(path)[0]
+    meta = results[0].get("meta", {}) if results else {}
+    with open(stem + ".md", "w") as fh:
+        fh.write(f"Suite `{meta.get('suite')}`, {meta.get('started')}, {meta.get('cpus')} CPUs, "
+                 f"Python {meta.get('python')}\n\n")
+        fh.write(markdown(results))
+    chart(results, stem + ".png")
+
+
+if __name__ == "__main__":
+    main()

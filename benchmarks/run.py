@@ -118,10 +118,7 @@ def main(argv=None) -> int:
     table = report.markdown(results)
     print(table)
     report.write_jsonl(results, os.path.join(out_dir, f"{args.suite}.jsonl"))
-    with open(os.path.join(out_dir, f"{args.suite}.md"), "w") as fh:
-        fh.write(f"Suite `{args.suite}`, {meta['started']}, {meta['cpus']} CPUs, Python {meta['python']}\n\n")
-        fh.write(table)
-    report.chart(results, os.path.join(out_dir, f"{args.suite}.png"))
+    report.main([os.path.join(out_dir, f"{args.suite}.jsonl")])
     print(f"results in {out_dir}", file=sys.stderr)
     failed = [r for r in results if "error" in r or r.get("verified") is False or r.get("torn_reads")]
     return 1 if failed else 0
