@@ -72,8 +72,9 @@ def markdown(results: list[dict]) -> str:
             if "error" in r:
                 lines.append(f"| {r['workload']} | FAILED: {r['error'][:80]} | | | | | | |")
                 continue
+            pace = f", a get every {r['reader_pause_s'] * 1e3:g} ms" if r.get("reader_pause_s") else ", busy"
             lines.append(
-                f"| {r['workload']} ({r['readers']} readers, batch {r['reader_batch']}) | "
+                f"| {r['workload']} ({r['readers']} readers, batch {r['reader_batch']}{pace}) | "
                 f"{r['writer_alone_s']:.3f} | {r['writer_with_readers_s']:.3f} | {r['writer_slowdown']:.2f}x | "
                 f"{r['reader_rows_per_s']:,.0f} | {r['reader_gets']:,} | {r['torn_reads']} | "
                 f"{'yes' if r['verified'] else 'NO'} |")
