@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import lmdb
 
-from .errors import EmbeddingStoreError
+from .errors import CorruptionError, EmbeddingStoreError
 
 DATA_FILE = "data.mdb"
 MAX_DBS = 64
@@ -169,10 +169,30 @@ def _open(path: str, readonly: bool, readahead: bool, map_size: int = MIN_MAP_SI
     except lmdb.Error as exc:
         raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
     try:
+        _check_not_truncated(path, env)
+    except BaseException:
+        env.close()
+        raise
+    try:
         env.reader_check()  # clear slots of readers killed earlier
     except lmdb.Error:
         pass
     return env
+
+
+def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
+    """Refuse a data file shorter than its last committed page.
+
+    LMDB maps the file and would die with SIGBUS on the first page past its end; the
+    meta pages (read at open) say where the committed data ends, so compare first.
+    """
+    size = os.path.getsize(os.path.join(path, DATA_FILE))
+    psize = env.stat()["psize"]
+    needed = (env.info()["last_pgno"] + 1) * psize
+    if size < max(needed, 2 * psize):
+        raise CorruptionError(
+            f"{os.path.join(path, DATA_FILE)} is truncated: {size} bytes, but its last committed page "
+            f"ends at byte {needed}; restore the store from a dump or backup")
 
 
 def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
@@ -209,13 +229,6 @@ def release(shared: SharedEnv) -> None:
 def is_open_here(path: str) -> bool:
     _drop_inherited()
     return _realpath(path) in _registry
-
-
-def create_env(path: str, map_size: int) -> lmdb.Environment:
-    """A brand-new environment for building a store (not shared, closed by the caller)."""
-    return lmdb.open(os.fspath(path), subdir=True, map_size=max(map_size, MIN_MAP_SIZE),
-                     max_dbs=MAX_DBS, max_readers=MAX_READERS, sync=True, metasync=True,
-                     writemap=False, meminit=False, max_spare_txns=0)
 
 
 def _after_fork_in_child() -> None:

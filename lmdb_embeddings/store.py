@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import lmdb
 import msgpack
 import numpy as np
+import xxhash
 
 from . import chunk_codec, environment, initializers
 from .column_cache import CacheStats, ColumnCache
@@ -44,7 +45,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import free_bytes, fsync_dir, replace_dir, sibling_temp
+from .fsutil import free_bytes, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -57,7 +58,7 @@ FORMAT_VERSION = 1
 META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
-_BUILD_TXN_BYTES = 64 << 20
+_RECORD_CHECKSUM = "xxh3"
 
 
 def column_db_name(name: str) -> bytes:
@@ -219,7 +220,8 @@ class EmbeddingStore:
             if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
-                fmt = _read_record(txn, b"format", self._meta_db)
+                # magic and version first: a newer format may checksum its records differently
+                fmt = _read_record(txn, b"format", self._meta_db, verify=False)
                 if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
                     raise NotAStoreError(f"{self._path} is not an lmdb_embeddings store (bad magic)")
                 version = fmt.get("format_version")
@@ -228,6 +230,7 @@ class EmbeddingStore:
                         f"{self._path} was written in format version {version}; this library reads up to "
                         f"version {FORMAT_VERSION}: upgrade lmdb_embeddings"
                     )
+                _read_record(txn, b"format", self._meta_db)  # now its checksum
                 config = _read_record(txn, b"config", self._meta_db)
                 state = _read_record(txn, b"state", self._meta_db)
         except lmdb.Error as exc:
@@ -240,10 +243,13 @@ class EmbeddingStore:
             self._seed = int(config["seed"])
         except (KeyError, TypeError, ValueError, EmbeddingStoreError) as exc:
             raise CorruptionError(f"{self._path}: the store configuration is damaged ({exc})") from None
-        self._commit = int(state["commit"])
-        self._rows = self._committed_rows = int(state["rows"])
-        self._committed_at = state.get("committed_at")
-        self._attrs = dict(state.get("attrs", {}))
+        try:
+            self._commit = int(state["commit"])
+            self._rows = self._committed_rows = int(state["rows"])
+            self._committed_at = state.get("committed_at")
+            self._attrs = dict(state.get("attrs", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptionError(f"{self._path}: the store state record is damaged ({exc!r})") from None
         self._index = IdIndex(self._read_ids(0, self._rows))
         self._columns = {}
         self._register_column(MAIN, self._dim, self._dtype, 0.0)
@@ -818,7 +824,7 @@ class EmbeddingStore:
         now = time.time()
         state = {"commit": version, "rows": self._rows, "committed_at": now, "attrs": self._attrs,
                  "columns": {n: c.describe() for n, c in self._columns.items()}}
-        txn.put(b"state", msgpack.packb(state), db=self._meta_db)
+        txn.put(b"state", pack_record(state), db=self._meta_db)
         self._pending = None
         try:
             txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
@@ -956,6 +962,16 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def pack_record(record: dict) -> bytes:
+    """msgpack a metadata record with an xxh3-64 checksum of its other fields.
+
+    LMDB has no checksums; without this a flipped byte in the state or config record
+    (row count, chunk_rows ...) could open as a different, wrong table.
+    """
+    body = {k: v for k, v in record.items() if k != _RECORD_CHECKSUM}
+    return msgpack.packb({**body, _RECORD_CHECKSUM: xxhash.xxh3_64_intdigest(msgpack.packb(body))})
+
+
 def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)`` without a sort when the span is small.
 
@@ -976,14 +992,29 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique + lo, rank[shifted]
 
 
-def _read_record(txn, key: bytes, db):
+def _read_record(txn, key: bytes, db, verify: bool = True):
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
+    return unpack_record(raw, key, verify)
+
+
+def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
+    """Decode a metadata record written by :func:`pack_record` and check its checksum.
+
+    Records written without a checksum (older stores) are accepted as they are.
+    """
     try:
-        return msgpack.unpackb(bytes(raw))
+        record = msgpack.unpackb(bytes(raw))
     except Exception as exc:
         raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (not a map)")
+    if _RECORD_CHECKSUM in record:
+        stored = record.pop(_RECORD_CHECKSUM)
+        if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
+            raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
+    return record
 
 
 def is_store(path: str) -> bool:
@@ -1010,41 +1041,30 @@ def _check_create_target(path: str, overwrite: bool) -> None:
 
 def _build_store(tmp: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
                  seed: int, values: np.ndarray | None) -> None:
-    """Write a complete new store into directory ``tmp`` (not yet visible at its path)."""
-    n = len(ids)
-    row_bytes = dim * dtype.itemsize
-    env = environment.create_env(tmp, 2 * n * (row_bytes + 16) + (64 << 20))
-    try:
-        meta_db = env.open_db(META_DB)
-        ids_db = env.open_db(IDS_DB)
-        main_db = env.open_db(column_db_name(MAIN))
-        n_chunks = (n + chunk_rows - 1) // chunk_rows
-        per_txn = max(1, _BUILD_TXN_BYTES // max(chunk_rows * row_bytes, 1))
-        for first in range(0, n_chunks, per_txn):
-            with env.begin(write=True) as txn:
-                rows_cur = txn.cursor(db=main_db)
-                ids_cur = txn.cursor(db=ids_db)
-                for chunk in range(first, min(first + per_txn, n_chunks)):
-                    lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
-                    if values is None:
-                        rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
-                    else:
-                        rows = values[lo:hi]
-                    key = chunk_codec.chunk_key(chunk)
-                    rows_cur.put(key, chunk_codec.encode_chunk(rows, chunk, 0), append=True)
-                    ids_cur.put(key, chunk_codec.encode_chunk(ids[lo:hi].reshape(-1, 1), chunk, 0), append=True)
-        from . import __version__
+    """Write a complete new store into directory ``tmp`` (not yet visible at its path).
 
-        with env.begin(write=True) as txn:
-            txn.put(b"format", msgpack.packb({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=meta_db)
-            txn.put(b"config", msgpack.packb({
-                "dim": dim, "dtype": dtype.name, "chunk_rows": chunk_rows, "init": spec, "seed": seed,
-                "created_at": time.time(), "library_version": __version__}), db=meta_db)
-            txn.put(b"state", msgpack.packb({
-                "commit": 0, "rows": n, "committed_at": time.time(), "attrs": {},
-                "columns": {MAIN: {"width": dim, "dtype": dtype.name, "fill": 0.0}}}), db=meta_db)
-        env.sync(True)
-    finally:
-        env.close()
-    fsync_dir(tmp)
+    Goes through the same ``StoreBuilder`` as restore and import, chunk by chunk, so the
+    initial values are generated one chunk at a time and memory stays bounded.
+    """
+    from .store_builder import StoreBuilder
+    from .table_layout import ColumnSpec, TableLayout
+
+    n = len(ids)
+    layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
+                         config={"init": spec, "seed": seed})
+    os.makedirs(tmp)
+    builder = StoreBuilder(tmp, layout)
+    try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            if values is None:
+                rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
+            else:
+                rows = values[lo:hi]
+            builder.add_ids(chunk, ids[lo:hi])
+            builder.add_chunk(chunk, [rows])
+        builder.finish()
+    except BaseException:
+        builder.close()
+        raise
 

@@ -182,6 +182,143 @@ def role_tryopen(args) -> None:
     store.close()
 
 
+def role_flips(args) -> None:
+    """For each byte offset: copy the store, flip that byte, open and read everything.
+
+    Prints one JSON line per case: ``ok`` (every ID and row equals the undamaged store),
+    ``error`` (an EmbeddingStoreError, with its message) or ``wrong`` (it opened and
+    returned different IDs or numbers: the failure this scenario exists to catch).
+    """
+    import shutil
+    import tempfile
+
+    with le.EmbeddingStore.open(args.path, readonly=True) as store:
+        want_ids = store.ids
+        want_rows = store.get(want_ids)
+    work = tempfile.mkdtemp(prefix="flips-")
+    try:
+        for offset in json.loads(args.offsets):
+            case = os.path.join(work, "store")
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(args.path, case, ignore=shutil.ignore_patterns("lock.mdb", "writer.lock"))
+            with open(os.path.join(case, "data.mdb"), "r+b") as fh:
+                fh.seek(offset)
+                byte = fh.read(1)[0]
+                fh.seek(offset)
+                fh.write(bytes([byte ^ args.xor]))
+            try:
+                with le.EmbeddingStore.open(case, readonly=True) as store:
+                    ids = store.ids
+                    rows = store.get(ids)
+            except le.EmbeddingStoreError as exc:
+                say(json.dumps({"offset": offset, "outcome": "error", "message": f"{type(exc).__name__}: {exc}"}))
+                continue
+            same = np.array_equal(ids, want_ids) and np.array_equal(rows, want_rows)
+            say(json.dumps({"offset": offset, "outcome": "ok" if same else "wrong"}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
+    kind = ("truncate", "flip", "insert", "flips")[int(rng.integers(4))]
+    at = int(rng.integers(len(data)))
+    if kind == "truncate":
+        return f"truncate@{at}", data[:at]
+    if kind == "insert":
+        extra = rng.integers(0, 256, int(rng.integers(1, 17)), dtype=np.uint8).tobytes()
+        return f"insert{len(extra)}@{at}", data[:at] + extra + data[at:]
+    out = bytearray(data)
+    spots = [at] if kind == "flip" else rng.integers(len(data), size=int(rng.integers(2, 9))).tolist()
+    for spot in spots:
+        out[spot] ^= int(rng.integers(1, 256))
+    return f"{kind}@{spots[:3]}", bytes(out)
+
+
+def role_restorefuzz(args) -> None:
+    """Restore randomly damaged dumps (in this process, through the CLI's ``main``).
+
+    Each case ends ``exact`` (restored, bit-identical to the source table), ``clean``
+    (non-zero exit, one line on stderr, no traceback, nothing left at the target), or a
+    failure: ``wrong`` (restored other numbers), ``unclean`` (traceback / exception /
+    several lines), ``partial`` (something left at the target or beside it) or ``hang``.
+    """
+    import contextlib
+    import io
+    import shutil
+    import signal
+
+    from lmdb_embeddings import cli
+
+    with le.EmbeddingStore.open(args.reference, readonly=True) as ref:
+        want = (ref.ids, ref.get(ref.ids), ref.dtype, ref.chunk_rows)
+    rng = np.random.default_rng(args.seed)
+    native = open(args.native, "rb").read()
+    npy_files = {name: open(os.path.join(args.npy, name), "rb").read() for name in sorted(os.listdir(args.npy))}
+    counts: dict[str, int] = {}
+    examples: list[dict] = []
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("restore hung")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    os.makedirs(args.work, exist_ok=True)
+    for case in range(args.cases):
+        src = os.path.join(args.work, f"in{case}")
+        if case % 5 == 4:  # the npy directory format: damage one of its files
+            os.makedirs(src)
+            victim = sorted(npy_files)[int(rng.integers(len(npy_files)))]
+            for name, data in npy_files.items():
+                if name == victim:
+                    how, data = _mutate(data, rng)
+                    how = f"{name}:{how}"
+                with open(os.path.join(src, name), "wb") as fh:
+                    fh.write(data)
+        else:
+            how, data = _mutate(native, rng)
+            with open(src, "wb") as fh:
+                fh.write(data)
+        out = os.path.join(args.work, f"out{case}")
+        err = io.StringIO()
+        signal.alarm(args.case_timeout)
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = cli.main(["--quiet", "restore", src, out])
+            detail = err.getvalue()
+        except TimeoutError:
+            rc, detail = None, "hang"
+        except BaseException as exc:  # an exception escaping the CLI is an unclean failure
+            rc, detail = -1, f"{type(exc).__name__}: {exc}"
+        finally:
+            signal.alarm(0)
+        leftovers = [n for n in os.listdir(args.work) if n.startswith(f".out{case}.")]
+        if rc is None:
+            outcome = "hang"
+        elif rc == 0:
+            try:
+                with le.EmbeddingStore.open(out, readonly=True) as got:
+                    have = (got.ids, got.get(got.ids), got.dtype, got.chunk_rows)
+                same = all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+                           for a, b in zip(have, want, strict=True))
+                outcome = "exact" if same else "wrong"
+            except Exception as exc:
+                outcome, detail = "wrong", f"restored store unreadable: {exc}"
+        else:
+            lines = [line for line in detail.splitlines() if line.strip()]
+            clean = rc > 0 and len(lines) == 1 and "Traceback" not in detail
+            outcome = "clean" if clean else "unclean"
+            if os.path.exists(out) or leftovers:
+                outcome = "partial"
+        if outcome == "partial" or (rc == 0 and leftovers):
+            outcome = "partial"
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome not in ("exact", "clean") and len(examples) < 10:
+            examples.append({"case": case, "mutation": how, "outcome": outcome, "rc": rc, "detail": detail[-500:],
+                             "leftovers": leftovers})
+        shutil.rmtree(src, ignore_errors=True) if os.path.isdir(src) else os.remove(src)
+        shutil.rmtree(out, ignore_errors=True)
+    say(json.dumps({"counts": counts, "examples": examples}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="role", required=True)
@@ -223,6 +360,20 @@ def main() -> None:
     p = sub.add_parser("tryopen")
     p.add_argument("path")
     p.set_defaults(func=role_tryopen)
+    p = sub.add_parser("flips")
+    p.add_argument("path")
+    p.add_argument("offsets")
+    p.add_argument("--xor", type=int, default=0x40)
+    p.set_defaults(func=role_flips)
+    p = sub.add_parser("restorefuzz")
+    p.add_argument("reference")
+    p.add_argument("native")
+    p.add_argument("npy")
+    p.add_argument("work")
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--case-timeout", type=int, default=60)
+    p.set_defaults(func=role_restorefuzz)
     args = parser.parse_args()
     args.func(args)
 
