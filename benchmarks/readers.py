@@ -111,6 +111,7 @@ def writer(spec: dict) -> dict:
 
 def reader(spec: dict) -> dict:
     work, batch, epochs = spec["dir"], spec["reader_batch"], spec["epochs"]
+    pause = spec.get("reader_pause_s", 0.0)  # >0: a DataLoader-like worker feeding a trainer, not a busy loop
     initial = np.load(os.path.join(work, "initial.npy"), mmap_mode="r")
     schedule = np.load(os.path.join(work, "schedule.npy"), mmap_mode="r")
     points = np.load(os.path.join(work, "points.npy"))
@@ -130,6 +131,8 @@ def reader(spec: dict) -> dict:
             gets += 1
             rows += len(ids)
             torn += not _consistent(got, ids, candidates, schedule, points)
+            if pause:
+                time.sleep(pause)
     except Exception as exc:  # reported, not hidden: the run then fails its check
         error = f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - start

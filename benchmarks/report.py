@@ -1,4 +1,7 @@
-"""Rendering results: a markdown table, JSON lines and a PNG chart."""
+"""Rendering results: a markdown table, JSON lines and a PNG chart.
+
+``python -m benchmarks.report RESULTS.jsonl`` re-renders the .md and .png beside it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ COLUMNS = [
     ("rows_per_s", "rows/s", "{:,.0f}"),
     ("x_numpy_mem", "x numpy_mem", "{:.3f}"),
     ("x_memmap_epoch", "x memmap_epoch", "{:.3f}"),
+    ("x_lmdb_row_batched", "x lmdb_row_batched", "{:.2f}"),
     ("median_get_ms", "get ms (median)", "{:.3f}"),
     ("median_put_ms", "put ms (median)", "{:.3f}"),
     ("commit_s", "commit s", "{:.3f}"),
@@ -68,8 +72,9 @@ def markdown(results: list[dict]) -> str:
             if "error" in r:
                 lines.append(f"| {r['workload']} | FAILED: {r['error'][:80]} | | | | | | |")
                 continue
+            pace = f", a get every {r['reader_pause_s'] * 1e3:g} ms" if r.get("reader_pause_s") else ", busy"
             lines.append(
-                f"| {r['workload']} ({r['readers']} readers, batch {r['reader_batch']}) | "
+                f"| {r['workload']} ({r['readers']} readers, batch {r['reader_batch']}{pace}) | "
                 f"{r['writer_alone_s']:.3f} | {r['writer_with_readers_s']:.3f} | {r['writer_slowdown']:.2f}x | "
                 f"{r['reader_rows_per_s']:,.0f} | {r['reader_gets']:,} | {r['torn_reads']} | "
                 f"{'yes' if r['verified'] else 'NO'} |")
@@ -111,3 +116,28 @@ def chart(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def main(argv=None) -> None:
+    import os
+    import sys
+
+    path = (argv or sys.argv[1:])[0]
+    results = read_jsonl(path)
+    add_ratios(results)
+    stem = os.path.splitext(path)[0]
+    meta = results[0].get("meta", {}) if results else {}
+    with open(stem + ".md", "w") as fh:
+        fh.write(f"Suite `{meta.get('suite')}`, {meta.get('started')}, {meta.get('cpus')} CPUs, "
+                 f"Python {meta.get('python')}\n\n")
+        fh.write(markdown(results))
+    chart(results, stem + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,11 +25,16 @@ from .workloads import suite
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
+_MEDIUM_WRITER = {"n": 100_000, "dim": 128, "batch": 256, "epochs": 2, "commit_every_batches": 50,
+                  "readers": 4, "reader_batch": 256}
+# busy readers measure CPU contention as much as the store (5 processes on 2 cores here);
+# paced readers (a batch every 10 ms each, like DataLoader workers ahead of a trainer)
+# measure whether readers get in the writer's way
 READERS = {
-    "quick": {"workload": "readers_reduced", "n": 20_000, "dim": 128, "batch": 256, "epochs": 1,
-              "commit_every_batches": 10, "readers": 2, "reader_batch": 256},
-    "full": {"workload": "readers", "n": 100_000, "dim": 128, "batch": 256, "epochs": 2,
-             "commit_every_batches": 50, "readers": 4, "reader_batch": 256},
+    "quick": [{"workload": "readers_reduced", "n": 20_000, "dim": 128, "batch": 256, "epochs": 1,
+               "commit_every_batches": 10, "readers": 2, "reader_batch": 256}],
+    "full": [dict(_MEDIUM_WRITER, workload="readers_busy", reader_pause_s=0.0),
+             dict(_MEDIUM_WRITER, workload="readers_paced", reader_pause_s=0.01)],
 }
 
 
@@ -100,9 +105,10 @@ def main(argv=None) -> int:
                 results.append(res)
                 shutil.rmtree(scratch, ignore_errors=True)
                 _progress(res)
-        readers = READERS[args.suite]
-        if not args.no_readers and (not only or readers["workload"] in only):
-            scratch = os.path.join(work, "readers")
+        for readers in [] if args.no_readers else READERS[args.suite]:
+            if only and readers["workload"] not in only:
+                continue
+            scratch = os.path.join(work, readers["workload"])
             spec = dict(readers, dir=scratch)
             res = run_child(["-m", "benchmarks.readers", "writer", json.dumps(spec)], args.timeout)
             res.update(kind="readers", label="ours_default", **readers)
@@ -118,10 +124,7 @@ def main(argv=None) -> int:
     table = report.markdown(results)
     print(table)
     report.write_jsonl(results, os.path.join(out_dir, f"{args.suite}.jsonl"))
-    with open(os.path.join(out_dir, f"{args.suite}.md"), "w") as fh:
-        fh.write(f"Suite `{args.suite}`, {meta['started']}, {meta['cpus']} CPUs, Python {meta['python']}\n\n")
-        fh.write(table)
-    report.chart(results, os.path.join(out_dir, f"{args.suite}.png"))
+    report.main([os.path.join(out_dir, f"{args.suite}.jsonl")])
     print(f"results in {out_dir}", file=sys.stderr)
     failed = [r for r in results if "error" in r or r.get("verified") is False or r.get("torn_reads")]
     return 1 if failed else 0

@@ -43,9 +43,50 @@ def run(spec: dict) -> dict:
     updates = np.zeros(len(sample), np.int64)
 
     rng = np.random.default_rng([wl.seed, 1])
-    get_ms, put_ms, commit_s = [], [], 0.0
-    done, budget = 0, wl.max_batches if wl.max_batches is not None else 1 << 62
+    get_ms, put_ms, totals, commits = [], [], [], []
     written0 = write_bytes()
+    for _ in range(wl.repeats):
+        total, commit, done = _timed_pass(impl, wl, rng, sample, updates, get_ms, put_ms)
+        totals.append(total)
+        commits.append(commit)
+    total_s, commit_s = float(np.median(totals)), float(np.median(commits))
+    rows_done = _rows_done(wl, done)
+    impl.close()
+    written = (write_bytes() - written0) // wl.repeats
+
+    for k in range(int(updates.max(initial=0))):
+        reference[updates > k] += STEP
+    if impl.persistent:
+        impl = IMPLEMENTATIONS[spec["impl"]](spec["dir"], wl.n, wl.dim, spec.get("options"))
+        impl.open()
+        got = np.array(impl.get(sample), copy=True)
+        impl.close()
+    else:
+        got = impl.get(sample)
+    mismatched = int((got.view(np.uint32) != reference.view(np.uint32)).any(axis=1).sum())
+    return {
+        "total_s": total_s,
+        "rows": rows_done,
+        "rows_per_s": rows_done / total_s if total_s > 0 else float("inf"),
+        "batches": done,
+        "repeats": wl.repeats,
+        "median_get_ms": float(np.median(get_ms)) if get_ms else 0.0,
+        "median_put_ms": float(np.median(put_ms)) if put_ms else 0.0,
+        "commit_s": commit_s,
+        "setup_s": setup_s,
+        "peak_rss_mb": status_kib("self", "VmHWM") / 1024,
+        "bytes_written": written,
+        "verified": mismatched == 0,
+        "verify_detail": f"{mismatched} of {len(sample)} sampled rows differ" if mismatched else
+                         f"{len(sample)} sampled rows bit-identical",
+        "updated_sample_rows": int((updates > 0).sum()),
+    }
+
+
+def _timed_pass(impl, wl: Workload, rng, sample, updates, get_ms: list, put_ms: list) -> tuple:
+    """One timed run of the workload (its epochs, each ending in a commit): (total s, commit s, batches)."""
+    commit_s, done = 0.0, 0
+    budget = wl.max_batches if wl.max_batches is not None else 1 << 62
     start = time.perf_counter()
     for _ in range(wl.epochs):
         order = epoch_order(wl, rng)
@@ -68,37 +109,7 @@ def run(spec: dict) -> dict:
         _count_updates(updates, sample, wl, order, n_batches)
         if done >= budget:
             break
-    total_s = time.perf_counter() - start
-    rows_done = _rows_done(wl, done)
-    impl.close()
-    written = write_bytes() - written0
-
-    for k in range(int(updates.max(initial=0))):
-        reference[updates > k] += STEP
-    if impl.persistent:
-        impl = IMPLEMENTATIONS[spec["impl"]](spec["dir"], wl.n, wl.dim, spec.get("options"))
-        impl.open()
-        got = np.array(impl.get(sample), copy=True)
-        impl.close()
-    else:
-        got = impl.get(sample)
-    mismatched = int((got.view(np.uint32) != reference.view(np.uint32)).any(axis=1).sum())
-    return {
-        "total_s": total_s,
-        "rows": rows_done,
-        "rows_per_s": rows_done / total_s if total_s > 0 else float("inf"),
-        "batches": done,
-        "median_get_ms": float(np.median(get_ms)) if get_ms else 0.0,
-        "median_put_ms": float(np.median(put_ms)) if put_ms else 0.0,
-        "commit_s": commit_s,
-        "setup_s": setup_s,
-        "peak_rss_mb": status_kib("self", "VmHWM") / 1024,
-        "bytes_written": written,
-        "verified": mismatched == 0,
-        "verify_detail": f"{mismatched} of {len(sample)} sampled rows differ" if mismatched else
-                         f"{len(sample)} sampled rows bit-identical",
-        "updated_sample_rows": int((updates > 0).sum()),
-    }
+    return time.perf_counter() - start, commit_s, done
 
 
 def _rows_done(wl: Workload, batches: int) -> int:
