@@ -19,10 +19,12 @@ exactly one commit and never pins old pages.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -259,14 +261,23 @@ class EmbeddingStore:
 
     def _register_column(self, name: str, width: int, dtype: np.dtype, fill: float) -> _Column:
         cache = ColumnCache(width, dtype, self._chunk_rows, 0, 0, self._stats)
-        cache.spill = lambda chunk, rows, _name=name: self._spill(_name, chunk, rows)
+        # a weak reference: a strong one (store -> cache -> spill -> store) would keep a dropped
+        # handle, and so the writer lock it holds, alive until the garbage collector runs
+        cache.spill = functools.partial(_spill_into, weakref.ref(self), name)
         column = self._columns[name] = _Column(name, width, dtype, cache, fill)
         self._split_cache_budget()
         return column
 
+    def _cache_tiers(self) -> tuple[int, int]:
+        """This handle's (L1, L2) byte budgets, the default sized from the table now."""
+        row_bytes = sum(c.width * c.dtype.itemsize for c in self._columns.values())
+        cache_mb = self._options.resolved_cache_mb(row_bytes * self._rows, self.readonly)
+        return self._options.tier_bytes(cache_mb)
+
     def _split_cache_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""
-        l1, l2 = self._options.tier_bytes()
+        self._rows_at_budget = self._rows
+        l1, l2 = self._cache_tiers()
         total = sum(c.width * c.dtype.itemsize for c in self._columns.values())
         for column in self._columns.values():
             share = column.width * column.dtype.itemsize / total
@@ -839,6 +850,8 @@ class EmbeddingStore:
         self._commits += 1
         self._bytes_committed += written
         self._columns_changed = self._attrs_changed = False
+        if self._options.cache_mb is None and self._rows != self._rows_at_budget:
+            self._split_cache_budget()  # the default budget follows the table's size
 
     def _fail_commit(self, reason: str) -> None:
         self._abort_pending()
@@ -944,7 +957,7 @@ class EmbeddingStore:
             self._ready()
             caches = [c.cache for c in self._columns.values()]
             out = self._stats.as_dict()
-            l1, l2 = self._options.tier_bytes()
+            l1, l2 = self._cache_tiers()
             out.update(
                 commits=self._commits,
                 bytes_committed=self._bytes_committed,
@@ -962,6 +975,13 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def _spill_into(store_ref: weakref.ref, name: str, chunk: int, rows: np.ndarray) -> None:
+    store = store_ref()
+    if store is None:
+        raise EmbeddingStoreError("a dirty chunk was evicted from the cache of a closed handle")
+    store._spill(name, chunk, rows)
+
+
 def pack_record(record: dict) -> bytes:
     """msgpack a metadata record with an xxh3-64 checksum of its other fields.
 
