@@ -111,7 +111,8 @@ def chart(results: list[dict], path: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("rows/s (get + put, commits included; log scale)")
     ax.set_title("lmdb_embeddings vs alternatives: throughput per workload")
-    ax.legend(fontsize=8, ncol=3)
+    if labels:
+        ax.legend(fontsize=8, ncol=3)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -82,7 +82,9 @@ def suite(name: str) -> list[Workload]:
                                 caps={"ours_default": 40})),
             Workload("ooc_chunk", ooc, 128, 1024, order="sequential",
                      runs=_runs(("memmap_epoch",), default={"cache_mb": 512},
-                                tuned={"cache_mb": 512, "chunk_rows": 4096, "l1_fraction": 1.0})),
+                                tuned={"cache_mb": 512, "chunk_rows": 4096, "l1_fraction": 1.0})
+                     | {"ours_commit250": ("ours", {"cache_mb": 512, "chunk_rows": 4096, "l1_fraction": 1.0,
+                                                    "commit_every": 250}, None)}),
             Workload("ooc_random", ooc, 128, 1024, max_batches=200,
                      runs=_runs(("memmap_epoch",), default={"cache_mb": 512},
                                 tuned={"cache_mb": 512, "chunk_rows": 32, "readahead": False},
