@@ -11,6 +11,9 @@ import torch
 import lmdb_embeddings as le
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
+# torch's own Adagrad (the reference) warns about sparse invariant checks; not our code
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
 N, D, B, STEPS = 300, 12, 48, 40
 RTOL = 1e-6
 

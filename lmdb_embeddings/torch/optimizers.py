@@ -102,7 +102,7 @@ class StoreOptimizer(torch.optim.Optimizer):
         """Apply the gradients received since the last step to exactly those rows; write rows and state.
 
         Raises (before anything is written; the step's gradients are dropped):
-            ValueError: the gradient or the update is NaN/inf (or overflows the store dtype).
+            ValueError: the update is NaN/inf (a NaN/inf gradient, or an overflow of the store dtype).
         """
         loss = None
         if closure is not None:
@@ -114,11 +114,6 @@ class StoreOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         ids = grads.ids
         grad = grads.grad.to(_torch_dtype(self.compute_dtype))
-        values = grad._values()
-        if not torch.isfinite(values).all():
-            raise InvalidInputError(
-                f"{type(self).__name__}.step: the gradient of {len(ids)} row(s) contains NaN or inf; "
-                "nothing was written (check the loss and the learning rate)")
         if group.get("maximize", False):
             grad = -grad
         rows = torch.from_numpy(self.store.get(ids).astype(self.compute_dtype, copy=False))
@@ -203,11 +198,13 @@ class SparseAdagrad(StoreOptimizer):
     def _update(self, rows, grad, state, step, group):
         # torch.optim.adagrad._single_tensor_adagrad, sparse branch
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+        # Same operations as torch's sparse branch; sparse_mask of our touched-rows slice is a copy, and
+        # the alpha=-clr add stays a sparse add (torch's kernel, so the rounding is torch's).
         grad = grad.coalesce()
-        indices, values = grad._indices(), grad._values()
+        indices, values = grad._indices(), _row_values(grad)
         total = state["sum"]
-        total.add_(_make_sparse(grad, indices, values.pow(2)))
-        std_values = total.sparse_mask(grad)._values().sqrt_().add_(group["eps"])
+        total.add_(values.pow(2))
+        std_values = total.clone().sqrt_().add_(group["eps"])
         rows.add_(_make_sparse(grad, indices, values / std_values), alpha=-clr)
 
 
@@ -253,26 +250,38 @@ class SparseAdamW(StoreOptimizer):
 
 # ------------------------------------------------------------------------- helpers
 def _sparse_adam(param, grad, exp_avg, exp_avg_sq, step, group) -> None:
-    """torch.optim._functional.sparse_adam for one parameter, same operations in the same order."""
+    """torch.optim._functional.sparse_adam for one parameter, same operations in the same order.
+
+    Our tensors hold exactly the touched rows, so the coalesced gradient's indices are
+    0..n-1: ``t.sparse_mask(grad)._values()`` is a copy of ``t`` and adding a sparse tensor
+    with alpha 1 is a dense add (bitwise the same numbers, without the sparse kernels).
+    """
     beta1, beta2 = group["betas"]
     eps, lr = group["eps"], group["lr"]
-    grad = grad.coalesce()
-    indices, values = grad._indices(), grad._values()
+    values = _row_values(grad)
     if values.numel() == 0:
         return
-    old_exp_avg_values = exp_avg.sparse_mask(grad)._values()
+    old_exp_avg_values = exp_avg.clone()
     exp_avg_update_values = values.sub(old_exp_avg_values).mul_(1 - beta1)
-    exp_avg.add_(_make_sparse(grad, indices, exp_avg_update_values))
-    old_exp_avg_sq_values = exp_avg_sq.sparse_mask(grad)._values()
+    exp_avg.add_(exp_avg_update_values)
+    old_exp_avg_sq_values = exp_avg_sq.clone()
     exp_avg_sq_update_values = values.pow(2).sub_(old_exp_avg_sq_values).mul_(1 - beta2)
-    exp_avg_sq.add_(_make_sparse(grad, indices, exp_avg_sq_update_values))
+    exp_avg_sq.add_(exp_avg_sq_update_values)
     numer = exp_avg_update_values.add_(old_exp_avg_values)
     exp_avg_sq_update_values.add_(old_exp_avg_sq_values)
     denom = exp_avg_sq_update_values.sqrt_().add_(eps)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr * math.sqrt(bias_correction2) / bias_correction1
-    param.add_(_make_sparse(grad, indices, -step_size * numer.div_(denom)))
+    param.add_(-step_size * numer.div_(denom))
+
+
+def _row_values(grad: torch.Tensor) -> torch.Tensor:
+    """Dense (n, dim) values of a gradient over n touched rows, row i for index i (duplicates summed)."""
+    grad = grad.coalesce()
+    if grad._nnz() != grad.shape[0]:  # every row of the slice was served, so this cannot happen
+        raise AssertionError(f"gradient covers {grad._nnz()} of {grad.shape[0]} rows")
+    return grad._values()
 
 
 def _make_sparse(grad: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -285,8 +294,8 @@ def _checked(values: np.ndarray, dtype: np.dtype, owner: str, what: str) -> np.n
         out = values.astype(dtype, copy=False)
     if not np.isfinite(out).all():
         raise InvalidInputError(
-            f"{owner}.step: the updated {what} contain NaN or inf (or overflow {np.dtype(dtype).name}); "
-            "nothing was written (lower the learning rate or check the loss)")
+            f"{owner}.step: the updated {what} contain NaN or inf (a NaN/inf gradient, or values that overflow "
+            f"{np.dtype(dtype).name}); nothing was written (check the loss and the learning rate)")
     return out
 
 
