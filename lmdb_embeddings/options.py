@@ -16,7 +16,7 @@ class StoreOptions:
     """Per-handle settings (``**open_options`` of ``create`` and ``open``).
 
     cache_mb: total budget of decoded chunks held in memory (L1 + L2), MiB. Default (None):
-        a writer gets room for its whole table (all columns, +25%) up to a quarter of the
+        a writer's L1 gets room for its whole table (all columns, +10%) up to a quarter of the
         machine's RAM, so random batches do not thrash; a read-only handle gets 256 MiB,
         because DataLoader workers each hold one and the OS page cache below is shared.
     l1_fraction: share of ``cache_mb`` given to the L1 slab; the rest is L2.
@@ -61,7 +61,8 @@ class StoreOptions:
         import psutil
 
         ram_mb = psutil.virtual_memory().total / (1 << 20)
-        want = 1.25 * table_bytes / (1 << 20) + 16
+        # the L1 slab alone must hold the table (L2 copies are no substitute), plus 10 %
+        want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16
         return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb))
 
     def tier_bytes(self, cache_mb: float) -> tuple[int, int]:
