@@ -15,12 +15,22 @@ store writes it into its pending write transaction) before its slot is reused.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 _NO_SLOT = -1
+
+
+def _reservable_slots(chunk_bytes: int) -> int:
+    """Slots worth reserving up front: at most half the physical memory (overcommit-safe)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        physical = 1 << 30
+    return max(1, physical // 2 // max(chunk_bytes, 1))
 
 
 class CacheStats:
@@ -57,6 +67,7 @@ class ColumnCache:
         self.chunk_limit = 1 << 62  # chunks in the table: the slab never needs more slots
         self._n_slots = 0
         self.slab = np.empty((0, width), self.dtype)
+        self._buffer = self.slab  # backing store of ``slab`` (see _grow_slab)
         self.slot_chunk = np.empty(0, np.int64)
         self.slot_rows = np.empty(0, np.int64)
         self.slot_version = np.empty(0, np.int64)
@@ -66,7 +77,8 @@ class ColumnCache:
         self.chunk_slot = np.full(0, _NO_SLOT, np.int64)
         self._free: list[int] = []
         self._tick = 0
-        self.l2: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
+        # chunk -> (rows, version, commit at which a reader last checked the version)
+        self.l2: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
         self.l2_bytes = 0
 
     # -- sizing ------------------------------------------------------------------------
@@ -84,9 +96,15 @@ class ColumnCache:
         new = min(self.capacity, max(want_slots, min(2 * self._n_slots, self.chunk_limit), 4))
         if new <= self._n_slots:
             return
-        slab = np.empty((new * self.chunk_rows, self.width), self.dtype)
-        slab[: self.slab.shape[0]] = self.slab
-        self.slab = slab
+        if self._buffer.shape[0] < new * self.chunk_rows:
+            # Reserve every slot the slab may ever need at once: np.empty of a large array
+            # is mapped lazily by the OS (untouched slots cost no memory), so later growth
+            # is a re-slice instead of a copy of the whole slab.
+            reserve = max(new, min(self.capacity, self.chunk_limit, _reservable_slots(self.chunk_bytes)))
+            buffer = np.empty((reserve * self.chunk_rows, self.width), self.dtype)
+            buffer[: self.slab.shape[0]] = self.slab
+            self._buffer = buffer
+        self.slab = self._buffer[: new * self.chunk_rows]
 
         def grow(arr, fill):
             out = np.full(new, fill, arr.dtype)
@@ -111,7 +129,7 @@ class ColumnCache:
         """Make every chunk in ``chunks`` (unique, <= capacity) resident; return their slots."""
         slots = self.slots_of(chunks)
         present = slots != _NO_SLOT
-        n_hit = int(present.sum())
+        n_hit = int(np.count_nonzero(present))
         self.stats.l1_hits += n_hit
         self.stats.l1_misses += len(chunks) - n_hit
         if n_hit < len(chunks):
@@ -168,9 +186,9 @@ class ColumnCache:
             self.spill(chunk, rows)
         elif self.l2_budget >= self.chunk_bytes:
             while self.l2 and self.l2_bytes + rows.nbytes > self.l2_budget:
-                _, (old, _) = self.l2.popitem(last=False)
+                _, (old, _, _) = self.l2.popitem(last=False)
                 self.l2_bytes -= old.nbytes
-            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]))
+            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]), int(self.slot_validated[slot]))
             self.l2_bytes += rows.nbytes
         self.chunk_slot[chunk] = _NO_SLOT
         self.slot_chunk[slot] = _NO_SLOT
@@ -203,7 +221,9 @@ class ColumnCache:
     def drop(self, chunks: Iterable[int]) -> None:
         """Forget chunks (stale in a reader, or discarded by rollback)."""
         for chunk in chunks:
-            self.l2_bytes -= self.l2.pop(chunk, (np.empty(0, np.uint8), 0))[0].nbytes
+            entry = self.l2.pop(chunk, None)
+            if entry is not None:
+                self.l2_bytes -= entry[0].nbytes
             if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
                 slot = int(self.chunk_slot[chunk])
                 self.chunk_slot[chunk] = _NO_SLOT

@@ -54,8 +54,9 @@ def run_demo(path: str | None = None, rows: int = 1_000_000, dim: int = 64, batc
         head = torch.nn.Linear(dim, N_CLASSES)
         head_opt = torch.optim.SGD(head.parameters(), lr=0.1)
         rng = np.random.default_rng(seed)
-        lr_rows = 1.0
+        lr_rows = 20.0 * batch_size  # the loss is a batch mean: scale so each row moves visibly
         probe = rng.choice(store.ids, size=min(1000, rows), replace=False)
+        probe_initial = torch.from_numpy(store.get(probe))
         expected = {}
         for epoch in range(epochs):
             order = rng.permutation(store.ids)
@@ -85,6 +86,13 @@ def run_demo(path: str | None = None, rows: int = 1_000_000, dim: int = 64, batc
                           first_loss=float(np.mean(losses[:20])), last_loss=float(np.mean(losses[-20:])))
             print(f"epoch {epoch + 1}: {n_seen:,} rows in {t_loop:.1f} s + commit {t_commit:.2f} s "
                   f"= {report['rows_per_s']:,.0f} rows/s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
+        with torch.no_grad():
+            probe_target = torch.from_numpy(probe % N_CLASSES)
+            before = torch.nn.functional.cross_entropy(head(probe_initial), probe_target).item()
+            after = torch.nn.functional.cross_entropy(head(torch.from_numpy(store.get(probe))), probe_target).item()
+        report.update(probe_loss_initial_rows=before, probe_loss_trained_rows=after)
+        print(f"loss of {len(probe)} probe samples under the final head: initial rows {before:.3f}, "
+              f"trained rows {after:.3f}")
         stats = store.stats()
         report["writer_stats"] = stats
         print(f"writer cache: hit rate {stats['hit_rate']:.1%}, {stats['chunks_loaded']} chunks loaded, "

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import lmdb
 
-from .errors import EmbeddingStoreError
+from .errors import CorruptionError, EmbeddingStoreError
 
 DATA_FILE = "data.mdb"
 MAX_DBS = 64
@@ -26,33 +26,68 @@ _registry_lock = threading.Lock()
 
 
 class SharedEnv:
-    def __init__(self, path: str, env: lmdb.Environment, writable: bool):
-        self.path, self.env, self.writable = path, env, writable
+    """A process's environment for one store, shared by all its handles there.
+
+    The environment is opened read-only while the process has only readers: py-lmdb
+    opens a named database of a writable environment with a WRITE transaction, which
+    would block a DataLoader worker while the trainer holds a long write transaction.
+    When a writable handle arrives, the environment is reopened writable in place
+    (database handles are looked up through ``db()``, never cached by the stores).
+    """
+
+    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool):
+        self.path, self.env, self.writable, self.readahead = path, env, writable, readahead
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
         self._dbs: dict[bytes, object] = {}
 
-    def db(self, name: bytes, create: bool = False):
-        """A named database handle, opened once per environment."""
+    def cached_db(self, name: bytes):
+        """The handle of a named database opened earlier, or None.
+
+        Handles are only ever opened outside transactions (``open_dbs``) or inside the
+        writer's own transaction (``create_db``): LMDB fixes the set of databases a
+        transaction can see when it begins.
+        """
+        return self._dbs.get(name)
+
+    def open_dbs(self, names=None) -> None:
+        """Open the given named databases (default: all that exist); no txn may be open."""
+        with self.lock:
+            if names is None:
+                txn = self.env.begin()
+                try:
+                    names = [bytes(key) for key in txn.cursor().iternext(keys=True, values=False)]
+                finally:
+                    txn.abort()
+            for name in names:
+                if name not in self._dbs:
+                    try:
+                        self._dbs[name] = self.env.open_db(name, create=False)
+                    except lmdb.IncompatibleError:
+                        pass  # a plain key, not a named database (a foreign environment)
+
+    def create_db(self, name: bytes, txn: lmdb.Transaction):
+        """Create a database inside the caller's write transaction; see ``forget_db``."""
         handle = self._dbs.get(name)
         if handle is None:
-            # Without a txn, py-lmdb opens the handle in its own committed transaction: a
-            # handle opened inside a read transaction is unusable in later ones.
-            with self.lock:
-                handle = self.env.open_db(name, create=create)
-            self._dbs[name] = handle
+            handle = self._dbs[name] = self.env.open_db(name, txn=txn, create=True)
         return handle
 
-    def has_db(self, name: bytes) -> bool:
-        if name in self._dbs:
-            return True
+    def forget_db(self, name: bytes) -> None:
+        """Drop a handle created in a transaction that was aborted (it is invalid now)."""
+        self._dbs.pop(name, None)
+
+    def make_writable(self) -> None:
+        """Reopen a read-only environment writable, in place (no transaction may be open)."""
         with self.lock:
-            txn = self.begin_read()
-            try:
-                return txn.get(name) is not None
-            finally:
-                txn.abort()
+            if self.writable:
+                return
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=False, readahead=self.readahead)
+            self.writable = True
+            self.open_dbs()
 
     def begin_read(self) -> lmdb.Transaction:
         """A short read transaction; adopts a map size grown by the writer process."""
@@ -70,6 +105,28 @@ class SharedEnv:
                 yield txn
             finally:
                 txn.abort()
+
+    def reopen_if_panicked(self) -> bool:
+        """Reopen an environment LMDB has marked unusable; True if it was.
+
+        When writing a meta page fails (an I/O error at the very end of a commit) LMDB sets
+        MDB_FATAL_ERROR and refuses every later transaction with MDB_PANIC until the
+        environment is closed. The file still holds the previous commit (the failed meta
+        page is the only thing written over live data), so reopening is safe. Database
+        handles of the old environment become invalid: they are reopened here.
+        """
+        with self.lock:
+            try:
+                self.begin_read().abort()
+                return False
+            except lmdb.PanicError:
+                pass
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size)
+            self.open_dbs()
+            return True
 
     def used_bytes(self) -> int:
         info, stat = self.env.info(), self.env.stat()
@@ -104,7 +161,41 @@ def _drop_inherited() -> None:
                 del _registry[key]
 
 
-def acquire(path: str, map_size: int = MIN_MAP_SIZE, readahead: bool = True) -> SharedEnv:
+def _open(path: str, readonly: bool, readahead: bool, map_size: int = MIN_MAP_SIZE) -> lmdb.Environment:
+    try:
+        env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, max_readers=MAX_READERS,
+                        readonly=readonly, create=False, sync=True, metasync=True, writemap=False,
+                        readahead=readahead, meminit=False, max_spare_txns=0, lock=True)
+    except lmdb.Error as exc:
+        raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
+    try:
+        _check_not_truncated(path, env)
+    except BaseException:
+        env.close()
+        raise
+    try:
+        env.reader_check()  # clear slots of readers killed earlier
+    except lmdb.Error:
+        pass
+    return env
+
+
+def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
+    """Refuse a data file shorter than its last committed page.
+
+    LMDB maps the file and would die with SIGBUS on the first page past its end; the
+    meta pages (read at open) say where the committed data ends, so compare first.
+    """
+    size = os.path.getsize(os.path.join(path, DATA_FILE))
+    psize = env.stat()["psize"]
+    needed = (env.info()["last_pgno"] + 1) * psize
+    if size < max(needed, 2 * psize):
+        raise CorruptionError(
+            f"{os.path.join(path, DATA_FILE)} is truncated: {size} bytes, but its last committed page "
+            f"ends at byte {needed}; restore the store from a dump or backup")
+
+
+def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
     """The process's environment for the store at ``path`` (opened on first use)."""
     real = _realpath(path)
     _drop_inherited()
@@ -113,19 +204,16 @@ def acquire(path: str, map_size: int = MIN_MAP_SIZE, readahead: bool = True) -> 
         if shared is None:
             if not os.path.exists(os.path.join(real, DATA_FILE)):
                 raise EmbeddingStoreError(f"no LMDB data file in {real}")
-            writable = os.access(real, os.W_OK)
+            env = _open(real, readonly=not write, readahead=readahead)
+            shared = SharedEnv(real, env, write, readahead)
             try:
-                env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
-                                max_readers=MAX_READERS, readonly=not writable, create=False,
-                                sync=True, metasync=True, writemap=False, readahead=readahead,
-                                meminit=False, max_spare_txns=0, lock=True)
+                shared.open_dbs()
             except lmdb.Error as exc:
-                raise EmbeddingStoreError(f"cannot open the LMDB environment in {real}: {exc}") from exc
-            try:
-                env.reader_check()  # clear slots of readers killed earlier
-            except lmdb.Error:
-                pass
-            shared = _registry[real] = SharedEnv(real, env, writable)
+                env.close()
+                raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
+            _registry[real] = shared
+        elif write:
+            shared.make_writable()
         shared.users += 1
         return shared
 
@@ -141,13 +229,6 @@ def release(shared: SharedEnv) -> None:
 def is_open_here(path: str) -> bool:
     _drop_inherited()
     return _realpath(path) in _registry
-
-
-def create_env(path: str, map_size: int) -> lmdb.Environment:
-    """A brand-new environment for building a store (not shared, closed by the caller)."""
-    return lmdb.open(os.fspath(path), subdir=True, map_size=max(map_size, MIN_MAP_SIZE),
-                     max_dbs=MAX_DBS, max_readers=MAX_READERS, sync=True, metasync=True,
-                     writemap=False, meminit=False, max_spare_txns=0)
 
 
 def _after_fork_in_child() -> None:

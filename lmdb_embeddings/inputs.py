@@ -52,9 +52,20 @@ def as_ids(ids, what: str = "ids") -> np.ndarray:
         if int(arr.max()) > _INT64_MAX:
             raise InvalidInputError(f"{what} contain values outside the int64 range")
         return arr.astype(np.int64)
+    if arr.dtype.kind == "f" and not isinstance(ids, np.ndarray) and _all_python_ints(ids):
+        # numpy turns a list mixing negative ints and ints >= 2**63 into float64
+        raise InvalidInputError(f"{what} contain values outside the int64 range")
     if arr.dtype.kind != "i":
         raise InvalidTypeError(f"{what} must be integers, got an array of {arr.dtype}")
     return arr.astype(np.int64, copy=False)
+
+
+def _all_python_ints(seq) -> bool:
+    """Only called on the error path (a list numpy read as floats)."""
+    try:
+        return all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in seq)
+    except TypeError:
+        return False
 
 
 def _bad(x, what):

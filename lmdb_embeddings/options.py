@@ -6,21 +6,26 @@ from dataclasses import dataclass, fields
 
 from .errors import InvalidInputError, InvalidTypeError
 
-DEFAULT_CACHE_MB = 512.0
+READER_CACHE_MB = 256.0  # readers share the OS page cache; each one's decoded cache is private
+MIN_WRITER_CACHE_MB = 64.0
+WRITER_RAM_SHARE = 0.25
 
 
 @dataclass(frozen=True)
 class StoreOptions:
     """Per-handle settings (``**open_options`` of ``create`` and ``open``).
 
-    cache_mb: total budget of decoded chunks held in memory (L1 + L2), MiB.
+    cache_mb: total budget of decoded chunks held in memory (L1 + L2), MiB. Default (None):
+        a writer's L1 gets room for its whole table (all columns, +10%) up to a quarter of the
+        machine's RAM, so random batches do not thrash; a read-only handle gets 256 MiB,
+        because DataLoader workers each hold one and the OS page cache below is shared.
     l1_fraction: share of ``cache_mb`` given to the L1 slab; the rest is L2.
     l1_mb / l2_mb: explicit tier budgets (override ``cache_mb`` / ``l1_fraction``).
     commit_every: commit after every K put/add calls (None: only explicit commits).
     readahead: let the OS read ahead in the data file (off helps random access beyond RAM).
     """
 
-    cache_mb: float = DEFAULT_CACHE_MB
+    cache_mb: float | None = None
     l1_fraction: float = 0.75
     l1_mb: float | None = None
     l2_mb: float | None = None
@@ -47,10 +52,24 @@ class StoreOptions:
             raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
         return opts
 
-    def tier_bytes(self) -> tuple[int, int]:
+    def resolved_cache_mb(self, table_bytes: int, readonly: bool) -> float:
+        """``cache_mb``, or its default for a table of ``table_bytes`` (see the class doc)."""
+        if self.cache_mb is not None:
+            return float(self.cache_mb)
+        if readonly:
+            return READER_CACHE_MB
+        import psutil
+
+        ram_mb = psutil.virtual_memory().total / (1 << 20)
+        # the L1 slab alone must hold the table (L2 copies are no substitute), plus 10 %
+        want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16
+        return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb))
+
+    def tier_bytes(self, cache_mb: float) -> tuple[int, int]:
+        """(L1, L2) budgets in bytes, given the resolved total ``cache_mb``."""
         mib = 1 << 20
-        l1 = self.l1_mb if self.l1_mb is not None else self.cache_mb * self.l1_fraction
-        l2 = self.l2_mb if self.l2_mb is not None else self.cache_mb - l1
+        l1 = self.l1_mb if self.l1_mb is not None else cache_mb * self.l1_fraction
+        l2 = self.l2_mb if self.l2_mb is not None else cache_mb - l1
         return int(l1 * mib), int(max(l2, 0) * mib)
 
     def as_kwargs(self) -> dict:

@@ -19,15 +19,19 @@ exactly one commit and never pins old pages.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lmdb
 import msgpack
 import numpy as np
+import xxhash
 
 from . import chunk_codec, environment, initializers
 from .column_cache import CacheStats, ColumnCache
@@ -43,7 +47,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import free_bytes, fsync_dir, replace_dir, sibling_temp
+from .fsutil import free_bytes, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -56,7 +60,7 @@ FORMAT_VERSION = 1
 META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
-_BUILD_TXN_BYTES = 64 << 20
+_RECORD_CHECKSUM = "xxh3"
 
 
 def column_db_name(name: str) -> bytes:
@@ -66,8 +70,9 @@ def column_db_name(name: str) -> bytes:
 class _Column:
     """One chunked column: the embeddings, or an auxiliary (optimizer state) column."""
 
-    def __init__(self, name: str, width: int, dtype: np.dtype, db, cache: ColumnCache, fill: float = 0.0):
-        self.name, self.width, self.dtype, self.db, self.cache, self.fill = name, width, dtype, db, cache, fill
+    def __init__(self, name: str, width: int, dtype: np.dtype, cache: ColumnCache, fill: float = 0.0):
+        self.name, self.width, self.dtype, self.cache, self.fill = name, width, dtype, cache, fill
+        self.db_name = column_db_name(name)
 
     def describe(self) -> dict:
         return {"width": self.width, "dtype": self.dtype.name, "fill": self.fill}
@@ -201,9 +206,9 @@ class EmbeddingStore:
             self._lock = WriterLock(path)
             self._lock.acquire()
         try:
-            self._env = environment.acquire(path, readahead=self._options.readahead)
-            if not self._readonly and not self._env.writable:
+            if not self._readonly and not os.access(path, os.W_OK):
                 raise ReadOnlyError(f"{path} is not writable by this user; open it with readonly=True")
+            self._env = environment.acquire(path, write=not self._readonly, readahead=self._options.readahead)
             self._load_metadata()
         except BaseException:
             self._detach()
@@ -214,11 +219,11 @@ class EmbeddingStore:
     def _load_metadata(self) -> None:
         env = self._env
         try:
-            if not env.has_db(META_DB):
+            if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
-            self._meta_db = env.db(META_DB)
             with env.reading() as txn:
-                fmt = _read_record(txn, b"format", self._meta_db)
+                # magic and version first: a newer format may checksum its records differently
+                fmt = _read_record(txn, b"format", self._meta_db, verify=False)
                 if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
                     raise NotAStoreError(f"{self._path} is not an lmdb_embeddings store (bad magic)")
                 version = fmt.get("format_version")
@@ -227,6 +232,7 @@ class EmbeddingStore:
                         f"{self._path} was written in format version {version}; this library reads up to "
                         f"version {FORMAT_VERSION}: upgrade lmdb_embeddings"
                     )
+                _read_record(txn, b"format", self._meta_db)  # now its checksum
                 config = _read_record(txn, b"config", self._meta_db)
                 state = _read_record(txn, b"state", self._meta_db)
         except lmdb.Error as exc:
@@ -239,11 +245,13 @@ class EmbeddingStore:
             self._seed = int(config["seed"])
         except (KeyError, TypeError, ValueError, EmbeddingStoreError) as exc:
             raise CorruptionError(f"{self._path}: the store configuration is damaged ({exc})") from None
-        self._ids_db = env.db(IDS_DB)
-        self._commit = int(state["commit"])
-        self._rows = self._committed_rows = int(state["rows"])
-        self._committed_at = state.get("committed_at")
-        self._attrs = dict(state.get("attrs", {}))
+        try:
+            self._commit = int(state["commit"])
+            self._rows = self._committed_rows = int(state["rows"])
+            self._committed_at = state.get("committed_at")
+            self._attrs = dict(state.get("attrs", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptionError(f"{self._path}: the store state record is damaged ({exc!r})") from None
         self._index = IdIndex(self._read_ids(0, self._rows))
         self._columns = {}
         self._register_column(MAIN, self._dim, self._dtype, 0.0)
@@ -252,23 +260,57 @@ class EmbeddingStore:
                 self._register_column(name, int(desc["width"]), as_dtype(desc["dtype"]), float(desc.get("fill", 0.0)))
 
     def _register_column(self, name: str, width: int, dtype: np.dtype, fill: float) -> _Column:
-        db_name = column_db_name(name)
-        db = self._env.db(db_name, create=False) if self._env.has_db(db_name) else None
         cache = ColumnCache(width, dtype, self._chunk_rows, 0, 0, self._stats)
-        cache.spill = lambda chunk, rows, _name=name: self._spill(_name, chunk, rows)
-        column = self._columns[name] = _Column(name, width, dtype, db, cache, fill)
+        # a weak reference: a strong one (store -> cache -> spill -> store) would keep a dropped
+        # handle, and so the writer lock it holds, alive until the garbage collector runs
+        cache.spill = functools.partial(_spill_into, weakref.ref(self), name)
+        column = self._columns[name] = _Column(name, width, dtype, cache, fill)
         self._split_cache_budget()
         return column
 
+    def _cache_tiers(self) -> tuple[int, int]:
+        """This handle's (L1, L2) byte budgets, the default sized from the table now."""
+        row_bytes = sum(c.width * c.dtype.itemsize for c in self._columns.values())
+        cache_mb = self._options.resolved_cache_mb(row_bytes * self._rows, self.readonly)
+        return self._options.tier_bytes(cache_mb)
+
     def _split_cache_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""
-        l1, l2 = self._options.tier_bytes()
+        self._rows_at_budget = self._rows
+        l1, l2 = self._cache_tiers()
         total = sum(c.width * c.dtype.itemsize for c in self._columns.values())
         for column in self._columns.values():
             share = column.width * column.dtype.itemsize / total
             cache = column.cache
             cache.capacity = max(2, int(l1 * share) // cache.chunk_bytes)
             cache.l2_budget = int(l2 * share)
+
+    @property
+    def _meta_db(self):
+        return self._env.cached_db(META_DB)
+
+    @property
+    def _ids_db(self):
+        return self._env.cached_db(IDS_DB)
+
+    def _column_db(self, column: _Column):
+        """The column's database, or None while it has never been committed."""
+        return self._env.cached_db(column.db_name)
+
+    @contextmanager
+    def _snapshot(self):
+        """Reader: one read transaction on the latest commit, with its state caught up.
+
+        A commit may have declared columns whose databases this process has not opened;
+        they can only be opened between transactions, so the snapshot is retaken then.
+        """
+        while True:
+            with self._env.reading() as txn:
+                missing = self._refresh(txn)
+                if not missing:
+                    yield txn
+                    return
+            self._env.open_dbs(missing)
 
     def _read_ids(self, start_row: int, stop_row: int) -> np.ndarray:
         """IDs of row slots ``start_row:stop_row`` as committed."""
@@ -388,8 +430,7 @@ class EmbeddingStore:
         with self._mutex:
             self._ready()
             if self._readonly:
-                with self._env.reading() as txn:
-                    self._refresh(txn)
+                with self._snapshot() as txn:
                     return self._gather(MAIN, self._index.slots(ids), txn)
             return self._gather(MAIN, self._index.slots(ids))
 
@@ -408,12 +449,12 @@ class EmbeddingStore:
     def _gather(self, name: str, slots: np.ndarray, txn=None) -> np.ndarray:
         column = self._columns[name]
         out = np.empty((len(slots), column.width), column.dtype)
-        for positions, cache_rows in self._locate(column, slots, txn):
+        for positions, cache_rows, _ in self._locate(column, slots, txn):
             out[positions] = column.cache.slab[cache_rows]
         return out
 
     def _locate(self, column: _Column, slots: np.ndarray, txn) -> Iterator[tuple]:
-        """Yield (positions in ``slots``, rows in the column's slab) with chunks resident.
+        """Yield (positions in ``slots``, rows in the column's slab, cache slots of the chunks).
 
         All chunks of a call are made resident at once when they fit in L1 (the common
         case: one fancy index); otherwise in groups that fit, one group at a time.
@@ -423,20 +464,18 @@ class EmbeddingStore:
         cr = self._chunk_rows
         chunk_of = slots // cr
         offset = slots - chunk_of * cr
-        unique = np.unique(chunk_of)
-        group = max(1, column.cache.capacity // 2)
-        whole = len(unique) <= column.cache.capacity
-        for start in range(0, len(unique), len(unique) if whole else group):
-            part = unique[start : start + (len(unique) if whole else group)]
+        unique, inverse = _unique_inverse(chunk_of)
+        capacity = column.cache.capacity
+        if len(unique) <= capacity:
+            cache_slots = self._resident(column, unique, txn)
+            yield slice(None), cache_slots[inverse] * cr + offset, cache_slots
+            return
+        group = max(1, capacity // 2)
+        for start in range(0, len(unique), group):
+            part = unique[start : start + group]
             cache_slots = self._resident(column, part, txn)
-            if whole:
-                positions = slice(None)
-                pos_chunks = chunk_of
-            else:
-                positions = np.flatnonzero((chunk_of >= part[0]) & (chunk_of <= part[-1]))
-                pos_chunks = chunk_of[positions]
-            cache_rows = cache_slots[np.searchsorted(part, pos_chunks)] * cr + offset[positions]
-            yield positions, cache_rows
+            positions = np.flatnonzero((inverse >= start) & (inverse < start + len(part)))
+            yield positions, cache_slots[inverse[positions] - start] * cr + offset[positions], cache_slots
 
     def _resident(self, column: _Column, chunks: np.ndarray, txn) -> np.ndarray:
         cache = column.cache
@@ -446,8 +485,11 @@ class EmbeddingStore:
         slots = cache.ensure(chunks, lambda missing: self._load_chunks(column, missing, txn))
         if self._readonly:
             cache.slot_validated[slots] = self._commit
+        held = cache.slot_rows[slots]
+        if held.min() >= self._chunk_rows:  # every chunk full: none can lack rows
+            return slots
         expected = np.minimum(self._rows - chunks * self._chunk_rows, self._chunk_rows)
-        short = np.flatnonzero(cache.slot_rows[slots] < expected)
+        short = np.flatnonzero(held < expected)
         for i in short.tolist():  # chunks grown by add since they were loaded: pad with fill
             slot = int(slots[i])
             base = slot * self._chunk_rows
@@ -462,16 +504,28 @@ class EmbeddingStore:
         resident = slots >= 0
         check = np.zeros(len(chunks), bool)
         check[resident] = cache.slot_validated[slots[resident]] < self._commit
+        in_l2 = [c for c in chunks[~resident].tolist() if c in cache.l2 and cache.l2[c][2] < self._commit]
+        if not check.any() and not in_l2:
+            return
+        db = self._column_db(column)
+
+        def committed_version(chunk: int) -> int:
+            value = txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
+            return chunk_codec.read_header(value, chunk).version if value is not None else 0
+
         stale = []
-        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=False):
-            value = txn.get(chunk_codec.chunk_key(chunk), db=column.db) if column.db is not None else None
-            version = chunk_codec.read_header(value, chunk).version if value is not None else 0
-            if version != cache.slot_version[slot]:
+        for chunk, slot in zip(chunks[check].tolist(), slots[check].tolist(), strict=True):
+            if committed_version(chunk) != cache.slot_version[slot]:
                 stale.append(chunk)
             else:
                 cache.slot_validated[slot] = self._commit
+        for chunk in in_l2:
+            rows, version, _ = cache.l2[chunk]
+            if committed_version(chunk) != version:
+                stale.append(chunk)
+            else:
+                cache.l2[chunk] = (rows, version, self._commit)
         cache.drop(stale)
-        cache.drop([c for c in chunks.tolist() if c in cache.l2 and c not in stale])
 
     def _load_chunks(self, column: _Column, chunks: list, txn) -> Iterator[tuple]:
         """Decoded chunks from LMDB (or fresh fill for chunks never written)."""
@@ -486,8 +540,9 @@ class EmbeddingStore:
 
     def _decode_chunks(self, column: _Column, chunks: list, txn) -> Iterator[tuple]:
         where = "" if column.name == MAIN else f" of column {column.name!r}"
+        db = self._column_db(column)
         for chunk in chunks:
-            value = txn.get(chunk_codec.chunk_key(chunk), db=column.db) if column.db is not None else None
+            value = txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
             if value is None:
                 if column.name == MAIN and chunk * self._chunk_rows < self._committed_rows:
                     raise CorruptionError(f"{self._path}: chunk {chunk} is missing from the store")
@@ -498,14 +553,22 @@ class EmbeddingStore:
 
     def _refresh_if_reader(self) -> None:
         if self._readonly:
-            with self._env.reading() as txn:
-                self._refresh(txn)
+            with self._snapshot():
+                pass
 
-    def _refresh(self, txn) -> None:
-        """Reader: catch up with the commits made since the last call (new IDs, columns)."""
+    def _refresh(self, txn) -> list:
+        """Reader: catch up with the commits made since the last call (new IDs, columns).
+
+        Returns the databases of committed columns this process has not opened yet (the
+        caller opens them outside the transaction and calls again).
+        """
         state = _read_record(txn, b"state", self._meta_db)
         if state["commit"] == self._commit:
-            return
+            return []
+        missing = [column_db_name(n) for n in state.get("columns", {})
+                   if self._env.cached_db(column_db_name(n)) is None]
+        if missing:
+            return missing
         rows = int(state["rows"])
         if rows > self._rows:
             keep = (self._rows // self._chunk_rows) * self._chunk_rows
@@ -514,13 +577,11 @@ class EmbeddingStore:
         self._rows = self._committed_rows = rows
         self._attrs = dict(state.get("attrs", {}))
         for name, desc in state.get("columns", {}).items():
-            column = self._columns.get(name)
-            if column is None:
+            if name not in self._columns:
                 self._register_column(name, int(desc["width"]), as_dtype(desc["dtype"]), float(desc.get("fill", 0.0)))
-            elif column.db is None and self._env.has_db(column_db_name(name)):
-                column.db = self._env.db(column_db_name(name))
         self._commit = int(state["commit"])
         self._committed_at = state.get("committed_at")
+        return []
 
     def _read_ids_in(self, txn, start_row: int, stop_row: int) -> np.ndarray:
         cr = self._chunk_rows
@@ -560,9 +621,9 @@ class EmbeddingStore:
 
     def _scatter(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
         column = self._columns[name]
-        for positions, cache_rows in self._locate(column, slots, None):
+        for positions, cache_rows, cache_slots in self._locate(column, slots, None):
             column.cache.slab[cache_rows] = values[positions]
-            column.cache.mark_dirty(np.unique(cache_rows // self._chunk_rows))
+            column.cache.mark_dirty(cache_slots)  # every located chunk receives rows
 
     def add(self, ids, values=None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -642,8 +703,7 @@ class EmbeddingStore:
             self._ready()
             column = self._column(name)
             if self._readonly:
-                with self._env.reading() as txn:
-                    self._refresh(txn)
+                with self._snapshot() as txn:
                     return self._gather(column.name, self._index.slots(ids), txn)
             return self._gather(column.name, self._index.slots(ids))
 
@@ -695,16 +755,17 @@ class EmbeddingStore:
             # can hold, so the map is never the limit (the mapping is virtual, not disk).
             self._env.ensure_headroom(free_bytes(self._path) // 2)
         txn = self._pending_txn()
-        column = self._columns[name]
-        self._ensure_db(column, txn)
-        txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=column.db)
+        db = self._ensure_db(self._columns[name], txn)
+        txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=db)
         self._spilled += 1
 
-    def _ensure_db(self, column: _Column, txn: lmdb.Transaction) -> None:
-        """Create an auxiliary column's database inside the pending transaction."""
-        if column.db is None:
-            column.db = self._env.env.open_db(column_db_name(column.name), txn=txn, create=True)
-            self._dbs_in_pending.append(column.name)
+    def _ensure_db(self, column: _Column, txn: lmdb.Transaction):
+        """The column's database, created inside the pending transaction if new."""
+        db = self._column_db(column)
+        if db is None:
+            db = self._env.create_db(column.db_name, txn)
+            self._dbs_in_pending.append(column.db_name)
+        return db
 
     def _pending_txn(self) -> lmdb.Transaction:
         if self._pending is None:
@@ -756,10 +817,10 @@ class EmbeddingStore:
         written = 0
         for column in self._columns.values():
             dirty = column.cache.dirty_chunks()
-            if not dirty and column.name != MAIN and column.db is not None:
+            db = self._ensure_db(column, txn)  # declared columns get their (maybe empty) DB
+            if not dirty:
                 continue
-            self._ensure_db(column, txn)
-            with txn.cursor(db=column.db) as cursor:
+            with txn.cursor(db=db) as cursor:
                 for chunk, rows in dirty:
                     value = chunk_codec.encode_chunk(rows, chunk, version)
                     cursor.put(chunk_codec.chunk_key(chunk), value)
@@ -774,7 +835,7 @@ class EmbeddingStore:
         now = time.time()
         state = {"commit": version, "rows": self._rows, "committed_at": now, "attrs": self._attrs,
                  "columns": {n: c.describe() for n, c in self._columns.items()}}
-        txn.put(b"state", msgpack.packb(state), db=self._meta_db)
+        txn.put(b"state", pack_record(state), db=self._meta_db)
         self._pending = None
         try:
             txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
@@ -789,9 +850,12 @@ class EmbeddingStore:
         self._commits += 1
         self._bytes_committed += written
         self._columns_changed = self._attrs_changed = False
+        if self._options.cache_mb is None and self._rows != self._rows_at_budget:
+            self._split_cache_budget()  # the default budget follows the table's size
 
     def _fail_commit(self, reason: str) -> None:
         self._abort_pending()
+        self._env.reopen_if_panicked()  # a failed meta-page write leaves the env unusable until reopened
         if self._spilled:
             lost = self._spilled
             self.rollback()
@@ -812,9 +876,8 @@ class EmbeddingStore:
             except lmdb.Error:
                 pass
             self._pending = None
-        for name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
-            if name in self._columns:
-                self._columns[name].db = None
+        for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
+            self._env.forget_db(db_name)
         self._dbs_in_pending = []
 
     def rollback(self) -> None:
@@ -840,7 +903,7 @@ class EmbeddingStore:
         self._env = None
 
     def _attach_env_only(self) -> None:
-        self._env = environment.acquire(self._path, readahead=self._options.readahead)
+        self._env = environment.acquire(self._path, write=not self._readonly, readahead=self._options.readahead)
         self._load_metadata()
         self._columns_changed = self._attrs_changed = False
 
@@ -850,12 +913,10 @@ class EmbeddingStore:
         with self._mutex:
             if self._closed:
                 return
-            try:
-                if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
-                    self.commit()
-            finally:
-                self._detach()
-                self._closed = True
+            if self._attached and self._pid == os.getpid() and not self._readonly and self._has_changes():
+                self.commit()  # if this raises (disk full), the handle stays open to retry
+            self._detach()
+            self._closed = True
 
     def _detach(self) -> None:
         if self._pid == os.getpid():
@@ -881,6 +942,9 @@ class EmbeddingStore:
     def __del__(self) -> None:  # release the lock and env without committing
         try:
             if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+                if self._attached and not self._readonly and self._has_changes():
+                    log.warning("%s: handle garbage-collected with uncommitted changes (discarded); "
+                                "call close() or commit()", self._path)
                 self._detach()
                 self._closed = True
         except Exception:
@@ -893,7 +957,7 @@ class EmbeddingStore:
             self._ready()
             caches = [c.cache for c in self._columns.values()]
             out = self._stats.as_dict()
-            l1, l2 = self._options.tier_bytes()
+            l1, l2 = self._cache_tiers()
             out.update(
                 commits=self._commits,
                 bytes_committed=self._bytes_committed,
@@ -911,14 +975,66 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
-def _read_record(txn, key: bytes, db):
+def _spill_into(store_ref: weakref.ref, name: str, chunk: int, rows: np.ndarray) -> None:
+    store = store_ref()
+    if store is None:
+        raise EmbeddingStoreError("a dirty chunk was evicted from the cache of a closed handle")
+    store._spill(name, chunk, rows)
+
+
+def pack_record(record: dict) -> bytes:
+    """msgpack a metadata record with an xxh3-64 checksum of its other fields.
+
+    LMDB has no checksums; without this a flipped byte in the state or config record
+    (row count, chunk_rows ...) could open as a different, wrong table.
+    """
+    body = {k: v for k, v in record.items() if k != _RECORD_CHECKSUM}
+    return msgpack.packb({**body, _RECORD_CHECKSUM: xxhash.xxh3_64_intdigest(msgpack.packb(body))})
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` without a sort when the span is small.
+
+    A batch's chunk numbers usually lie in a narrow range (sequential passes, or a
+    table of few chunks): a presence bitmap over the range is then O(n) instead of a sort.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:  # one chunk (small tables, sequential batches within a chunk)
+        return np.array([lo], values.dtype), np.zeros(len(values), np.intp)
+    span = hi - lo + 1
+    if span > 4 * len(values) + 64:
+        return np.unique(values, return_inverse=True)
+    present = np.zeros(span, bool)
+    shifted = values - lo
+    present[shifted] = True
+    unique = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return unique + lo, rank[shifted]
+
+
+def _read_record(txn, key: bytes, db, verify: bool = True):
     raw = txn.get(key, db=db)
     if raw is None:
         raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
+    return unpack_record(raw, key, verify)
+
+
+def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
+    """Decode a metadata record written by :func:`pack_record` and check its checksum.
+
+    Records written without a checksum (older stores) are accepted as they are.
+    """
     try:
-        return msgpack.unpackb(bytes(raw))
+        record = msgpack.unpackb(bytes(raw))
     except Exception as exc:
         raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (not a map)")
+    if _RECORD_CHECKSUM in record:
+        stored = record.pop(_RECORD_CHECKSUM)
+        if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
+            raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
+    return record
 
 
 def is_store(path: str) -> bool:
@@ -945,41 +1061,30 @@ def _check_create_target(path: str, overwrite: bool) -> None:
 
 def _build_store(tmp: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
                  seed: int, values: np.ndarray | None) -> None:
-    """Write a complete new store into directory ``tmp`` (not yet visible at its path)."""
-    n = len(ids)
-    row_bytes = dim * dtype.itemsize
-    env = environment.create_env(tmp, 2 * n * (row_bytes + 16) + (64 << 20))
-    try:
-        meta_db = env.open_db(META_DB)
-        ids_db = env.open_db(IDS_DB)
-        main_db = env.open_db(column_db_name(MAIN))
-        n_chunks = (n + chunk_rows - 1) // chunk_rows
-        per_txn = max(1, _BUILD_TXN_BYTES // max(chunk_rows * row_bytes, 1))
-        for first in range(0, n_chunks, per_txn):
-            with env.begin(write=True) as txn:
-                rows_cur = txn.cursor(db=main_db)
-                ids_cur = txn.cursor(db=ids_db)
-                for chunk in range(first, min(first + per_txn, n_chunks)):
-                    lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
-                    if values is None:
-                        rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
-                    else:
-                        rows = values[lo:hi]
-                    key = chunk_codec.chunk_key(chunk)
-                    rows_cur.put(key, chunk_codec.encode_chunk(rows, chunk, 0), append=True)
-                    ids_cur.put(key, chunk_codec.encode_chunk(ids[lo:hi].reshape(-1, 1), chunk, 0), append=True)
-        from . import __version__
+    """Write a complete new store into directory ``tmp`` (not yet visible at its path).
 
-        with env.begin(write=True) as txn:
-            txn.put(b"format", msgpack.packb({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=meta_db)
-            txn.put(b"config", msgpack.packb({
-                "dim": dim, "dtype": dtype.name, "chunk_rows": chunk_rows, "init": spec, "seed": seed,
-                "created_at": time.time(), "library_version": __version__}), db=meta_db)
-            txn.put(b"state", msgpack.packb({
-                "commit": 0, "rows": n, "committed_at": time.time(), "attrs": {},
-                "columns": {MAIN: {"width": dim, "dtype": dtype.name, "fill": 0.0}}}), db=meta_db)
-        env.sync(True)
-    finally:
-        env.close()
-    fsync_dir(tmp)
+    Goes through the same ``StoreBuilder`` as restore and import, chunk by chunk, so the
+    initial values are generated one chunk at a time and memory stays bounded.
+    """
+    from .store_builder import StoreBuilder
+    from .table_layout import ColumnSpec, TableLayout
+
+    n = len(ids)
+    layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
+                         config={"init": spec, "seed": seed})
+    os.makedirs(tmp)
+    builder = StoreBuilder(tmp, layout)
+    try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            if values is None:
+                rows = initializers.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
+            else:
+                rows = values[lo:hi]
+            builder.add_ids(chunk, ids[lo:hi])
+            builder.add_chunk(chunk, [rows])
+        builder.finish()
+    except BaseException:
+        builder.close()
+        raise
 

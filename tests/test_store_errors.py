@@ -208,12 +208,15 @@ def test_open_a_directory_that_is_not_ours(tmp_path):
 
 
 def _rewrite_meta(path: str, key: bytes, change) -> None:
+    """Change a metadata record and re-checksum it, as a buggy or newer writer would."""
+    from lmdb_embeddings.store import pack_record, unpack_record
+
     env = lmdb.open(path, max_dbs=64)
     meta = env.open_db(b"meta")
     with env.begin(write=True) as txn:
-        record = msgpack.unpackb(txn.get(key, db=meta))
+        record = unpack_record(txn.get(key, db=meta), key)
         change(record)
-        txn.put(key, msgpack.packb(record), db=meta)
+        txn.put(key, pack_record(record), db=meta)
     env.close()
 
 
@@ -240,6 +243,19 @@ def test_damaged_config_is_corruption(small_store):
     small_store.close()
     _rewrite_meta(small_store.path, b"config", lambda rec: rec.pop("dim"))
     with pytest.raises(le.CorruptionError, match="configuration"):
+        EmbeddingStore.open(small_store.path, readonly=True)
+
+
+def test_flipped_metadata_record_fails_its_checksum(small_store):
+    small_store.close()
+    env = lmdb.open(small_store.path, max_dbs=64)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:  # change a field without re-checksumming (bit rot)
+        record = msgpack.unpackb(txn.get(b"state", db=meta))
+        record["rows"] += 1
+        txn.put(b"state", msgpack.packb(record), db=meta)
+    env.close()
+    with pytest.raises(le.CorruptionError, match="'state' is damaged .checksum mismatch"):
         EmbeddingStore.open(small_store.path, readonly=True)
 
 

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-.venv/bin/ruff check lmdb_embeddings tests benchmarks tools examples
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

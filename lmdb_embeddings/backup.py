@@ -1,0 +1,264 @@
+"""dump and restore: moving a table between a store and a file, in bounded memory.
+
+``dump`` reads one snapshot (one read transaction, safe while a writer trains) and
+streams it into a temporary file next to the output, renamed into place when complete.
+``restore`` checks the input's header before creating anything, streams it into a new
+store in a hidden sibling of the target, verifies that store, and only then swaps it in
+(atomically replacing an old store with ``force``). Any failure removes the temporary
+directory, so nothing (and no half store) is left at the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+
+import lmdb
+import psutil
+
+from . import dump_file, npy_dir
+from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from .fsutil import fsync_dir, replace_dir, sibling_temp
+from .progress import bar
+from .snapshot import Snapshot, check_store_dir
+from .store import is_store
+from .store_builder import StoreBuilder
+from .store_check import verify_store
+from .table_layout import ID_DTYPE
+from .writer_lock import WriterLock, holder_pid
+
+FORMATS = ("native", "npy")
+
+
+def _source(path: str, snap: Snapshot) -> dict:
+    from . import __version__
+
+    return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
+
+
+def remove_stale_temps(path: str, purpose: str) -> list[str]:
+    """Remove ``sibling_temp(path, purpose)`` leftovers of processes that died (kill -9).
+
+    Only names of exactly that pattern whose pid no longer runs are touched.
+    """
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    prefix = f".{name}.{purpose}-"
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid_text, _, suffix = entry[len(prefix):].partition("-")
+        if not pid_text.isdigit() or len(suffix) != 8 or psutil.pid_exists(int(pid_text)):
+            continue
+        victim = os.path.join(parent, entry)
+        if os.path.isdir(victim) and not os.path.islink(victim):
+            shutil.rmtree(victim, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(victim)
+        removed.append(victim)
+    return removed
+
+
+def _check_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"the parent directory {parent} does not exist; create it first")
+
+
+# ------------------------------------------------------------------------------ dump
+def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False) -> dict:
+    """Write the committed state of the store at ``path`` to ``out``; returns a summary."""
+    path, out = os.path.abspath(path), os.path.abspath(out)
+    check_store_dir(path)
+    _check_parent(out)
+    if fmt == "native" and os.path.isdir(out):
+        raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
+    if fmt == "npy" and os.path.exists(out) and not os.path.isdir(out):
+        raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
+    started = time.perf_counter()
+    with Snapshot(path) as snap:
+        layout = snap.layout
+        if fmt == "native":
+            size = _dump_native(snap, out, _source(path, snap), progress)
+        else:
+            size = _dump_npy(snap, out, _source(path, snap), progress)
+    return {"path": path, "out": out, "format": fmt, "rows": layout.rows, "chunks": layout.n_chunks,
+            "columns": [c.name for c in layout.columns], "commit": layout.commit, "bytes": size,
+            "seconds": time.perf_counter() - started}
+
+
+def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+    layout = snap.layout
+    remove_stale_temps(out, "dumping")
+    tmp = sibling_temp(out, "dumping")
+    try:
+        with open(tmp, "wb") as f, bar(layout.rows * layout.row_bytes, "dump", progress) as pbar:
+            writer = dump_file.DumpWriter(f, layout, source)
+            for chunk in range(layout.n_chunks):
+                writer.write_ids(chunk, snap.ids_chunk(chunk))
+                snap.release_pages()
+            for chunk in range(layout.n_chunks):
+                writer.write_chunk(chunk, [snap.column_chunk(chunk, c) for c in layout.columns])
+                snap.release_pages()
+                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
+            writer.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(os.path.dirname(out))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return os.path.getsize(out)
+
+
+def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+    layout = snap.layout
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    names = [npy_dir.IDS_FILE] + [npy_dir.column_file(i) for i in range(len(layout.columns))]
+    for name in [*names, npy_dir.TABLE_FILE]:
+        remove_stale_temps(os.path.join(out, name), "dumping")
+    tmps = {name: sibling_temp(os.path.join(out, name), "dumping") for name in [*names, npy_dir.TABLE_FILE]}
+    writers = []
+    try:
+        ids = npy_dir.NpyStreamWriter(tmps[npy_dir.IDS_FILE], ID_DTYPE, (layout.rows,))
+        writers.append(ids)
+        for chunk in range(layout.n_chunks):
+            ids.write(snap.ids_chunk(chunk))
+            snap.release_pages()
+        for i, column in enumerate(layout.columns):
+            writers.append(npy_dir.NpyStreamWriter(tmps[npy_dir.column_file(i)], column.dtype,
+                                                   (layout.rows, column.width)))
+        with bar(layout.rows * layout.row_bytes, "dump", progress) as pbar:
+            for chunk in range(layout.n_chunks):
+                for writer, column in zip(writers[1:], layout.columns, strict=True):
+                    writer.write(snap.column_chunk(chunk, column))
+                snap.release_pages()
+                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
+        for writer in writers:
+            writer.finish()
+        checksums = {name: w.hash.hexdigest() for name, w in zip(names, writers, strict=True)}
+        with open(tmps[npy_dir.TABLE_FILE], "w") as f:
+            f.write(npy_dir.write_table_json(layout, source, checksums))
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(out, name))
+        fsync_dir(out)
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return sum(os.path.getsize(os.path.join(out, name)) for name in tmps)
+
+
+# --------------------------------------------------------------------------- restore
+def detect_format(src: str) -> str:
+    if os.path.isdir(src):
+        return "npy"
+    if os.path.isfile(src):
+        return "native"
+    raise InvalidInputError(f"no dump at {src} (no such file or directory)")
+
+
+def check_restore_target(path: str, force: bool) -> bool:
+    """Raise unless a store may be written at ``path``; True if an old store will be replaced."""
+    _check_parent(path)
+    if not os.path.exists(path):
+        return False
+    if not os.path.isdir(path):
+        raise StoreExistsError(f"{path} exists and is not a directory; refusing to replace it")
+    if not os.listdir(path):
+        return False
+    if not is_store(path):
+        raise StoreExistsError(f"{path} is a non-empty directory that is not a store; refusing to replace it "
+                               "(choose another path or empty it)")
+    if not force:
+        raise StoreExistsError(f"a store already exists at {path}; pass --force to replace it")
+    holder = holder_pid(path)
+    if holder is not None:
+        raise WriterLockedError(f"{path} is open for writing by pid {holder}; close that writer before replacing it")
+    return True
+
+
+def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
+                  chunk_rows: int | None = None, progress: bool = False) -> dict:
+    """Build the store at ``path`` from the dump ``src`` (native file or npy directory)."""
+    src, path = os.path.abspath(src), os.path.abspath(path)
+    fmt = fmt or detect_format(src)
+    replacing = check_restore_target(path, force)
+    started = time.perf_counter()
+    if fmt == "native":
+        if not os.path.isfile(src):
+            raise InvalidInputError(f"{src} is not a dump file")
+        reader = dump_file.DumpReader(src)
+        id_chunks, chunks, layout = reader.id_blocks, reader.chunks, reader.layout
+    else:
+        if not os.path.isdir(src):
+            raise InvalidInputError(f"{src} is not a directory of .npy files")
+        layout, checksums = npy_dir.read_layout(src, chunk_rows)
+        reader = npy_dir.NpyTableReader(src, layout, checksums)
+        id_chunks, chunks = reader.id_chunks, reader.chunks
+    remove_stale_temps(path, "restoring")
+    tmp = sibling_temp(path, "restoring")
+    builder = None
+    try:
+        try:
+            builder = StoreBuilder(tmp, layout)
+            with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
+                for chunk, ids in id_chunks():
+                    builder.add_ids(chunk, ids)
+                for chunk, parts in chunks():
+                    builder.add_chunk(chunk, parts)
+                    pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
+            builder.finish()
+        except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
+            raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
+                                      "changed at the target") from None
+        finally:
+            if builder is not None:
+                builder.close()
+            reader.close()
+        report = verify_store(tmp, progress=progress)
+        if not report["ok"]:
+            first = report["problems"][0]
+            where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
+            raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
+                                  f"({where}{first['part']}: {first['error']})")
+        _swap_in(tmp, path, replacing)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
+            "dtype": layout.dtype.name, "columns": [c.name for c in layout.columns], "replaced": replacing,
+            "seconds": time.perf_counter() - started}
+
+
+def _swap_in(tmp: str, path: str, replacing: bool) -> None:
+    """Put the finished store at ``path``; an old store is held against writers while it is replaced."""
+    if not replacing:
+        if os.path.exists(path) and os.listdir(path):
+            raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
+        replace_dir(tmp, path)
+        return
+    lock = WriterLock(path)
+    try:
+        lock.acquire()
+    except EmbeddingStoreError as exc:
+        raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced") \
+            from None
+    try:
+        replace_dir(tmp, path)
+    finally:
+        lock.release()

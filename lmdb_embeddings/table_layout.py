@@ -1,0 +1,106 @@
+"""What a table is, independent of where it lives: columns, chunking, rows and metadata.
+
+The snapshot reader, the dump file, the npy directory and the store builder all speak in
+terms of :class:`TableLayout`, so a table moves between them without any of them knowing
+about the others. ``columns[0]`` is always the embeddings; the others are auxiliary
+(optimizer state) columns with the same rows and chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import EmbeddingStoreError
+from .inputs import as_dtype
+from .store import MAIN
+
+ID_DTYPE = np.dtype("<i8")
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    width: int
+    dtype: np.dtype
+    fill: float = 0.0
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * self.dtype.itemsize
+
+    def describe(self) -> dict:
+        """The column as the store's state record describes it."""
+        return {"width": self.width, "dtype": self.dtype.name, "fill": self.fill}
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    chunk_rows: int
+    rows: int
+    columns: tuple[ColumnSpec, ...]
+    config: dict = field(default_factory=dict)  # the store's config record (init, seed, ...)
+    attrs: dict = field(default_factory=dict)  # user metadata committed with the rows
+    commit: int = 0
+    committed_at: float | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.columns[0].width
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.columns[0].dtype
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row across all columns."""
+        return sum(c.row_bytes for c in self.columns)
+
+    def chunk_len(self, chunk: int) -> int:
+        return min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
+
+    def aux_columns(self) -> tuple[ColumnSpec, ...]:
+        return self.columns[1:]
+
+    # -- records (msgpack/JSON-able dicts) ---------------------------------------------
+    def to_record(self) -> dict:
+        return {
+            "chunk_rows": self.chunk_rows, "rows": self.rows,
+            "columns": [{"name": c.name, **c.describe()} for c in self.columns],
+            "config": self.config, "attrs": self.attrs, "commit": self.commit, "committed_at": self.committed_at,
+        }
+
+    @classmethod
+    def from_record(cls, record, error: type[EmbeddingStoreError], what: str) -> TableLayout:
+        """Parse and check a record; anything wrong raises ``error`` naming ``what``."""
+        try:
+            columns = tuple(
+                ColumnSpec(str(c["name"]), int(c["width"]), as_dtype(c["dtype"]), float(c.get("fill", 0.0)))
+                for c in record["columns"])
+            layout = cls(chunk_rows=int(record["chunk_rows"]), rows=int(record["rows"]), columns=columns,
+                         config=dict(record.get("config") or {}), attrs=dict(record.get("attrs") or {}),
+                         commit=int(record.get("commit", 0)), committed_at=record.get("committed_at"))
+        except (KeyError, TypeError, ValueError, AttributeError, EmbeddingStoreError) as exc:
+            raise error(f"{what}: the table description is damaged ({type(exc).__name__}: {exc})") from None
+        layout.check(error, what)
+        return layout
+
+    def check(self, error: type[EmbeddingStoreError], what: str) -> None:
+        names = [c.name for c in self.columns]
+        problems = []
+        if not self.columns or names[0] != MAIN:
+            problems.append(f"the first column must be {MAIN!r}")
+        if len(set(names)) != len(names):
+            problems.append("duplicate column names")
+        if self.chunk_rows < 1 or self.rows < 0 or self.commit < 0:
+            problems.append(f"chunk_rows={self.chunk_rows}, rows={self.rows}, commit={self.commit}")
+        if any(c.width < 1 for c in self.columns):
+            problems.append("a column has width < 1")
+        if problems:
+            raise error(f"{what}: the table description is invalid ({'; '.join(problems)})")

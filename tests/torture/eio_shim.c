@@ -1,0 +1,103 @@
+/* LD_PRELOAD shim that makes LMDB's writes to data.mdb fail with EIO, on demand.
+ *
+ * py-lmdb's LMDB calls libc's write/pwrite/pwritev/fdatasync through the dynamic linker,
+ * so a preloaded library sees them before libc does: a real I/O error at the syscall
+ * boundary under LMDB, no FUSE or device mapper needed.
+ *
+ * Armed when the file named by $TORTURE_EIO_FLAG exists and holds a mode:
+ *   data  - writes of data pages (file offset >= 2 pages) fail
+ *   meta  - writes of the two meta pages (offset < 2 pages) fail
+ *   sync  - fsync/fdatasync of data.mdb fail
+ * Only descriptors whose path ends in "data.mdb" are affected.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define META_BYTES (2 * 4096)
+
+static int mode_is(const char *mode) {
+    const char *flag = getenv("TORTURE_EIO_FLAG");
+    char buf[16] = {0};
+    if (!flag) return 0;
+    int fd = open(flag, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    return strncmp(buf, mode, strlen(mode)) == 0;
+}
+
+static int is_data_file(int fd) {
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n < 8) return 0;
+    target[n] = 0;
+    return strcmp(target + n - 8, "data.mdb") == 0;
+}
+
+static int fail_write(int fd, off_t offset) {
+    if (!is_data_file(fd)) return 0;
+    if (offset >= META_BYTES) return mode_is("data");
+    return mode_is("meta");
+}
+
+#define REAL(name, ret, args) \
+    static ret(*real_##name) args; \
+    if (!real_##name) real_##name = (ret(*) args)dlsym(RTLD_NEXT, #name)
+
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
+    REAL(pwrite, ssize_t, (int, const void *, size_t, off_t));
+    if (fail_write(fd, offset)) { errno = EIO; return -1; }
+    return real_pwrite(fd, buf, count, offset);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset) {
+    REAL(pwrite64, ssize_t, (int, const void *, size_t, off_t));
+    if (fail_write(fd, offset)) { errno = EIO; return -1; }
+    return real_pwrite64(fd, buf, count, offset);
+}
+
+ssize_t write(int fd, const void *buf, size_t count) {
+    REAL(write, ssize_t, (int, const void *, size_t));
+    if (is_data_file(fd) && fail_write(fd, lseek(fd, 0, SEEK_CUR))) { errno = EIO; return -1; }
+    return real_write(fd, buf, count);
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    REAL(writev, ssize_t, (int, const struct iovec *, int));
+    if (is_data_file(fd) && fail_write(fd, lseek(fd, 0, SEEK_CUR))) { errno = EIO; return -1; }
+    return real_writev(fd, iov, iovcnt);
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
+    REAL(pwritev, ssize_t, (int, const struct iovec *, int, off_t));
+    if (fail_write(fd, offset)) { errno = EIO; return -1; }
+    return real_pwritev(fd, iov, iovcnt, offset);
+}
+
+ssize_t pwritev64(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
+    REAL(pwritev64, ssize_t, (int, const struct iovec *, int, off_t));
+    if (fail_write(fd, offset)) { errno = EIO; return -1; }
+    return real_pwritev64(fd, iov, iovcnt, offset);
+}
+
+int fdatasync(int fd) {
+    REAL(fdatasync, int, (int));
+    if (is_data_file(fd) && mode_is("sync")) { errno = EIO; return -1; }
+    return real_fdatasync(fd);
+}
+
+int fsync(int fd) {
+    REAL(fsync, int, (int));
+    if (is_data_file(fd) && mode_is("sync")) { errno = EIO; return -1; }
+    return real_fsync(fd);
+}
