@@ -202,3 +202,14 @@ def test_store_against_model():
     finally:
         tl.record("fuzz: get/put/add against a model", fuzz_cases=_tally["calls"], clean_errors=_tally["rejected"],
                   applied_exactly=_tally["applied"])
+
+
+def test_ids_beyond_int64_are_a_value_error_even_mixed_with_negatives(tmp_path):
+    """Regression (found by the state machine): numpy reads [-1, 2**63] as float64, and the
+    error used to say the IDs were floats."""
+    with le.EmbeddingStore.create(str(tmp_path / "s"), 10, 2) as store:
+        for ids in ([-1, 2**63], [2**64], [3, -(2**63) - 1]):
+            with pytest.raises(ValueError, match="outside the int64 range"):
+                store.get(ids)
+        with pytest.raises(TypeError, match="integers"):
+            store.get([1.5])
