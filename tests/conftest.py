@@ -28,6 +28,17 @@ def small_store(store_path):
     store.close()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: OpenMP fan-out only costs time on a shared 2-core CI machine (numbers are unaffected)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def rows_like(n: int, dim: int, value: float = 0.0, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, dim)) * 0.1 + value).astype(np.float32)
 

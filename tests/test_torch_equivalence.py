@@ -12,19 +12,13 @@ import lmdb_embeddings as le
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
 # torch's own Adagrad (the reference) warns about sparse invariant checks; not our code
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 N, D, B, STEPS = 300, 12, 48, 40
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: OpenMP fan-out only costs time on a shared CI machine (numbers are unaffected)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batches(steps: int = STEPS, seed: int = 0, high: int = 80):

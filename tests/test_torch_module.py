@@ -13,12 +13,7 @@ from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, Sparse
 N, D = 200, 8
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
