@@ -10,17 +10,15 @@ directory, so nothing (and no half store) is left at the target.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
 
 import lmdb
-import psutil
 
 from . import dump_file, npy_dir
 from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
-from .fsutil import fsync_dir, replace_dir, sibling_temp
+from .fsutil import fsync_dir, remove_stale_temps, replace_dir, sibling_temp
 from .progress import bar
 from .snapshot import Snapshot, check_store_dir
 from .store import is_store
@@ -36,34 +34,6 @@ def _source(path: str, snap: Snapshot) -> dict:
     from . import __version__
 
     return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
-
-
-def remove_stale_temps(path: str, purpose: str) -> list[str]:
-    """Remove ``sibling_temp(path, purpose)`` leftovers of processes that died (kill -9).
-
-    Only names of exactly that pattern whose pid no longer runs are touched.
-    """
-    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
-    prefix = f".{name}.{purpose}-"
-    removed = []
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.startswith(prefix):
-            continue
-        pid_text, _, suffix = entry[len(prefix):].partition("-")
-        if not pid_text.isdigit() or len(suffix) != 8 or psutil.pid_exists(int(pid_text)):
-            continue
-        victim = os.path.join(parent, entry)
-        if os.path.isdir(victim) and not os.path.islink(victim):
-            shutil.rmtree(victim, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(victim)
-        removed.append(victim)
-    return removed
 
 
 def _check_parent(path: str) -> None:

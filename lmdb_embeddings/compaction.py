@@ -18,9 +18,8 @@ import time
 import lmdb
 
 from . import environment
-from .backup import remove_stale_temps
 from .errors import CorruptionError, EmbeddingStoreError, WriterLockedError
-from .fsutil import replace_dir, sibling_temp
+from .fsutil import remove_stale_temps, replace_dir, sibling_temp
 from .progress import bar
 from .snapshot import Snapshot
 from .store_check import verify_store

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import shutil
 import uuid
+
+import psutil
 
 _RENAME_EXCHANGE = 2
 
@@ -16,6 +19,34 @@ def sibling_temp(path: str, purpose: str) -> str:
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path.rstrip(os.sep))
     return os.path.join(parent, f".{name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_temps(path: str, purpose: str) -> list[str]:
+    """Remove ``sibling_temp(path, purpose)`` leftovers of processes that died (kill -9).
+
+    Only names of exactly that pattern whose pid no longer runs are touched.
+    """
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    prefix = f".{name}.{purpose}-"
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid_text, _, suffix = entry[len(prefix):].partition("-")
+        if not pid_text.isdigit() or len(suffix) != 8 or psutil.pid_exists(int(pid_text)):
+            continue
+        victim = os.path.join(parent, entry)
+        if os.path.isdir(victim) and not os.path.islink(victim):
+            shutil.rmtree(victim, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(victim)
+        removed.append(victim)
+    return removed
 
 
 def fsync_dir(path: str) -> None:

@@ -47,7 +47,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from .fsutil import free_bytes, replace_dir, sibling_temp
+from .fsutil import free_bytes, remove_stale_temps, replace_dir, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
@@ -139,6 +139,7 @@ class EmbeddingStore:
         path = os.path.abspath(os.fspath(path))
         _check_create_target(path, overwrite)
 
+        remove_stale_temps(path, "creating")  # left by a create that was killed
         tmp = sibling_temp(path, "creating")
         try:
             _build_store(tmp, id_array, dim, dt, chunk_rows, spec, int(seed), values)

@@ -301,3 +301,21 @@ def test_second_writer_in_another_process_is_refused(small_store):
     )
     out = run_python(code, small_store.path, timeout=60).stdout
     assert out.startswith("WriterLockedError") and f"pid {os.getpid()}" in out
+
+
+def test_create_removes_what_a_killed_create_left_behind(tmp_path):
+    """A create killed mid-build leaves .NAME.creating-PID-XXXXXXXX; the next create removes it."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    target = tmp_path / "store"
+    leftover = tmp_path / f".store.creating-{dead}-0123abcd"
+    leftover.mkdir()
+    (leftover / "data.mdb").write_bytes(b"half a store")
+    alive = tmp_path / f".store.creating-{os.getpid()}-89abcdef"  # a create still running: kept
+    alive.mkdir()
+    EmbeddingStore.create(str(target), 10, 4).close()
+    assert not leftover.exists()
+    assert alive.exists()
