@@ -154,6 +154,12 @@ class ColumnCache:
         self.last_used[slots] = self._tick
         return slots
 
+    def touch(self, slots: np.ndarray) -> None:
+        """Record L1 hits on resident ``slots`` (duplicates allowed) for LRU and stats."""
+        self._tick += 1
+        self.last_used[slots] = self._tick
+        self.stats.l1_hits += int(np.count_nonzero(self.last_used[: self._n_slots] == self._tick))
+
     def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
         slot = self._free.pop()
         n = len(rows)

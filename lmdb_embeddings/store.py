@@ -465,6 +465,10 @@ class EmbeddingStore:
         cr = self._chunk_rows
         chunk_of = slots // cr
         offset = slots - chunk_of * cr
+        hot = self._hot_slots(column.cache, chunk_of, offset)
+        if hot is not None:
+            yield slice(None), hot * cr + offset, hot
+            return
         unique, inverse = _unique_inverse(chunk_of)
         capacity = column.cache.capacity
         if len(unique) <= capacity:
@@ -477,6 +481,24 @@ class EmbeddingStore:
             cache_slots = self._resident(column, part, txn)
             positions = np.flatnonzero((inverse >= start) & (inverse < start + len(part)))
             yield positions, cache_slots[inverse[positions] - start] * cr + offset[positions], cache_slots
+
+    def _hot_slots(self, cache: ColumnCache, chunk_of: np.ndarray, offset: np.ndarray):
+        """Slab slot of every row's chunk if all are resident and usable as they are, else None.
+
+        The steady state of training: no unique/inverse and no per-chunk work, so a small
+        batch costs a handful of numpy calls. Any miss, a row added since its chunk was
+        loaded, or (reader) a chunk not yet checked against the latest commit takes the
+        general path.
+        """
+        if int(chunk_of.max()) >= len(cache.chunk_slot):
+            return None
+        hot = cache.chunk_slot[chunk_of]
+        if hot.min() < 0 or not (offset < cache.slot_rows[hot]).all():
+            return None
+        if self._readonly and (cache.slot_validated[hot] < self._commit).any():
+            return None
+        cache.touch(hot)
+        return hot
 
     def _resident(self, column: _Column, chunks: np.ndarray, txn) -> np.ndarray:
         cache = column.cache
