@@ -67,6 +67,15 @@ class Tally:
         assert self.survived == self.kills
 
 
+
+def _verify_every_few_kills(tally, kill: int, path: str) -> None:
+    """Run ``lmdb-embeddings verify`` after every VERIFY_EVERY-th kill (it costs a subprocess)."""
+    if kill % VERIFY_EVERY == 0:
+        problem = verify_cli(path)
+        tally.verified += problem is None and tl.cli_has("verify")
+        if problem:
+            tally.fail(f"kill {kill}: {problem}")
+
 def test_kill9_during_full_table_commits(tmp_path):
     """The headline scenario: a table whose commit takes >100 ms, killed COMMIT_KILLS times.
 
@@ -120,11 +129,7 @@ def test_kill9_during_full_table_commits(tmp_path):
             tally.fail(f"kill {kill}: rows from several rounds {values[:10]} (acknowledged {last_ack})")
         elif not last_ack <= values[0] <= highest:
             tally.fail(f"kill {kill}: table at round {values[0]}, acknowledged {last_ack}, highest begun {highest}")
-        if kill % VERIFY_EVERY == 0:
-            problem = verify_cli(path)
-            tally.verified += problem is None and tl.cli_has("verify")
-            if problem:
-                tally.fail(f"kill {kill}: {problem}")
+        _verify_every_few_kills(tally, kill, path)
         tally.survived += 1
     med = statistics.median(commit_times) if commit_times else 0.0
     tally.finish(rows=COMMIT_ROWS, dim=COMMIT_DIM, acknowledged_rounds=last_ack,
@@ -165,11 +170,7 @@ def test_kill9_during_add(tmp_path):
         if not np.array_equal(ids, np.arange(n)) or not np.array_equal(rows, np.repeat(
                 np.arange(n, dtype=np.float32)[:, None], 16, axis=1)):
             tally.fail(f"kill {kill}: ids/rows are not the committed prefix")
-        if kill % VERIFY_EVERY == 0:
-            problem = verify_cli(path)
-            tally.verified += problem is None and tl.cli_has("verify")
-            if problem:
-                tally.fail(f"kill {kill}: {problem}")
+        _verify_every_few_kills(tally, kill, path)
         tally.survived += 1
         if n > ADD_CAP_ROWS:  # start over, so every kill checks a table of bounded size
             le.EmbeddingStore.create(path, np.arange(1000), 16, init=initial, chunk_rows=512, overwrite=True).close()
