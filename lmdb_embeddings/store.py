@@ -317,18 +317,8 @@ class EmbeddingStore:
         """IDs of row slots ``start_row:stop_row`` as committed."""
         if stop_row <= start_row:
             return np.empty(0, np.int64)
-        cr = self._chunk_rows
-        first, last = start_row // cr, (stop_row - 1) // cr
-        parts = []
         with self._env.reading() as txn:
-            for chunk in range(first, last + 1):
-                value = txn.get(chunk_codec.chunk_key(chunk), db=self._ids_db)
-                if value is None:
-                    raise CorruptionError(f"{self._path}: id chunk {chunk} is missing")
-                _, rows = chunk_codec.decode_chunk(value, chunk, 1, np.dtype("<i8"), " (ids)")
-                parts.append(rows[:, 0].copy())
-        ids = np.concatenate(parts)
-        return ids[start_row - first * cr : stop_row - first * cr]
+            return self._read_ids_in(txn, start_row, stop_row)
 
     # --------------------------------------------------------------- process safety
     def _ready(self) -> None:
@@ -607,15 +597,16 @@ class EmbeddingStore:
         return []
 
     def _read_ids_in(self, txn, start_row: int, stop_row: int) -> np.ndarray:
+        """IDs of row slots ``start_row:stop_row`` as committed in ``txn`` (the chunks covering them)."""
         cr = self._chunk_rows
+        first = start_row // cr
         parts = []
-        for chunk in range(start_row // cr, (stop_row - 1) // cr + 1):
+        for chunk in range(first, (stop_row - 1) // cr + 1):
             value = txn.get(chunk_codec.chunk_key(chunk), db=self._ids_db)
             if value is None:
                 raise CorruptionError(f"{self._path}: id chunk {chunk} is missing")
             parts.append(chunk_codec.decode_chunk(value, chunk, 1, np.dtype("<i8"), " (ids)")[1][:, 0].copy())
-        ids = np.concatenate(parts)
-        return ids[start_row - (start_row // cr) * cr : stop_row - (start_row // cr) * cr]
+        return np.concatenate(parts)[start_row - first * cr : stop_row - first * cr]
 
     # --------------------------------------------------------------------- writing
     def _check_writable(self, call: str) -> None:
