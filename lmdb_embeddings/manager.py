@@ -18,7 +18,6 @@ the same directory are left untouched after they were imported.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -193,7 +192,7 @@ class TrainableEmbeddingManager:
                                     f"{self.embedding_dim}; pass embedding_dim={dim} or use another embeddings_dir")
         options = self._cache_options(rows + len(missing), chunk_rows, itemsize)
         try:
-            store = _open_writer(path, options)
+            store = EmbeddingStore.open(path, **options)
         except WriterLockedError as exc:
             if f"pid {os.getpid()}" in str(exc):
                 raise WriterLockedError(
@@ -514,21 +513,6 @@ class _Moments:
     def std(self) -> np.ndarray:
         """Unbiased standard deviation (torch.std's default); NaN for fewer than two rows."""
         return np.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else np.full(len(self.m2), np.nan)
-
-
-def _open_writer(path: str, options: dict) -> EmbeddingStore:
-    """Open for writing; if this process holds the lock, first let the GC free unreachable handles.
-
-    A store handle is freed by the cyclic garbage collector, not by ``del``, so a manager
-    dropped without ``close()`` may still hold the lock until the next collection.
-    """
-    try:
-        return EmbeddingStore.open(path, **options)
-    except WriterLockedError as exc:
-        if f"pid {os.getpid()}" not in str(exc):
-            raise
-    gc.collect()
-    return EmbeddingStore.open(path, **options)
 
 
 def _last_wins(ids: np.ndarray, values):
