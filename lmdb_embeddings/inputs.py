@@ -41,7 +41,7 @@ def as_ids(ids, what: str = "ids") -> np.ndarray:
         raise InvalidInputError(f"{what} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         return np.empty(0, np.int64)
-    if arr.dtype == object:
+    if arr.dtype == object:  # numpy found no integer dtype (Python objects, > 64-bit ints): the error path
         try:
             arr = np.array([int(x) if isinstance(x, (int, np.integer)) and not isinstance(x, bool) else _bad(x, what)
                             for x in arr.tolist()], dtype=np.int64)
