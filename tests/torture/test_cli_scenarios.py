@@ -27,16 +27,6 @@ FUZZ_CASES = tl.knob("restore_fuzz_cases", 150, 2000)
 FUZZ_WORKERS = tl.knob("restore_fuzz_workers", 1, 4)
 
 
-def needs(command: str) -> None:
-    if not tl.cli_has(command):
-        pytest.skip(f"the CLI has no {command!r} command in this checkout")
-
-
-def table(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with le.EmbeddingStore.open(path, readonly=True, cache_mb=64) as store:
-        return store.ids, store.get(store.ids)
-
-
 def leftovers(directory: str, name: str) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(f".{name}.")]
 
@@ -57,12 +47,11 @@ def kill_at_random(args: list[str], duration: float, rng: random.Random) -> floa
 
 
 def test_kill9_during_compact(tmp_path):
-    needs("compact")
     path = str(tmp_path / "store")
     rows = tl.knob("compact_rows", 200_000, 100_000)
     le.EmbeddingStore.create(path, rows, 32, init="zeros").close()
     assert tl.run_child("rounds", path, "--max-rounds", "3", timeout=300).returncode == 0  # leaves free pages
-    want_ids, want = table(path)
+    want_ids, want = tl.read_table(path)
     reference = str(tmp_path / "reference")
     assert tl.cli("dump", path, reference + ".led").returncode == 0
     assert tl.cli("restore", reference + ".led", reference).returncode == 0
@@ -74,7 +63,7 @@ def test_kill9_during_compact(tmp_path):
         kill_at_random(["--quiet", "compact", path], duration, rng)
         kills += 1
         try:
-            ids, got = table(path)
+            ids, got = tl.read_table(path)
         except Exception as exc:
             bad.append(f"kill {kill}: store unreadable after a killed compact: {exc}")
             continue
@@ -98,7 +87,6 @@ def test_kill9_during_compact(tmp_path):
 
 @pytest.mark.parametrize("over_existing", [False, True], ids=["fresh", "force"])
 def test_kill9_during_restore(tmp_path, over_existing):
-    needs("restore")
     src = str(tmp_path / "src")
     rows = tl.knob("restore_rows", 200_000, 100_000)
     values = np.arange(rows * 16, dtype=np.float32).reshape(rows, 16)
@@ -125,7 +113,7 @@ def test_kill9_during_restore(tmp_path, over_existing):
                 bad.append(f"kill {kill}: the old store vanished")
             continue
         try:
-            ids, got = table(target)
+            ids, got = tl.read_table(target)
         except Exception as exc:
             bad.append(f"kill {kill}: a half store at the target: {type(exc).__name__}: {exc}")
             continue
@@ -146,7 +134,6 @@ def test_kill9_during_restore(tmp_path, over_existing):
 
 
 def test_restore_fuzz_damaged_dumps(tmp_path):
-    needs("restore")
     src = str(tmp_path / "src")
     rows = 3000
     values = np.random.default_rng(0).standard_normal((rows, 8)).astype(np.float32)

@@ -84,10 +84,9 @@ def test_flipped_payload_byte_is_detected_by_get_and_verify(sample_store):
                 store.get(ids_in_chunk[:3])
             other = np.arange(8 * CHUNK, 9 * CHUNK)
             assert np.array_equal(store.get(other * 3 + 5), values[other]), "undamaged chunks must still read"
-    if tl.cli_has("verify"):
-        proc = tl.cli("verify", "--quiet", path)
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert f"chunk {chunk}" in proc.stdout + proc.stderr
+    proc = tl.cli("verify", "--quiet", path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"chunk {chunk}" in proc.stdout + proc.stderr
     tl.record("corruption: payload flip", fuzz_cases=1, clean_errors=1)
 
 

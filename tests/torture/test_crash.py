@@ -29,17 +29,8 @@ ADD_CAP_ROWS = tl.knob("add_cap_rows", 200_000, 200_000)
 VERIFY_EVERY = tl.knob("verify_every", 1, 4)  # the CLI verify; every kill also reads (checksums) every row
 
 
-def read_table(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of the committed state (each chunk's checksum is checked on the way)."""
-    with le.EmbeddingStore.open(path, readonly=True, cache_mb=64) as store:
-        ids = store.ids
-        return ids, store.get(ids)
-
-
 def verify_cli(path: str) -> str | None:
-    """None if ``lmdb-embeddings verify`` passes (or is not built yet), else its output."""
-    if not tl.cli_has("verify"):
-        return None
+    """None if ``lmdb-embeddings verify`` passes, else its output."""
     proc = tl.cli("verify", "--quiet", path, timeout=300)
     return None if proc.returncode == 0 else f"verify exit {proc.returncode}: {proc.stdout}{proc.stderr}"
 
@@ -72,7 +63,7 @@ def _verify_every_few_kills(tally, kill: int, path: str) -> None:
     """Run ``lmdb-embeddings verify`` after every VERIFY_EVERY-th kill (it costs a subprocess)."""
     if kill % VERIFY_EVERY == 0:
         problem = verify_cli(path)
-        tally.verified += problem is None and tl.cli_has("verify")
+        tally.verified += problem is None
         if problem:
             tally.fail(f"kill {kill}: {problem}")
 
@@ -118,7 +109,7 @@ def test_kill9_during_full_table_commits(tmp_path):
             tally.in_commit += 1
         highest = max([last_ack, start_round, *started])
         try:
-            _, rows = read_table(path)
+            _, rows = tl.read_table(path)
         except Exception as exc:
             tally.fail(f"kill {kill}: the store does not open/read after SIGKILL: {type(exc).__name__}: {exc}")
             continue
@@ -159,7 +150,7 @@ def test_kill9_during_add(tmp_path):
         if reader.lines and reader.lines[-1].startswith("commit"):
             tally.in_commit += 1
         try:
-            ids, rows = read_table(path)
+            ids, rows = tl.read_table(path)
         except Exception as exc:
             tally.fail(f"kill {kill}: store unreadable after SIGKILL during add: {type(exc).__name__}: {exc}")
             continue
@@ -204,7 +195,7 @@ def test_kill9_during_create(tmp_path):
             tally.survived += 1
             continue
         try:
-            ids, got = read_table(path)
+            ids, got = tl.read_table(path)
         except Exception as exc:
             tally.fail(f"kill {kill}: a half store was left at {path}: {type(exc).__name__}: {exc}")
             continue

@@ -69,15 +69,15 @@ def spawn_cli(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, env=child_env(), cwd=ROOT, text=True)
 
 
-_cli_commands: dict[str, bool] = {}
 
 
-def cli_has(command: str) -> bool:
-    """Whether this checkout's CLI implements ``command`` (asked once per process)."""
-    if command not in _cli_commands:
-        proc = cli(command, "--help", timeout=60)
-        _cli_commands[command] = proc.returncode == 0
-    return _cli_commands[command]
+def read_table(path: str):
+    """(ids, every row) of the committed state; each chunk's checksum is checked on the way."""
+    import lmdb_embeddings as le
+
+    with le.EmbeddingStore.open(path, readonly=True, cache_mb=64) as store:
+        ids = store.ids
+        return ids, store.get(ids)
 
 
 class LineReader:
