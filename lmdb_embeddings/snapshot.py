@@ -17,8 +17,8 @@ import lmdb
 import numpy as np
 
 from . import chunk_codec, environment
-from .errors import CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
-from .store import FORMAT_VERSION, IDS_DB, MAGIC, MAIN, META_DB, column_db_name, unpack_record
+from .errors import CorruptionError, NotAStoreError, StoreNotFoundError
+from .store import IDS_DB, MAIN, META_DB, column_db_name, read_metadata
 from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
 
 _MADV_DONTNEED = 4
@@ -42,28 +42,9 @@ def check_store_dir(path: str) -> None:
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {environment.DATA_FILE} in it)")
 
 
-def _record(txn, meta_db, key: bytes, path: str, verify: bool = True):
-    raw = txn.get(key, db=meta_db)
-    if raw is None:
-        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {key.decode()!r} metadata record)")
-    try:
-        return unpack_record(raw, key, verify=verify)
-    except CorruptionError as exc:
-        raise CorruptionError(f"{path}: {exc}") from None
-
-
 def read_layout(txn, meta_db, path: str) -> TableLayout:
     """The table's layout from the metadata records, checked like ``EmbeddingStore.open`` does."""
-    fmt = _record(txn, meta_db, b"format", path, verify=False)  # a newer format may checksum differently
-    if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
-        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (bad magic in its metadata)")
-    version = fmt.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FormatVersionError(f"{path} was written in store format version {version}; this tool reads up "
-                                 f"to version {FORMAT_VERSION}: upgrade lmdb_embeddings")
-    _record(txn, meta_db, b"format", path)  # a format we read: now its checksum too
-    config = _record(txn, meta_db, b"config", path)
-    state = _record(txn, meta_db, b"state", path)
+    config, state = read_metadata(txn, meta_db, path)
     try:
         columns = {MAIN: {"width": config["dim"], "dtype": config["dtype"], "fill": 0.0}}
         columns.update({n: d for n, d in dict(state.get("columns", {})).items() if n != MAIN})

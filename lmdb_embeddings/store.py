@@ -223,19 +223,7 @@ class EmbeddingStore:
             if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
                 raise NotAStoreError(f"{self._path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
-                # magic and version first: a newer format may checksum its records differently
-                fmt = _read_record(txn, b"format", self._meta_db, verify=False)
-                if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
-                    raise NotAStoreError(f"{self._path} is not an lmdb_embeddings store (bad magic)")
-                version = fmt.get("format_version")
-                if not isinstance(version, int) or version > FORMAT_VERSION:
-                    raise FormatVersionError(
-                        f"{self._path} was written in format version {version}; this library reads up to "
-                        f"version {FORMAT_VERSION}: upgrade lmdb_embeddings"
-                    )
-                _read_record(txn, b"format", self._meta_db)  # now its checksum
-                config = _read_record(txn, b"config", self._meta_db)
-                state = _read_record(txn, b"state", self._meta_db)
+                config, state = read_metadata(txn, self._meta_db, self._path)
         except lmdb.Error as exc:
             raise CorruptionError(f"{self._path}: cannot read the metadata: {exc}") from exc
         try:
@@ -575,7 +563,7 @@ class EmbeddingStore:
         Returns the databases of committed columns this process has not opened yet (the
         caller opens them outside the transaction and calls again).
         """
-        state = _read_record(txn, b"state", self._meta_db)
+        state = _read_record(txn, b"state", self._meta_db, self._path)
         if state["commit"] == self._commit:
             return []
         missing = [column_db_name(n) for n in state.get("columns", {})
@@ -1026,11 +1014,31 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique + lo, rank[shifted]
 
 
-def _read_record(txn, key: bytes, db, verify: bool = True):
+def _read_record(txn, key: bytes, db, path: str, verify: bool = True) -> dict:
     raw = txn.get(key, db=db)
     if raw is None:
-        raise NotAStoreError(f"the store metadata has no {key.decode()!r} record")
-    return unpack_record(raw, key, verify)
+        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {key.decode()!r} metadata record)")
+    try:
+        return unpack_record(raw, key, verify)
+    except CorruptionError as exc:
+        raise CorruptionError(f"{path}: {exc}") from None
+
+
+def read_metadata(txn, meta_db, path: str) -> tuple[dict, dict]:
+    """The checked (config, state) records of the store at ``path``, as of ``txn``.
+
+    The format record's magic and version come first, before its checksum: a newer format
+    may checksum its records differently. Shared by ``open`` and the CLI's snapshot reader.
+    """
+    fmt = _read_record(txn, b"format", meta_db, path, verify=False)
+    if not isinstance(fmt, dict) or fmt.get("magic") != MAGIC:
+        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (bad magic)")
+    version = fmt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(f"{path} was written in format version {version}; this library reads up to "
+                                 f"version {FORMAT_VERSION}: upgrade lmdb_embeddings")
+    _read_record(txn, b"format", meta_db, path)  # a format we read: now its checksum too
+    return _read_record(txn, b"config", meta_db, path), _read_record(txn, b"state", meta_db, path)
 
 
 def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
