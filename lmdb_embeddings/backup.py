@@ -18,14 +18,14 @@ import lmdb
 
 from . import dump_file, npy_dir
 from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
-from .fsutil import fsync_dir, remove_stale_temps, replace_dir, sibling_temp
+from .fsutil import fsync_dir, remove_stale_temps, sibling_temp
 from .progress import bar
 from .snapshot import Snapshot, check_store_dir
-from .store import is_store
+from .store import check_replace_target
 from .store_builder import StoreBuilder
 from .store_check import verify_store
 from .table_layout import ID_DTYPE
-from .writer_lock import WriterLock, holder_pid
+from .writer_lock import replace_store
 
 FORMATS = ("native", "npy")
 
@@ -145,21 +145,7 @@ def detect_format(src: str) -> str:
 def check_restore_target(path: str, force: bool) -> bool:
     """Raise unless a store may be written at ``path``; True if an old store will be replaced."""
     _check_parent(path)
-    if not os.path.exists(path):
-        return False
-    if not os.path.isdir(path):
-        raise StoreExistsError(f"{path} exists and is not a directory; refusing to replace it")
-    if not os.listdir(path):
-        return False
-    if not is_store(path):
-        raise StoreExistsError(f"{path} is a non-empty directory that is not a store; refusing to replace it "
-                               "(choose another path or empty it)")
-    if not force:
-        raise StoreExistsError(f"a store already exists at {path}; pass --force to replace it")
-    holder = holder_pid(path)
-    if holder is not None:
-        raise WriterLockedError(f"{path} is open for writing by pid {holder}; close that writer before replacing it")
-    return True
+    return check_replace_target(path, force, "pass --force")
 
 
 def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
@@ -217,18 +203,10 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
 
 def _swap_in(tmp: str, path: str, replacing: bool) -> None:
     """Put the finished store at ``path``; an old store is held against writers while it is replaced."""
-    if not replacing:
-        if os.path.exists(path) and os.listdir(path):
-            raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
-        replace_dir(tmp, path)
-        return
-    lock = WriterLock(path)
+    if not replacing and os.path.exists(path) and os.listdir(path):
+        raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
     try:
-        lock.acquire()
-    except EmbeddingStoreError as exc:
+        replace_store(tmp, path)
+    except WriterLockedError as exc:
         raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced") \
             from None
-    try:
-        replace_dir(tmp, path)
-    finally:
-        lock.release()

@@ -17,12 +17,11 @@ import shutil
 
 import numpy as np
 
-from . import environment
 from .errors import EmbeddingStoreError, InvalidInputError
-from .fsutil import replace_dir, sibling_temp
+from .fsutil import sibling_temp
 from .inputs import SUPPORTED_DTYPES, as_positive_int
-from .store import EmbeddingStore, _check_create_target
-from .writer_lock import WriterLock
+from .store import EmbeddingStore, check_replace_target
+from .writer_lock import replace_store
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
     dst_path = os.path.abspath(os.fspath(dst_path))
     if chunk_rows is not None:
         chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
-    _check_create_target(dst_path, overwrite)
+    check_replace_target(dst_path, overwrite, "pass overwrite=True (CLI: --force)")
     tmp = sibling_temp(dst_path, "importing")
     store = None
     rows_total, dim, since_commit = 0, None, 0
@@ -178,7 +177,7 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
                    "chunk_rows": store.chunk_rows, "path": dst_path}
         store.close()
         store = None
-        _put_in_place(tmp, dst_path)
+        replace_store(tmp, dst_path)
     finally:
         if store is not None:
             store.rollback()
@@ -204,21 +203,6 @@ def _append(store: EmbeddingStore, path: str, ids: np.ndarray, rows: np.ndarray)
     except InvalidInputError as exc:
         hint = " (sample ids must be unique across all chunk files)" if "already" in str(exc) else ""
         raise CosirImportError(f"{os.path.basename(path)}: {exc}{hint}") from None
-
-
-def _put_in_place(tmp: str, dst_path: str) -> None:
-    """Rename the finished store to ``dst_path``, holding its writer lock if one is there."""
-    if os.path.exists(os.path.join(dst_path, environment.DATA_FILE)):
-        lock = WriterLock(dst_path)
-        lock.acquire()
-        try:
-            replace_dir(tmp, dst_path)
-        finally:
-            lock.release()
-    else:
-        if os.path.isdir(dst_path) and not os.listdir(dst_path):
-            os.rmdir(dst_path)
-        replace_dir(tmp, dst_path)
 
 
 __all__ = ["import_cosir", "find_chunk_files", "load_chunk_file", "CosirImportError", "CosirSourceNotFoundError"]

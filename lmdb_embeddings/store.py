@@ -46,12 +46,13 @@ from .errors import (
     ReadOnlyError,
     StoreExistsError,
     StoreNotFoundError,
+    WriterLockedError,
 )
-from .fsutil import free_bytes, remove_stale_temps, replace_dir, sibling_temp
+from .fsutil import free_bytes, remove_stale_temps, sibling_temp
 from .id_index import IdIndex
 from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .options import StoreOptions
-from .writer_lock import WriterLock, holder_pid
+from .writer_lock import WriterLock, holder_pid, replace_store
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +138,13 @@ class EmbeddingStore:
             values = as_values(init, n, dim, dt, "create(init=array)")
             spec = {"kind": "normal", "std": initializers.NORMAL_STD, "name": "array"}
         path = os.path.abspath(os.fspath(path))
-        _check_create_target(path, overwrite)
+        check_replace_target(path, overwrite, "pass overwrite=True")
 
         remove_stale_temps(path, "creating")  # left by a create that was killed
         tmp = sibling_temp(path, "creating")
         try:
             _build_store(tmp, id_array, dim, dt, chunk_rows, spec, int(seed), values)
-            if os.path.exists(path):
-                lock = WriterLock(path) if os.path.exists(os.path.join(path, environment.DATA_FILE)) else None
-                if lock:
-                    lock.acquire()
-                try:
-                    replace_dir(tmp, path)
-                finally:
-                    if lock:
-                        lock.release()
-            else:
-                replace_dir(tmp, path)
+            replace_store(tmp, path)
         finally:
             if os.path.exists(tmp):
                 import shutil
@@ -1063,22 +1054,28 @@ def is_store(path: str) -> bool:
     return os.path.isfile(os.path.join(path, environment.DATA_FILE))
 
 
-def _check_create_target(path: str, overwrite: bool) -> None:
+def check_replace_target(path: str, replace: bool, how: str) -> bool:
+    """Raise unless a new store may be put at ``path``; True if an old store will be replaced.
+
+    ``replace``: the caller's overwrite/--force; ``how``: how the user asks for it (for the
+    message). Never touches a directory that is not a store, nor one a writer holds.
+    """
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreExistsError(f"{path} exists and is not a directory")
     if not os.path.isdir(path) or not os.listdir(path):
-        return
+        return False
     if not is_store(path):
         raise StoreExistsError(
             f"{path} is a non-empty directory that is not a store; refusing to write there "
             "(choose another path or empty it)")
-    if not overwrite:
-        raise StoreExistsError(f"a store already exists at {path}; pass overwrite=True to replace it")
+    if not replace:
+        raise StoreExistsError(f"a store already exists at {path}; {how} to replace it")
     if environment.is_open_here(path):
-        raise EmbeddingStoreError(f"{path} is open in this process; close its handles before overwrite=True")
+        raise WriterLockedError(f"{path} is open in this process; close its handles before replacing it")
     holder = holder_pid(path)
     if holder is not None:
-        raise EmbeddingStoreError(f"{path} is open for writing by pid {holder}; close it before overwriting")
+        raise WriterLockedError(f"{path} is open for writing by pid {holder}; close it before replacing it")
+    return True
 
 
 def _build_store(tmp: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,

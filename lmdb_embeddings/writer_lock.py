@@ -56,6 +56,26 @@ class WriterLock:
             self.fd = None
 
 
+def replace_store(new: str, path: str) -> None:
+    """Put the finished store directory ``new`` at ``path`` (create, restore, import).
+
+    If a store is already there, its writer lock is held during the swap, so no writer is
+    working on the store being replaced (``WriterLockedError`` naming the holder otherwise).
+    """
+    from .environment import DATA_FILE
+    from .fsutil import replace_dir
+
+    if not os.path.exists(os.path.join(path, DATA_FILE)):
+        replace_dir(new, path)
+        return
+    lock = WriterLock(path)
+    lock.acquire()
+    try:
+        replace_dir(new, path)
+    finally:
+        lock.release()
+
+
 def holder_pid(directory: str) -> int | None:
     """The pid holding the writer lock of a store, or None if nobody holds it."""
     path = os.path.join(directory, LOCK_FILE)
