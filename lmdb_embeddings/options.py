@@ -23,6 +23,9 @@ class StoreOptions:
     l1_mb / l2_mb: explicit tier budgets (override ``cache_mb`` / ``l1_fraction``).
     commit_every: commit after every K put/add calls (None: only explicit commits).
     readahead: let the OS read ahead in the data file (off helps random access beyond RAM).
+    undo_log: every commit of this handle also keeps, in the same LMDB transaction, the values
+        it overwrote, so :func:`~lmdb_embeddings.store.revert_last_commit` can undo it (the
+        sharded store's two-phase commit; docs/DISTRIBUTED.md).
     """
 
     cache_mb: float | None = None
@@ -31,6 +34,7 @@ class StoreOptions:
     l2_mb: float | None = None
     commit_every: int | None = None
     readahead: bool = True
+    undo_log: bool = False
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> StoreOptions:

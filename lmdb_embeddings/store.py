@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
@@ -62,6 +63,10 @@ META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
 _RECORD_CHECKSUM = "xxh3"
+UNDO_DB = b"undo"  # pre-images of what the last commit overwrote (open option undo_log=True)
+_UNDO_MARK = b"m"  # the undo log's own record: which commit it undoes
+_UNDO_ENTRY = b"k"  # prefix of an entry: b"k" + u16 len(db name) + db name + key
+_UNDO_ABSENT, _UNDO_VALUE = b"\x00", b"\x01"  # first byte of an entry's value
 
 
 def column_db_name(name: str) -> bytes:
@@ -374,6 +379,14 @@ class EmbeddingStore:
                 return False
             return len(ids) == 1 and bool(self._index.contains(ids)[0])
 
+    def contains(self, ids) -> np.ndarray:
+        """A bool array: which of ``ids`` are in the store (this handle's view, uncommitted adds included)."""
+        ids = as_ids(ids)
+        with self._mutex:
+            self._ready()
+            self._refresh_if_reader()
+            return self._index.contains(ids)
+
     @property
     def commit_count(self) -> int:
         """Number of commits the store has received since it was created."""
@@ -562,6 +575,10 @@ class EmbeddingStore:
         if missing:
             return missing
         rows = int(state["rows"])
+        if rows < self._rows:  # revert_last_commit removed rows added by the commit it undid
+            self._index.truncate(rows)
+            for column in self._columns.values():
+                column.cache.drop_from(rows // self._chunk_rows)
         if rows > self._rows:
             keep = (self._rows // self._chunk_rows) * self._chunk_rows
             self._index.truncate(keep)
@@ -748,8 +765,11 @@ class EmbeddingStore:
             # can hold, so the map is never the limit (the mapping is virtual, not disk).
             self._env.ensure_headroom(free_bytes(self._path) // 2)
         txn = self._pending_txn()
-        db = self._ensure_db(self._columns[name], txn)
-        txn.put(chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=db)
+        column = self._columns[name]
+        db = self._ensure_db(column, txn)
+        key = chunk_codec.chunk_key(chunk)
+        self._log_pre_image(txn, column.db_name, db, key)
+        txn.put(key, chunk_codec.encode_chunk(rows, chunk, self._commit + 1), db=db)
         self._spilled += 1
 
     def _ensure_db(self, column: _Column, txn: lmdb.Transaction):
@@ -765,7 +785,34 @@ class EmbeddingStore:
             table = sum(c.width * c.dtype.itemsize for c in self._columns.values()) * max(self._rows, 1)
             self._env.ensure_headroom(table + 16 * max(self._rows, 1) + (8 << 20))
             self._pending = self._env.env.begin(write=True, buffers=True)
+            if self._options.undo_log:
+                self._start_undo_log(self._pending)
         return self._pending
+
+    # ------------------------------------------------------------------ undo log
+    def _start_undo_log(self, txn: lmdb.Transaction) -> None:
+        """A new pending transaction: empty the undo log (it described the previous commit)."""
+        db = self._env.cached_db(UNDO_DB)
+        if db is None:
+            self._env.create_db(UNDO_DB, txn)
+            self._dbs_in_pending.append(UNDO_DB)
+        else:
+            txn.drop(db, delete=False)
+
+    def _log_pre_image(self, txn: lmdb.Transaction, db_name: bytes, db, key: bytes) -> None:
+        """Before the pending transaction first writes ``key``: keep its committed value (or its absence).
+
+        Only the first write of a key in a transaction is logged, so a chunk spilled and then
+        written again at commit keeps the value of the previous commit, not the spilled one.
+        """
+        if not self._options.undo_log:
+            return
+        undo_db = self._env.cached_db(UNDO_DB)
+        entry = _undo_key(db_name, key)
+        if txn.get(entry, db=undo_db) is not None:
+            return
+        old = txn.get(key, db=db)
+        txn.put(entry, _UNDO_ABSENT if old is None else _UNDO_VALUE + bytes(old), db=undo_db)
 
     def _has_changes(self) -> bool:
         return (self._spilled > 0 or self._rows != self._committed_rows
@@ -800,7 +847,8 @@ class EmbeddingStore:
                     self._fail_commit(str(exc))
 
     def _dirty_bytes(self) -> int:
-        return sum(c.cache.n_dirty * c.cache.chunk_bytes for c in self._columns.values()) + (1 << 20)
+        dirty = sum(c.cache.n_dirty * c.cache.chunk_bytes for c in self._columns.values())
+        return dirty * (2 if self._options.undo_log else 1) + (1 << 20)  # the undo log holds the pre-images
 
     def _write_commit(self) -> None:
         version = self._commit + 1
@@ -815,20 +863,26 @@ class EmbeddingStore:
                 continue
             with txn.cursor(db=db) as cursor:
                 for chunk, rows in dirty:
-                    value = chunk_codec.encode_chunk(rows, chunk, version)
-                    cursor.put(chunk_codec.chunk_key(chunk), value)
+                    key, value = chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(rows, chunk, version)
+                    self._log_pre_image(txn, column.db_name, db, key)
+                    cursor.put(key, value)
                     written += len(value)
         cr = self._chunk_rows
         ids = self._index.ids
         for chunk in range(self._committed_rows // cr, (self._rows + cr - 1) // cr):
             part = ids[chunk * cr : (chunk + 1) * cr].reshape(-1, 1)
-            value = chunk_codec.encode_chunk(part, chunk, version)
-            txn.put(chunk_codec.chunk_key(chunk), value, db=self._ids_db)
+            key, value = chunk_codec.chunk_key(chunk), chunk_codec.encode_chunk(part, chunk, version)
+            self._log_pre_image(txn, IDS_DB, self._ids_db, key)
+            txn.put(key, value, db=self._ids_db)
             written += len(value)
         now = time.time()
         state = {"commit": version, "rows": self._rows, "committed_at": now, "attrs": self._attrs,
                  "columns": {n: c.describe() for n, c in self._columns.items()}}
+        self._log_pre_image(txn, META_DB, self._meta_db, b"state")
         txn.put(b"state", pack_record(state), db=self._meta_db)
+        if self._options.undo_log:
+            mark = {"undoes": version, "restores": self._commit}
+            txn.put(_UNDO_MARK, pack_record(mark), db=self._env.cached_db(UNDO_DB))
         self._pending = None
         try:
             txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
@@ -1048,6 +1102,94 @@ def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
         if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
             raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
     return record
+
+
+def _undo_key(db_name: bytes, key: bytes) -> bytes:
+    return _UNDO_ENTRY + struct.pack("<H", len(db_name)) + db_name + bytes(key)
+
+
+def _split_undo_key(entry: bytes) -> tuple[bytes, bytes]:
+    (length,) = struct.unpack_from("<H", entry, 1)
+    return entry[3 : 3 + length], entry[3 + length :]
+
+
+def revert_last_commit(path) -> dict:
+    """Undo the store's last commit from the undo log it kept (it was made with ``undo_log=True``).
+
+    One write transaction puts back every value that commit overwrote, deletes every key
+    it created and restores its state record (row count, columns, attrs) under a NEW,
+    higher commit number, so readers in other processes notice the change; then the undo
+    log is emptied: a store can be reverted by one commit only. No writable handle may be
+    open on the store (the writer lock is taken).
+
+    Returns ``{"undone": c, "restored": c_prev, "commit": new}``: commit ``c`` was undone, the
+    store now holds the contents of commit ``c_prev`` as commit number ``new``.
+
+    Raises:
+        EmbeddingStoreError: no undo log, or it does not describe the last commit (the store
+            was committed without ``undo_log`` since); nothing is changed then.
+        WriterLockedError: a writer holds the store.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not is_store(path):
+        raise StoreNotFoundError(f"no store at {path}")
+    lock = WriterLock(path)
+    lock.acquire()
+    try:
+        shared = environment.acquire(path, write=True)
+        try:
+            return _apply_undo_log(shared, path)
+        finally:
+            environment.release(shared)
+    finally:
+        lock.release()
+
+
+def _apply_undo_log(shared: environment.SharedEnv, path: str) -> dict:
+    undo_db, meta_db = shared.cached_db(UNDO_DB), shared.cached_db(META_DB)
+    if undo_db is None or meta_db is None:
+        raise EmbeddingStoreError(f"{path} has no undo log: its last commit was not made with undo_log=True")
+    with shared.reading() as txn:
+        stat = txn.stat(undo_db)
+    shared.ensure_headroom((stat["leaf_pages"] + stat["overflow_pages"] + 16) * stat["psize"])
+    with shared.lock:
+        txn = shared.env.begin(write=True, buffers=True)
+        try:
+            raw_mark = txn.get(_UNDO_MARK, db=undo_db)
+            state = _read_record(txn, b"state", meta_db, path)
+            if raw_mark is None:
+                raise EmbeddingStoreError(f"{path} has no undo log to apply (it was applied already, or the "
+                                          "last commit was not made with undo_log=True); nothing was changed")
+            mark = unpack_record(raw_mark, _UNDO_MARK)
+            if mark.get("undoes") != state["commit"]:
+                raise EmbeddingStoreError(
+                    f"{path}: the undo log belongs to commit {mark.get('undoes')}, but the store is at commit "
+                    f"{state['commit']} (committed without undo_log since); nothing was changed")
+            new_commit = int(state["commit"]) + 1
+            with txn.cursor(db=undo_db) as cursor:
+                for raw_entry, raw_value in cursor:  # copied at once: a write may move the pages
+                    entry, value = bytes(raw_entry), bytes(raw_value)
+                    if entry == _UNDO_MARK:
+                        continue
+                    db_name, key = _split_undo_key(entry)
+                    db = shared.cached_db(db_name)
+                    if db is None:
+                        raise CorruptionError(f"{path}: the undo log names a database {db_name!r} that is missing")
+                    if (db_name, key) == (META_DB, b"state"):
+                        previous = unpack_record(value[1:], b"state")
+                        value = _UNDO_VALUE + pack_record({**previous, "commit": new_commit})
+                    if value[:1] == _UNDO_ABSENT:
+                        txn.delete(key, db=db)
+                    else:
+                        txn.put(key, value[1:], db=db)
+            txn.drop(undo_db, delete=False)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+    log.info("%s: commit %s undone; the store holds commit %s's contents as commit %s",
+             path, mark["undoes"], mark.get("restores"), new_commit)
+    return {"undone": int(mark["undoes"]), "restored": int(mark.get("restores", -1)), "commit": new_commit}
 
 
 def is_store(path: str) -> bool:
