@@ -123,25 +123,7 @@ class EmbeddingStore:
             ValueError: bad ids, dim, dtype, chunk_rows or init.
         """
         options = StoreOptions.from_kwargs(open_options)
-        dim = as_positive_int(dim, "dim")
-        chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
-        dt = as_dtype(dtype)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
-        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
-            if ids < 0:
-                raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
-            id_array = np.arange(int(ids), dtype=np.int64)
-        else:
-            id_array = as_ids(ids, "ids")
-            check_unique(id_array, "create")
-        n = len(id_array)
-        values = None
-        if isinstance(init, str):
-            spec = initializers.init_spec(init, n, dim)
-        else:
-            values = as_values(init, n, dim, dt, "create(init=array)")
-            spec = {"kind": "normal", "std": initializers.NORMAL_STD, "name": "array"}
+        id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
         path = os.path.abspath(os.fspath(path))
         check_replace_target(path, overwrite, "pass overwrite=True")
 
@@ -1102,6 +1084,32 @@ def unpack_record(raw, key: bytes, verify: bool = True) -> dict:
         if verify and stored != xxhash.xxh3_64_intdigest(msgpack.packb(record)):
             raise CorruptionError(f"the store metadata record {key.decode()!r} is damaged (checksum mismatch)")
     return record
+
+
+def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
+    """``create``'s arguments checked: (ids array, dim, dtype, chunk_rows, init spec, seed, init values or None).
+
+    Shared with ``ShardedEmbeddingStore.create``, which must accept exactly what ``create`` accepts.
+    """
+    dim = as_positive_int(dim, "dim")
+    chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
+    dt = as_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        if ids < 0:
+            raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
+        id_array = np.arange(int(ids), dtype=np.int64)
+    else:
+        id_array = as_ids(ids, "ids")
+        check_unique(id_array, "create")
+    values = None
+    if isinstance(init, str):
+        spec = initializers.init_spec(init, len(id_array), dim)
+    else:
+        values = as_values(init, len(id_array), dim, dt, "create(init=array)")
+        spec = {"kind": "normal", "std": initializers.NORMAL_STD, "name": "array"}
+    return id_array, dim, dt, chunk_rows, spec, int(seed), values
 
 
 def _undo_key(db_name: bytes, key: bytes) -> bytes:
