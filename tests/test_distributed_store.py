@@ -1,0 +1,98 @@
+"""ShardedEmbeddingStore on 2 and 4 real gloo ranks (subprocesses): lookups, create, collective errors,
+visibility of uncommitted calls, commit/reopen, rollback, recovery, world-size mismatch, the sampler.
+
+Each world size runs ONE multi-rank scenario (tests/dist_scenarios.py ``contract``) that checks the
+sharded store against single stores and reports; the tests below assert on every rank's report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dist_harness import launch
+
+KEY, VALUE, TYPE = "KeyError", "ValueError", "TypeError"
+EXPECTED = {"get_unknown": KEY, "get_bad_type": TYPE, "put_unknown": KEY, "put_shape": VALUE, "put_nan": VALUE,
+            "put_twice_in_call": VALUE, "put_by_two_ranks": VALUE, "add_existing": VALUE, "add_by_two_ranks": VALUE,
+            "add_nan": VALUE, "add_shape": VALUE, "put_column_unknown": VALUE}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def run(request, tmp_path_factory):
+    world = request.param
+    return world, launch("contract", world, str(tmp_path_factory.mktemp(f"contract{world}")), timeout=150)
+
+
+def test_lookups_of_local_and_remote_ids_equal_a_single_store(run):
+    world, results = run
+    for r in results:
+        assert r["lookup_equal"] and r["tensor_equal"] and r["empty_lookup_ok"]
+        assert r["owners_asked"] == world  # the IDs asked for live on every rank: remote rows were fetched
+
+
+def test_create_gives_every_id_the_single_store_row_for_every_init(run):
+    world, results = run
+    for r in results:
+        assert r["init_equal"] == {"uniform": True, "xavier": True, "array": True}
+        assert r["local_ids_ok"] and r["len"] == 700
+    shares = [r["local_len"] for r in results]
+    assert sum(shares) == 700 and min(shares) > 700 / world * 0.7  # owner_of balances the IDs
+
+
+def test_every_rank_sees_uncommitted_puts_and_adds_of_earlier_calls(run):
+    _, results = run
+    for r in results:
+        assert r["uncommitted_visible"] and r["len_after_add"][0] == r["len_after_add"][1]
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_an_invalid_call_on_one_rank_raises_the_same_class_on_every_rank(run, case):
+    world, results = run
+    outcomes = {r["errors"][case]["outcome"] for r in results}
+    assert len(outcomes) == 1, outcomes  # the same class everywhere
+    (outcome,) = outcomes
+    assert EXPECTED[case] in outcome.split("|") and outcome.endswith("ESE")  # the builtin and EmbeddingStoreError
+    assert sum(r["errors"][case]["bad"] for r in results) == 1
+
+
+def test_a_failed_collective_call_changes_nothing_on_any_rank(run):
+    _, results = run
+    assert all(r["unchanged_after_errors"] for r in results)
+
+
+def test_commit_reopen_rollback_and_commit_every(run):
+    _, results = run
+    for r in results:
+        assert r["commit_count"] == 1 and r["reopened_equal"]
+        assert r["rolled_back"] and r["rolled_back_adds_gone"].startswith("UnknownIdError|KeyError")
+        assert r["auto_commits"] == 2  # commit_every=2: two collective puts, one more commit
+        assert r["closed_get"].startswith("ClosedError")
+
+
+def test_an_undecided_prepared_commit_is_undone_at_open(run):
+    _, results = run
+    assert results[0]["prepared_then_recovered"] == [2, 1]  # rank 0 had prepared commit 2; reopened at 1
+    assert all(r["recovered"] for r in results)
+
+
+def test_opening_with_another_world_size_names_both_sizes(run):
+    world, results = run
+    message = results[0]["other_world_size"]
+    assert f"world size {world}" in message and "world size 1" in message and "--shards 1" in message
+
+
+def test_read_only_store_reads_committed_rows_and_refuses_writes_on_every_rank(run):
+    _, results = run
+    for r in results:
+        assert r["readonly_equal"] and r["readonly_put"].startswith("ReadOnlyError|PermissionError")
+
+
+def test_sharded_sampler_gives_each_rank_its_own_ids_in_equal_batches(run):
+    world, results = run
+    samplers = [r["sampler"] for r in results]
+    assert len({s["len"] for s in samplers}) == 1 and all(s["batches"] == s["len"] for s in samplers)
+    assert len({tuple(s["sizes"]) for s in samplers}) == 1  # the same batch sizes: collectives stay in step
+    for s in samplers:
+        assert s["only_owned"] and s["covers_owned"] and s["unshuffled_is_row_order"]
+        assert s["same_without_set_epoch"] and s["reshuffled"] and s["reproducible"]
+        assert np.all(np.array(s["sizes"][:-1]) == 16)
