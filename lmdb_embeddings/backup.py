@@ -43,17 +43,23 @@ def _check_parent(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ dump
-def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False) -> dict:
-    """Write the committed state of the store at ``path`` to ``out``; returns a summary."""
+def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False, snapshot=None) -> dict:
+    """Write the committed state of the store at ``path`` to ``out``; returns a summary.
+
+    ``snapshot``: what opens the consistent view to dump (default ``Snapshot``, a plain
+    store's; a sharded directory passes ``distributed.offline.ShardedSnapshot``).
+    """
     path, out = os.path.abspath(path), os.path.abspath(out)
-    check_store_dir(path)
+    if snapshot is None:
+        check_store_dir(path)
+        snapshot = Snapshot
     _check_parent(out)
     if fmt == "native" and os.path.isdir(out):
         raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
     if fmt == "npy" and os.path.exists(out) and not os.path.isdir(out):
         raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
     started = time.perf_counter()
-    with Snapshot(path) as snap:
+    with snapshot(path) as snap:
         layout = snap.layout
         if fmt == "native":
             size = _dump_native(snap, out, _source(path, snap), progress)

@@ -158,6 +158,9 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     store.put(*_puts_of(rank, world, 3.0))
     store.put(*_puts_of(rank, world, 4.0))
     out["auto_commits"] = store.commit_count
+    for r in range(world):
+        single.put(*_puts_of(r, world, 4.0))
+    single.close()  # the test compares a dump of the sharded store with it
 
     out["sampler"] = _sampler_checks(store, rank, world)
     store.close()

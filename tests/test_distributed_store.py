@@ -7,8 +7,11 @@ sharded store against single stores and reports; the tests below assert on every
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from cli_helpers import ok, read_store
 from dist_harness import launch
 
 KEY, VALUE, TYPE = "KeyError", "ValueError", "TypeError"
@@ -20,18 +23,19 @@ EXPECTED = {"get_unknown": KEY, "get_bad_type": TYPE, "put_unknown": KEY, "put_s
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
 def run(request, tmp_path_factory):
     world = request.param
-    return world, launch("contract", world, str(tmp_path_factory.mktemp(f"contract{world}")), timeout=150)
+    workdir = str(tmp_path_factory.mktemp(f"contract{world}"))
+    return world, launch("contract", world, workdir, timeout=150), workdir
 
 
 def test_lookups_of_local_and_remote_ids_equal_a_single_store(run):
-    world, results = run
+    world, results, _ = run
     for r in results:
         assert r["lookup_equal"] and r["tensor_equal"] and r["empty_lookup_ok"]
         assert r["owners_asked"] == world  # the IDs asked for live on every rank: remote rows were fetched
 
 
 def test_create_gives_every_id_the_single_store_row_for_every_init(run):
-    world, results = run
+    world, results, _ = run
     for r in results:
         assert r["init_equal"] == {"uniform": True, "xavier": True, "array": True}
         assert r["local_ids_ok"] and r["len"] == 700
@@ -40,14 +44,14 @@ def test_create_gives_every_id_the_single_store_row_for_every_init(run):
 
 
 def test_every_rank_sees_uncommitted_puts_and_adds_of_earlier_calls(run):
-    _, results = run
+    _, results, _ = run
     for r in results:
         assert r["uncommitted_visible"] and r["len_after_add"][0] == r["len_after_add"][1]
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_an_invalid_call_on_one_rank_raises_the_same_class_on_every_rank(run, case):
-    world, results = run
+    world, results, _ = run
     outcomes = {r["errors"][case]["outcome"] for r in results}
     assert len(outcomes) == 1, outcomes  # the same class everywhere
     (outcome,) = outcomes
@@ -56,12 +60,12 @@ def test_an_invalid_call_on_one_rank_raises_the_same_class_on_every_rank(run, ca
 
 
 def test_a_failed_collective_call_changes_nothing_on_any_rank(run):
-    _, results = run
+    _, results, _ = run
     assert all(r["unchanged_after_errors"] for r in results)
 
 
 def test_commit_reopen_rollback_and_commit_every(run):
-    _, results = run
+    _, results, _ = run
     for r in results:
         assert r["commit_count"] == 1 and r["reopened_equal"]
         assert r["rolled_back"] and r["rolled_back_adds_gone"].startswith("UnknownIdError|KeyError")
@@ -70,25 +74,25 @@ def test_commit_reopen_rollback_and_commit_every(run):
 
 
 def test_an_undecided_prepared_commit_is_undone_at_open(run):
-    _, results = run
+    _, results, _ = run
     assert results[0]["prepared_then_recovered"] == [2, 1]  # rank 0 had prepared commit 2; reopened at 1
     assert all(r["recovered"] for r in results)
 
 
 def test_opening_with_another_world_size_names_both_sizes(run):
-    world, results = run
+    world, results, _ = run
     message = results[0]["other_world_size"]
     assert f"world size {world}" in message and "world size 1" in message and "--shards 1" in message
 
 
 def test_read_only_store_reads_committed_rows_and_refuses_writes_on_every_rank(run):
-    _, results = run
+    _, results, _ = run
     for r in results:
         assert r["readonly_equal"] and r["readonly_put"].startswith("ReadOnlyError|PermissionError")
 
 
 def test_sharded_sampler_gives_each_rank_its_own_ids_in_equal_batches(run):
-    world, results = run
+    world, results, _ = run
     samplers = [r["sampler"] for r in results]
     assert len({s["len"] for s in samplers}) == 1 and all(s["batches"] == s["len"] for s in samplers)
     assert len({tuple(s["sizes"]) for s in samplers}) == 1  # the same batch sizes: collectives stay in step
@@ -96,3 +100,14 @@ def test_sharded_sampler_gives_each_rank_its_own_ids_in_equal_batches(run):
         assert s["only_owned"] and s["covers_owned"] and s["unshuffled_is_row_order"]
         assert s["same_without_set_epoch"] and s["reshuffled"] and s["reproducible"]
         assert np.all(np.array(s["sizes"][:-1]) == 16)
+
+
+def test_the_cli_dumps_a_store_sharded_by_real_ranks_in_single_store_row_order(run):
+    _, _, workdir = run
+    sharded, dump, plain = (os.path.join(workdir, name) for name in ("sharded", "dump.lemb", "plain"))
+    assert ok("verify", sharded).stdout.startswith("OK:")
+    ok("dump", sharded, dump)
+    ok("restore", dump, plain)
+    got, single = read_store(plain), read_store(os.path.join(workdir, "single-contract-0"))
+    assert np.array_equal(got["ids"], single["ids"])  # create order, then the ranks' adds in rank order
+    assert got["rows"].tobytes() == single["rows"].tobytes()
