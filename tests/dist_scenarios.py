@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import lmdb_embeddings as le
 from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler, owner_of
+from lmdb_embeddings.distributed.manifest import read_manifest
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
 DIM, CR = 8, 32
@@ -299,7 +300,12 @@ def commit_loop(rank: int, world: int, workdir: str, path: str, min_commit: int,
     """
     ids = np.arange(rows, dtype=np.int64)
     mine = ids[rank::world]  # rows of every owner
+    ahead = []
     if os.path.exists(os.path.join(path, "manifest.json")):
+        manifest = read_manifest(path)
+        with le.EmbeddingStore.open(manifest.shard_path(path, rank), readonly=True) as shard:
+            if shard.attrs["dist.commit"] != manifest.commit:
+                ahead = [rank]  # this shard prepared a commit that was never decided: open must undo it
         store = ShardedEmbeddingStore.open(path, cache_mb=16)
     else:
         store = ShardedEmbeddingStore.create(path, rows, DIM, init="zeros", chunk_rows=256, cache_mb=16)
@@ -308,7 +314,7 @@ def commit_loop(rank: int, world: int, workdir: str, path: str, min_commit: int,
     if len(values) != 1 or float(values[0]) != float(opened) or opened < min_commit:
         raise AssertionError(f"rank {rank}: opened at commit {opened} (at least {min_commit} acknowledged) "
                              f"holding values {values[:5]}")
-    print(f"opened {opened}", flush=True)
+    print(f"opened {opened} ahead {len(ahead)}", flush=True)
     for _ in range(rounds):
         k = store.commit_count + 1
         store.put(mine, np.full((len(mine), DIM), k, np.float32))
