@@ -5,8 +5,16 @@ on every rank and writes nothing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-from dist_harness import launch
+from dist_harness import ROOT, launch, worker_env
+
+from lmdb_embeddings.distributed.manifest import read_manifest
+
+EXAMPLE = os.path.join(ROOT, "examples", "train_sharded.py")
 
 ALL = ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"]
 
@@ -24,3 +32,13 @@ def test_sharded_training_equals_the_single_store_run(tmp_path, world, optimizer
             assert r["resumed"]["rows_close"] and r["resumed"]["state_close"], (where, r["resumed"])
             assert r["nan_step"].startswith("InvalidInputError|ValueError") and r["nan_step_wrote_nothing"], where
     assert sum(r[optimizers[0]]["remote_lookups"] for r in results) > 0  # gradients did travel to owners
+
+
+def test_the_example_runs_under_torchrun(tmp_path):
+    path = str(tmp_path / "sharded")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", EXAMPLE,
+                           "--path", path, "--rows", "3000", "--dim", "8", "--batch-size", "256", "--epochs", "2"],
+                          env=worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 ranks, 3000 rows x 8" in proc.stdout and "epoch 1:" in proc.stdout
+    assert read_manifest(path).commit == 2  # one collective commit per epoch
