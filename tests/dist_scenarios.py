@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 import lmdb_embeddings as le
 from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler, owner_of
+from lmdb_embeddings.distributed import manifest as manifest_module
 from lmdb_embeddings.distributed.manifest import read_manifest
+from lmdb_embeddings.fsutil import fsync_dir
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
 DIM, CR = 8, 32
@@ -35,6 +37,13 @@ def _single(workdir: str, rank: int, name: str, **kwargs) -> le.EmbeddingStore:
 
 def _values(seed, n: int, shift: float = 0.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, DIM)) + shift).astype(np.float32)
+
+
+def _fail_with(exc: Exception):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
 
 
 def _same(a, b) -> bool:
@@ -137,6 +146,44 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     out["prepared_then_recovered"] = [prepared, store.local.attrs["dist.commit"]]
     out["recovered"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 1
 
+    # a shard that cannot commit (disk full on the last rank): CommitError everywhere, every shard back at
+    # the old commit, the changes discarded on every rank; the next commit works
+    store.put(*_puts_of(rank, world, 6.0))
+    if rank == world - 1:
+        store._shard.prepare = _fail_with(le.CommitError("commit failed (disk full, simulated)"))
+    out["prepare_fails"] = _outcome(store.commit)
+    vars(store._shard).pop("prepare", None)  # back to Shard.prepare
+    out["after_failed_prepare"] = [_same(store.get(all_ids), single.get(all_ids)), store.commit_count,
+                                   store.local.attrs["dist.commit"], len(store) == len(single)]
+    # the manifest cannot be written (on the decision rank): the same
+    store.put(*_puts_of(rank, world, 6.0))
+    if rank == 0:
+        manifest_module.open = _fail_with(OSError(28, "No space left on device (simulated)"))
+    out["manifest_fails"] = _outcome(store.commit)
+    vars(manifest_module).pop("open", None)
+    out["after_failed_manifest"] = [_same(store.get(all_ids), single.get(all_ids)), store.commit_count,
+                                    store.local.attrs["dist.commit"]]
+    store.put(*_puts_of(rank, world, 6.0))
+    store.commit()
+    for r in range(world):
+        single.put(*_puts_of(r, world, 6.0))
+    single.commit()
+    out["commit_after_failures"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 2
+    # the manifest is renamed into place but its directory cannot be synced: the commit is made, and every
+    # rank is told that its durability is in doubt
+    store.put(*_puts_of(rank, world, 8.0))
+    if rank == 0:
+        manifest_module.fsync_dir = _fail_with(OSError(5, "Input/output error (simulated)"))
+    out["manifest_sync_fails"] = _outcome(store.commit)
+    manifest_module.fsync_dir = fsync_dir
+    for r in range(world):
+        single.put(*_puts_of(r, world, 8.0))
+    single.commit()
+    out["made_despite_sync_failure"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 3
+
+    # a second writable open while this one holds the shards: refused on every rank
+    out["second_writer"] = _outcome(lambda: ShardedEmbeddingStore.open(path))
+
     # another world size: refused, naming both sizes
     sub = dist.new_group([0])
     if rank == 0:
@@ -165,6 +212,10 @@ def contract(rank: int, world: int, workdir: str) -> dict:
 
     out["sampler"] = _sampler_checks(store, rank, world)
     store.close()
+    if rank == 0:  # a create over a store made for another world size replaces all of its shards
+        ShardedEmbeddingStore.create(os.path.join(workdir, "other"), 10, DIM, overwrite=True, group=sub).close()
+        out["replaced_shards"] = sorted(os.listdir(os.path.join(workdir, "other")))
+    dist.barrier()
     out["closed_get"] = _outcome(lambda: store.get(ask))
     return out
 

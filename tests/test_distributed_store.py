@@ -69,7 +69,7 @@ def test_commit_reopen_rollback_and_commit_every(run):
     for r in results:
         assert r["commit_count"] == 1 and r["reopened_equal"]
         assert r["rolled_back"] and r["rolled_back_adds_gone"].startswith("UnknownIdError|KeyError")
-        assert r["auto_commits"] == 2  # commit_every=2: two collective puts, one more commit
+        assert r["auto_commits"] == 4  # commit_every=2: two collective puts, one more commit
         assert r["closed_get"].startswith("ClosedError")
 
 
@@ -77,6 +77,28 @@ def test_an_undecided_prepared_commit_is_undone_at_open(run):
     _, results, _ = run
     assert results[0]["prepared_then_recovered"] == [2, 1]  # rank 0 had prepared commit 2; reopened at 1
     assert all(r["recovered"] for r in results)
+
+
+def test_a_commit_that_fails_anywhere_fails_everywhere_and_leaves_every_shard_at_the_old_commit(run):
+    _, results, _ = run
+    for case in ("prepare_fails", "manifest_fails", "manifest_sync_fails"):
+        assert {r[case] for r in results} == {"CommitError|ESE"}, case
+    for r in results:
+        assert r["after_failed_prepare"] == [True, 1, 1, True]  # rows, commit, each shard's commit, length
+        assert r["after_failed_manifest"] == [True, 1, 1]
+        assert r["commit_after_failures"]
+        assert r["made_despite_sync_failure"]  # renamed into place = decided: kept, and reported
+
+
+def test_a_second_writer_is_refused_on_every_rank(run):
+    _, results, _ = run
+    assert {r["second_writer"] for r in results} == {"WriterLockedError|ESE"}
+
+
+def test_create_over_a_store_of_another_world_size_replaces_all_its_shards(run):
+    _, results, _ = run
+    listing = results[0]["replaced_shards"]
+    assert listing[0] == "manifest.json" and len(listing) == 2 and listing[1].startswith("shard-00000-")
 
 
 def test_opening_with_another_world_size_names_both_sizes(run):

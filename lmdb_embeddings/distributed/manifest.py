@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import xxhash
 
-from ..errors import CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
+from ..errors import CommitError, CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
 from ..fsutil import fsync_dir
 from ..writer_lock import holder_pid
 
@@ -46,6 +46,10 @@ ROW_COLUMN = "dist.row"  # per-row global position (float64, exact below 2**53 r
 RESERVED_PREFIX = "dist."
 _SHARD_NAME = re.compile(r"^shard-(\d{5})-([0-9a-f]{8})$")
 _TEMP_PREFIX = f".{MANIFEST}.tmp-"
+
+
+class ManifestSyncError(CommitError):
+    """The new manifest was renamed into place (the commit is decided) but syncing its directory failed."""
 
 
 @dataclass
@@ -147,6 +151,10 @@ def write_manifest(root: str, manifest: Manifest) -> None:
     """Make ``manifest`` the store's decision record: temporary file, fsync, rename, fsync the directory.
 
     The rename is the commit point: before it, the old manifest stands; after it, the new one.
+
+    Raises:
+        CommitError: the new manifest could not be written (the old one stands).
+        ManifestSyncError: it was renamed into place, but the directory sync failed.
     """
     manifest.committed_at = time.time()
     tmp = os.path.join(root, f"{_TEMP_PREFIX}{os.getpid()}-{new_token()}")
@@ -156,10 +164,17 @@ def write_manifest(root: str, manifest: Manifest) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, manifest_path(root))
+    except OSError as exc:
+        raise CommitError(f"writing the manifest of commit {manifest.commit} in {root} failed ({exc}); "
+                          "the previous manifest stands") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    fsync_dir(root)
+    try:
+        fsync_dir(root)
+    except OSError as exc:
+        raise ManifestSyncError(f"the manifest of commit {manifest.commit} is in place, but syncing {root} failed "
+                                f"({exc}): an OS crash may still lose that commit") from exc
 
 
 def stale_entries(root: str, manifest: Manifest | None) -> list[str]:

@@ -49,6 +49,7 @@ from .manifest import (
     RESERVED_PREFIX,
     ROW_COLUMN,
     Manifest,
+    ManifestSyncError,
     is_sharded,
     new_token,
     only_stale_entries,
@@ -469,15 +470,17 @@ class ShardedEmbeddingStore:
             self._abandon(error is None)
             c.raise_if_failed(codes, error, f"commit {target} failed, every shard is back at commit "
                                             f"{self._commit} and the changes since were discarded: ")
-        decided = self._manifest_for(target)
-        _, error = attempt(write_manifest, self._path, decided) if c.rank == 0 else (None, None)
-        codes = c.all_gather_ints([error_code(error)])[:, 0]  # phase 2: nobody returns before the decision
-        if codes.any():
+        manifest = self._manifest_for(target)
+        _, error = attempt(write_manifest, self._path, manifest) if c.rank == 0 else (None, None)
+        made = error is None or isinstance(error, ManifestSyncError)  # the rename is the decision
+        gathered = c.all_gather_ints([error_code(error), made])  # phase 2: nobody returns before the decision
+        if not gathered[0, 1]:
             self._abandon(True)
-            c.raise_if_failed(codes, error, f"commit {target} failed (the manifest could not be written), every "
-                                            f"shard is back at commit {self._commit}: ")
-        self._manifest = decided
+            c.raise_if_failed(gathered[:, 0], error, f"commit {target} failed, every shard is back at commit "
+                                                     f"{self._commit}: ")
+        self._manifest = manifest
         self._commit, self._committed_rows, self._changed = target, self._rows, False
+        c.raise_if_failed(gathered[:, 0], error)  # made, but its durability is in doubt: say so everywhere
 
     def _manifest_for(self, commit: int) -> Manifest:
         m = self._manifest
