@@ -181,6 +181,7 @@ class ShardedEmbeddingStore:
         self._since_commit = 0
         self._changed = False  # the same on every rank: every change is a collective call
         self._closed = False
+        self._broken: str | None = None  # why this rank's shard may no longer be used
 
     # ----------------------------------------------------------------- properties
     @property
@@ -434,7 +435,9 @@ class ShardedEmbeddingStore:
         exchange of (id, gradient row); each owner sums the gradients of an ID over all
         ranks and applies the optimizer's row-wise update once, to its shard.
         """
-        _, error = attempt(self._check_writable, "step")
+        _, error = attempt(self._check_open, "step")
+        if error is None:
+            _, error = attempt(self._check_writable, "step")
         if training.owner_step(self._exchange, self._shard.store, optimizer, grads, self.owner_of, error):
             self._changed = True
             self._count_update()
@@ -492,9 +495,10 @@ class ShardedEmbeddingStore:
         """After a failed commit: undo this shard's prepared commit (or drop its pending changes)."""
         if prepared:
             _, error = attempt(self._shard.revert_to, self._commit)
-            if error is not None:
-                log.error("%s: could not undo the prepared commit of rank %d (%s); the next open recovers it",
-                          self._path, self.rank, error)
+            if error is not None:  # this shard is ahead of the others: no further call may use it
+                self._broken = (f"rank {self.rank} could not undo its prepared commit {self._commit + 1} ({error}); "
+                                "close the store and open it again (the open recovers it)")
+                log.error("%s: %s", self._path, self._broken)
         else:
             attempt(self._shard.store.rollback)
         self._rows, self._changed = self._committed_rows, False
@@ -540,6 +544,8 @@ class ShardedEmbeddingStore:
     def _check_open(self, call: str) -> None:
         if self._closed:
             raise ClosedError(f"{call}: the sharded store {self._path} is closed; open it again")
+        if self._broken:
+            raise CorruptionError(f"{call}: {self._path}: {self._broken}")
 
     def _check_writable(self, call: str) -> None:
         if self._readonly:

@@ -11,9 +11,10 @@ which runs :func:`owner_step` on every rank:
    ranks are summed by the update's own coalesce, as torch sums duplicate IDs), reads
    the rows and optimizer state from its shard and computes torch's update
    (``compute_update``); the ranks agree that no update is NaN/inf;
-4. every owner writes its rows and state (``write_update``), step counts included:
-   every shard counts the step, also one that received no gradient, so the per-table
-   step count stays the same everywhere.
+4. every owner writes its rows and state (``write_update``), step counts included.
+   A step counts when any rank had a backward since the last one (as a single store,
+   and torch, count a step whose sparse gradient is empty); every shard counts it, also
+   one that received no gradient, so the per-table step count stays the same everywhere.
 
 The result equals one single-store step over the concatenation of all ranks' batches
 with the sum of their losses (to float rounding: the sums are taken in another order).
