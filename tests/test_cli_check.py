@@ -199,13 +199,13 @@ def test_a_store_from_a_newer_format_is_refused_by_name(tmp_path):
     import lmdb
     import msgpack
 
-    from lmdb_embeddings import store as store_module
+    from lmdb_embeddings.format import records as store_module
 
     path = str(tmp_path / "s")
     le.EmbeddingStore.create(path, 10, 4).close()
     env = lmdb.open(path, max_dbs=64)
     with env.begin(write=True) as txn:  # a future format, with a checksum scheme we do not know
-        record = {"magic": store_module.MAGIC, "format_version": 99, store_module._RECORD_CHECKSUM: 12345}
+        record = {"magic": store_module.MAGIC, "format_version": 99, store_module.RECORD_CHECKSUM: 12345}
         txn.put(b"format", msgpack.packb(record), db=env.open_db(b"meta", txn=txn))
     env.close()
     for command in (("info", path), ("verify", path), ("dump", path, str(tmp_path / "d")), ("compact", path)):

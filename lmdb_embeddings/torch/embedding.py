@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, InvalidTypeError
-from ..inputs import as_ids, to_numpy
+from ..core.inputs import as_ids, to_numpy
 from ..store import EmbeddingStore
 
 

@@ -1,27 +1,22 @@
-"""Checking a store (``verify``) and describing it (``info``), without opening it for writing.
+"""``verify``: check every chunk and the metadata of a store, without opening it for writing.
 
-Both read one consistent snapshot, so they are safe while a writer trains. ``verify``
-reads every chunk of every column and of the IDs, checks checksums, row counts, chunk
-versions, that no chunk lies beyond the last row, that the IDs are unique, and that the
-metadata parses; it keeps going after a bad chunk so the report lists all of them.
+It reads one consistent snapshot, so it is safe while a writer trains. It reads every
+chunk of every column and of the IDs, checks checksums, row counts, chunk versions, that
+no chunk lies beyond the last row, that the IDs are unique, and that the metadata parses; it keeps going after a bad chunk so the report lists all of them.
 Memory: one chunk at a time, plus the IDs (8 bytes per row) for the uniqueness check.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import numpy as np
 
-from . import chunk_codec, environment
-from .errors import CorruptionError
-from .fsutil import dir_size
+from ..errors import CorruptionError
+from ..format.chunks import ID_DTYPE, chunk_key, key_index
+from ..format.records import MAIN, check_store_dir
+from ..format.snapshot import Snapshot
 from .progress import bar
-from .snapshot import Snapshot, check_store_dir
-from .store import FORMAT_VERSION, MAIN
-from .table_layout import ID_DTYPE
-from .writer_lock import holder_pid
 
 _SHOWN_DUPLICATES = 10
 
@@ -70,16 +65,16 @@ def verify_store(path: str, *, progress: bool = False) -> dict:
 
 def _check_value(snap, problem, part, db, chunk, width, dtype, n, required, commit):
     """Decode one chunk value; record what is wrong with it; return its rows or None."""
-    value = snap.get(db, chunk)
-    if value is None:
-        if required:
-            problem(part, chunk, "missing")
-        return None
     try:
-        header, rows = chunk_codec.decode_chunk(value, chunk, width, dtype)
+        found = snap.read(db, chunk, width, dtype)
     except CorruptionError as exc:
         problem(part, chunk, str(exc).split(": ", 1)[-1])
         return None
+    if found is None:
+        if required:
+            problem(part, chunk, "missing")
+        return None
+    header, rows = found
     if len(rows) > n or (required and len(rows) != n):
         problem(part, chunk, f"holds {len(rows)} rows, expected {n}")
         return None
@@ -96,11 +91,11 @@ def _check_extra_chunks(snap, problem, n_chunks: int) -> None:
         if db is None:
             continue
         with snap.txn.cursor(db=db) as cursor:
-            if not cursor.set_range(chunk_codec.chunk_key(n_chunks)):
+            if not cursor.set_range(chunk_key(n_chunks)):
                 continue
             for key in cursor.iternext(values=False):
                 try:
-                    index = chunk_codec.key_index(key)
+                    index = key_index(key)
                 except Exception:
                     problem(part, None, f"unexpected key {bytes(key)!r}")
                     continue
@@ -115,45 +110,3 @@ def _check_unique(ids: np.ndarray, problem) -> None:
     if len(dup):
         shown = ", ".join(str(int(x)) for x in dup[:_SHOWN_DUPLICATES])
         problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown}")
-
-
-def store_info(path: str) -> dict:
-    """What ``info`` prints: the table, its last commit, LMDB's own figures and the writer."""
-    path = os.path.abspath(path)
-    check_store_dir(path)
-    with Snapshot(path) as snap:
-        layout = snap.layout
-        env = snap.shared_env.env
-        txn = snap.txn
-        stats = [env.stat()]
-        names = [bytes(k) for k in txn.cursor().iternext(values=False)]
-        for name in names:
-            handle = snap.shared_env.cached_db(name)
-            if handle is not None:
-                stats.append(txn.stat(handle))
-        lmdb_info = env.info()
-        psize = stats[0]["psize"]
-        pages_in_use = lmdb_info["last_pgno"] + 1
-        table_pages = sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
-        holder = holder_pid(path)
-        when = layout.committed_at
-        data_file = os.path.join(path, environment.DATA_FILE)
-        return {
-            "path": path, "rows": layout.rows, "dim": layout.dim, "dtype": layout.dtype.name,
-            "chunk_rows": layout.chunk_rows, "chunks": layout.n_chunks,
-            "columns": {c.name: c.describe() for c in layout.aux_columns()},
-            "format_version": FORMAT_VERSION, "commit_count": layout.commit,
-            "last_commit": (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
-                                 if isinstance(when, (int, float)) else None),
-            "last_commit_unix": when,
-            "attrs": sorted(layout.attrs),
-            "bytes_on_disk": dir_size(path), "data_file_bytes": os.path.getsize(data_file),
-            "table_bytes": layout.rows * (layout.row_bytes + ID_DTYPE.itemsize),
-            "lmdb": {"page_size": psize, "map_size": lmdb_info["map_size"], "pages_in_use": pages_in_use,
-                     "pages_in_tables": table_pages, "free_pages": max(0, pages_in_use - 2 - table_pages),
-                     "readers": lmdb_info["num_readers"], "max_readers": lmdb_info["max_readers"],
-                     "databases": [n.decode(errors="replace") for n in names]},
-            "writer_pid": holder, "writer_active": holder is not None,
-            "init": layout.config.get("init"), "seed": layout.config.get("seed"),
-        }
-

@@ -21,10 +21,10 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import EmbeddingStoreError, InvalidInputError
-from .inputs import as_dtype
-from .store import MAIN
-from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
+from ..core.inputs import as_dtype
+from ..errors import EmbeddingStoreError, InvalidInputError
+from .layout import ID_DTYPE, ColumnSpec, TableLayout
+from .records import MAIN
 
 IDS_FILE, EMBEDDINGS_FILE, TABLE_FILE = "ids.npy", "embeddings.npy", "table.json"
 NPY_FORMAT = "lmdb_embeddings-npy"

@@ -1,22 +1,23 @@
-"""The ``lmdb-embeddings`` command-line tool.
+"""The sub-commands of ``lmdb-embeddings``: parse, call the library function, print.
 
-Each sub-command lives in a function ``cmd_<name>`` that parses nothing and prints the
-result; the work is done by the library modules (backup, store_check, compaction,
-cosir_import). Exit codes: 0 ok, 1 a check failed (verify found problems, a store is
-corrupt), 2 usage or input error. Errors print ONE line to stderr, never a traceback;
-``--traceback`` shows it for unexpected errors when debugging.
+Each sub-command lives in a function ``cmd_<name>`` that prints the result; the work is
+done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import). Exit
+codes: 0 ok, 1 a check failed (verify found problems, a store is corrupt), 2 usage or
+input error. Errors print ONE line to stderr, never a traceback; ``--traceback`` shows it
+for unexpected errors when debugging.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 
-from . import progress
-from .errors import CorruptionError, EmbeddingStoreError
+from ..errors import CorruptionError, EmbeddingStoreError
+from ..ops import compact_store, dump_store, restore_store, store_info, verify_store
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -33,17 +34,12 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(path=args.path, rows=args.rows, dim=args.dim, batch_size=args.batch_size,
-             workers=args.workers, epochs=args.epochs, keep=args.keep)
-    return EXIT_OK
+def progress_wanted(quiet: bool) -> bool:
+    """A bar is shown only on a terminal and without ``--quiet``."""
+    return not quiet and sys.stderr.isatty()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store_check import store_info
-
     info = store_info(args.path)
     if args.json:
         _print_json(info)
@@ -71,9 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .backup import dump_store
-
-    result = dump_store(args.path, args.out, fmt=args.format, progress=progress.wanted(args.quiet))
+    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet))
     if not args.quiet:
         print(f"dumped {result['rows']} rows ({', '.join(result['columns'])}) of commit {result['commit']} "
               f"to {result['out']} ({_human_bytes(result['bytes'])}, {result['seconds']:.2f} s)")
@@ -81,11 +75,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .backup import restore_store
-
     fmt = None if args.format == "auto" else args.format
     result = restore_store(args.input, args.path, force=args.force, fmt=fmt, chunk_rows=args.chunk_rows,
-                           progress=progress.wanted(args.quiet))
+                           progress=progress_wanted(args.quiet))
     if not args.quiet:
         action = "replaced" if result["replaced"] else "created"
         print(f"{action} {result['path']}: {result['rows']} x {result['dim']} {result['dtype']} "
@@ -94,9 +86,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .store_check import verify_store
-
-    report = verify_store(args.path, progress=progress.wanted(args.quiet))
+    report = verify_store(args.path, progress=progress_wanted(args.quiet))
     if args.json:
         _print_json(report)
     elif report["ok"]:
@@ -112,9 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from .compaction import compact_store
-
-    result = compact_store(args.path, progress=progress.wanted(args.quiet))
+    result = compact_store(args.path, progress=progress_wanted(args.quiet))
     if not args.quiet:
         if result["compacted"]:
             print(f"compacted {result['path']}: {_human_bytes(result['bytes_before'])} -> "
@@ -125,9 +113,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_import_cosir(args: argparse.Namespace) -> int:
-    from .cosir_import import import_cosir
-
-    result = import_cosir(args.dir, args.path, progress=progress.wanted(args.quiet), overwrite=args.force,
+    # the .pt reader needs torch, which the rest of the CLI never imports: load it only for this command
+    import_cosir = importlib.import_module("lmdb_embeddings.compat.cosir_files").import_cosir
+    result = import_cosir(args.dir, args.path, progress=progress_wanted(args.quiet), overwrite=args.force,
                           chunk_rows=args.chunk_rows)
     if not args.quiet:
         print(f"imported {result['rows']} rows x {result['dim']} ({result['dtype']}) from {result['files']} "
@@ -149,15 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no progress bars and no summary lines")
         p.set_defaults(func=func)
         return p
-
-    demo = command("demo", cmd_demo, "train one epoch against a 1M x 64 store with 2 DataLoader workers")
-    demo.add_argument("--path", default=None, help="store directory (default: a new temporary directory)")
-    demo.add_argument("--rows", type=int, default=1_000_000)
-    demo.add_argument("--dim", type=int, default=64)
-    demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--epochs", type=int, default=1)
-    demo.add_argument("--keep", action="store_true", help="keep the store directory afterwards")
 
     info = command("info", cmd_info, "describe a store: rows, dim, dtype, chunks, disk use, last commit, writer")
     info.add_argument("path", metavar="PATH")

@@ -12,7 +12,8 @@ import fcntl
 import os
 import weakref
 
-from .errors import WriterLockedError
+from ..errors import WriterLockedError
+from . import fork
 
 LOCK_FILE = "writer.lock"
 _held: weakref.WeakSet[WriterLock] = weakref.WeakSet()
@@ -33,7 +34,7 @@ class WriterLock:
             same = " (this process: close the other handle first)" if holder == os.getpid() else ""
             raise WriterLockedError(
                 f"{os.path.dirname(self.path)} is already open for writing by pid {holder}{same}; "
-                "open it with readonly=True, or close the writer first"
+                "open it with readonly=True, or close the writer first", holder_pid=holder,
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -54,26 +55,6 @@ class WriterLock:
         if self.fd is not None:
             os.close(self.fd)  # drops only the child's reference; the parent keeps its lock
             self.fd = None
-
-
-def replace_store(new: str, path: str) -> None:
-    """Put the finished store directory ``new`` at ``path`` (create, restore, import).
-
-    If a store is already there, its writer lock is held during the swap, so no writer is
-    working on the store being replaced (``WriterLockedError`` naming the holder otherwise).
-    """
-    from .environment import DATA_FILE
-    from .fsutil import replace_dir
-
-    if not os.path.exists(os.path.join(path, DATA_FILE)):
-        replace_dir(new, path)
-        return
-    lock = WriterLock(path)
-    lock.acquire()
-    try:
-        replace_dir(new, path)
-    finally:
-        lock.release()
 
 
 def holder_pid(directory: str) -> int | None:
@@ -100,9 +81,7 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
+@fork.in_child
 def _after_fork_in_child() -> None:
     for lock in list(_held):
         lock._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

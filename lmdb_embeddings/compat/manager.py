@@ -21,27 +21,30 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import environment
-from .errors import EmbeddingStoreError, InvalidInputError, UnknownIdError, WriterLockedError
-from .fsutil import dir_size, fsync_dir, replace_dir, sibling_temp
-from .initializers import INIT_KINDS
-from .inputs import as_ids, as_positive_int, to_numpy
-from .store import EmbeddingStore, is_store
-from .writer_lock import holder_pid
+from ..core.init import INIT_KINDS
+from ..core.inputs import as_ids, as_positive_int, to_numpy
+from ..errors import EmbeddingStoreError, InvalidInputError, UnknownIdError, WriterLockedError
+from ..format.records import DATA_FILE, is_store
+from ..fsutil import dir_size, fsync_dir
+from ..processes import environment
+from ..processes.staging import StagedStore
+from ..processes.writer_lock import holder_pid
+from ..store import EmbeddingStore
+from .cosir_files import find_chunk_files, import_cosir
+from .statistics import embedding_statistics
 
 log = logging.getLogger(__name__)
 
 STORE_DIRNAME = "embeddings.lmdb"
 STORAGE_MODES = ("memory", "disk")
 _MIB = 1 << 20
-_STATS_GROUP_BYTES = 32 << 20  # rows decoded at once by whole-table passes
+_LOAD_GROUP_BYTES = 32 << 20  # rows decoded at once by memory mode's first pass
 
 
 class UnknownSampleError(UnknownIdError, ValueError):
@@ -145,8 +148,6 @@ class TrainableEmbeddingManager:
                 log.info("%s keeps its chunk size %d (chunk_size=%d ignored)", path, self._store.chunk_rows,
                          chunk_size)
         else:
-            from .cosir_import import find_chunk_files, import_cosir
-
             if find_chunk_files(self.embeddings_dir, required=False):
                 log.info("importing the original embeddings_chunk_*.pt files of %s into %s (done once; "
                          "the .pt files are left as they are)", self.embeddings_dir, path)
@@ -194,7 +195,7 @@ class TrainableEmbeddingManager:
         try:
             store = EmbeddingStore.open(path, **options)
         except WriterLockedError as exc:
-            if f"pid {os.getpid()}" in str(exc):
+            if exc.holder_pid == os.getpid():
                 raise WriterLockedError(
                     f"{self.embeddings_dir} is still open in this process (another TrainableEmbeddingManager or "
                     "EmbeddingStore writer): call close() on the first manager (or use it in a `with` block) "
@@ -216,7 +217,7 @@ class TrainableEmbeddingManager:
 
     def _load_all(self) -> None:
         """Memory mode: make every chunk resident now (the L1 budget holds the whole table)."""
-        step = self.chunk_size * max(1, _STATS_GROUP_BYTES // max(1, self.chunk_size * self.embedding_dim * 4))
+        step = self.chunk_size * max(1, _LOAD_GROUP_BYTES // max(1, self.chunk_size * self.embedding_dim * 4))
         for lo in range(0, len(self._ids), step):
             self._store.get(self._ids[lo : lo + step])
 
@@ -425,36 +426,8 @@ class TrainableEmbeddingManager:
         }
 
     def get_embedding_statistics(self) -> dict:
-        """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory).
-
-        Means and variances are merged group by group (Chan et al.), so they stay exact even
-        when the spread is tiny next to the mean (e.g. unit-norm rows).
-        """
-        n, dim = len(self._ids), self.embedding_dim
-        dims, norms = _Moments(dim), _Moments(1)
-        lo_v = np.full(dim, np.inf)
-        hi_v = np.full(dim, -np.inf)
-        step = max(1, _STATS_GROUP_BYTES // (dim * 8))
-        for lo in range(0, n, step):
-            rows = self._store.get(self._ids[lo : lo + step]).astype(np.float64)
-            dims.add(rows)
-            norms.add(np.sqrt((rows * rows).sum(1, keepdims=True)))
-            np.minimum(lo_v, rows.min(0), out=lo_v)
-            np.maximum(hi_v, rows.max(0), out=hi_v)
-
-        def cpu(a):
-            return torch.from_numpy(np.asarray(a, dtype=self._store.dtype))
-
-        return {
-            "mean_norm": float(norms.mean[0]),
-            "std_norm": float(norms.std()[0]),
-            "mean_values": cpu(dims.mean),
-            "std_values": cpu(dims.std()),
-            "min_values": cpu(lo_v),
-            "max_values": cpu(hi_v),
-            "num_frozen": 0,  # this manager has no frozen rows
-            "total_samples": n,
-        }
+        """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory)."""
+        return embedding_statistics(self._store, self._ids)
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -487,34 +460,6 @@ class TrainableEmbeddingManager:
         return f"TrainableEmbeddingManager({str(self.embeddings_dir)!r}, {self.storage_mode}, {state})"
 
 
-class _Moments:
-    """Running count, mean and centered sum of squares per column, merged group by group."""
-
-    def __init__(self, width: int):
-        self.n = 0
-        self.mean = np.full(width, np.nan)
-        self.m2 = np.zeros(width)
-
-    def add(self, rows: np.ndarray) -> None:
-        k = len(rows)
-        if k == 0:
-            return
-        mean = rows.mean(0)
-        m2 = ((rows - mean) ** 2).sum(0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = k, mean, m2
-            return
-        total = self.n + k
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (k / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.n * k / total)
-        self.n = total
-
-    def std(self) -> np.ndarray:
-        """Unbiased standard deviation (torch.std's default); NaN for fewer than two rows."""
-        return np.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else np.full(len(self.m2), np.nan)
-
-
 def _last_wins(ids: np.ndarray, values):
     """Drop all but the last occurrence of repeated IDs (vectorized; no-op without repeats)."""
     if len(ids) < 2:
@@ -530,20 +475,17 @@ def _last_wins(ids: np.ndarray, values):
 
 
 def _copy_committed_store(src: str, target: str) -> None:
-    """Consistent compacted copy of the committed state of ``src`` at ``target`` (atomic swap)."""
-    tmp = sibling_temp(target, "saving")
-    os.mkdir(tmp)
-    shared = environment.acquire(src, write=False)
-    try:
-        shared.env.copy(tmp, compact=True)
-        fd = os.open(os.path.join(tmp, environment.DATA_FILE), os.O_RDONLY)
+    """Consistent compacted copy of the committed state of ``src`` at ``target`` (built beside, swapped in)."""
+    with StagedStore(target, "saving") as stage:
+        shared = environment.acquire(src, write=False)
+        try:
+            shared.env.copy(stage.tmp, compact=True)
+        finally:
+            environment.release(shared)
+        fd = os.open(os.path.join(stage.tmp, DATA_FILE), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        fsync_dir(tmp)
-        replace_dir(tmp, target)
-    finally:
-        environment.release(shared)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(stage.tmp)
+        stage.swap_in()

@@ -16,10 +16,11 @@ import os
 import lmdb
 import numpy as np
 
-from . import chunk_codec, environment
-from .errors import CorruptionError, NotAStoreError, StoreNotFoundError
-from .store import IDS_DB, MAIN, META_DB, column_db_name, read_metadata
-from .table_layout import ID_DTYPE, ColumnSpec, TableLayout
+from ..errors import CorruptionError, NotAStoreError
+from ..processes import environment
+from .chunks import read_chunk, read_id_chunk
+from .layout import ColumnSpec, TableLayout
+from .records import DATA_FILE, IDS_DB, MAIN, META_DB, check_store_dir, column_db_name, read_metadata
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
@@ -32,29 +33,9 @@ except (OSError, AttributeError):  # pragma: no cover - non-Linux
     _madvise = None
 
 
-def check_store_dir(path: str) -> None:
-    """Raise the right error if ``path`` holds no store."""
-    if not os.path.exists(path):
-        raise StoreNotFoundError(f"no store at {path} (the path does not exist)")
-    if not os.path.isdir(path):
-        raise NotAStoreError(f"{path} is not a store directory (it is a file)")
-    if not os.path.isfile(os.path.join(path, environment.DATA_FILE)):
-        raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {environment.DATA_FILE} in it)")
-
-
 def read_layout(txn, meta_db, path: str) -> TableLayout:
-    """The table's layout from the metadata records, checked like ``EmbeddingStore.open`` does."""
-    config, state = read_metadata(txn, meta_db, path)
-    try:
-        columns = {MAIN: {"width": config["dim"], "dtype": config["dtype"], "fill": 0.0}}
-        columns.update({n: d for n, d in dict(state.get("columns", {})).items() if n != MAIN})
-        record = {"chunk_rows": config["chunk_rows"], "rows": state["rows"], "config": config,
-                  "columns": [{"name": n, **d} for n, d in columns.items()],
-                  "attrs": state.get("attrs", {}), "commit": state["commit"],
-                  "committed_at": state.get("committed_at")}
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CorruptionError(f"{path}: the config/state metadata is damaged (missing {exc})") from None
-    return TableLayout.from_record(record, CorruptionError, path)
+    """The table's layout from the metadata records, checked as ``EmbeddingStore.open`` checks them."""
+    return TableLayout.from_metadata(*read_metadata(txn, meta_db, path), path)
 
 
 def _mappings_of(path: str) -> list[tuple[int, int]]:
@@ -131,23 +112,18 @@ class Snapshot:
     def shared_env(self) -> environment.SharedEnv:
         return self._shared
 
-    def get(self, db, chunk: int):
-        """The raw value of chunk ``chunk`` in ``db`` (None if absent or ``db`` is None)."""
-        value = self._txn.get(chunk_codec.chunk_key(chunk), db=db) if db is not None else None
-        if value is not None:
-            self._read_bytes += len(value) + (1 << 20)  # + the fault-around of each lookup
-        return value
+    def read(self, db, chunk: int, width: int, dtype: np.dtype, where: str = ""):
+        """The checked ``(header, row view)`` of chunk ``chunk`` in ``db``, or None if never written."""
+        found = read_chunk(self._txn, db, chunk, width, dtype, where)
+        if found is not None:
+            self._read_bytes += found[0].payload_len + (1 << 20)  # + the fault-around of each lookup
+        return found
 
     def ids_chunk(self, chunk: int) -> np.ndarray:
         """IDs of chunk ``chunk`` (a view into the map; valid while the snapshot is open)."""
-        value = self.get(self._ids_db, chunk)
-        if value is None:
-            raise CorruptionError(f"{self.path}: id chunk {chunk} is missing")
-        _, rows = chunk_codec.decode_chunk(value, chunk, 1, ID_DTYPE, " (ids)")
         n = self.layout.chunk_len(chunk)
-        if len(rows) != n:
-            raise CorruptionError(f"{self.path}: id chunk {chunk} holds {len(rows)} ids, expected {n}")
-        return rows[:, 0]
+        self._read_bytes += 8 * n + (1 << 20)
+        return read_id_chunk(self._txn, self._ids_db, chunk, n, self.path)
 
     def column_chunk(self, chunk: int, column: ColumnSpec) -> np.ndarray:
         """Rows of ``column`` in chunk ``chunk``, as a reader of the store would see them.
@@ -156,13 +132,13 @@ class Snapshot:
         completed with the column's ``fill``, exactly as ``EmbeddingStore`` reads them.
         """
         n = self.layout.chunk_len(chunk)
-        value = self.get(self._dbs.get(column.name), chunk)
         where = "" if column.name == MAIN else f" of column {column.name!r}"
-        if value is None:
+        found = self.read(self._dbs.get(column.name), chunk, column.width, column.dtype, where)
+        if found is None:
             if column.name == MAIN:
                 raise CorruptionError(f"{self.path}: chunk {chunk} is missing from the store")
             return np.full((n, column.width), column.fill, column.dtype)
-        _, rows = chunk_codec.decode_chunk(value, chunk, column.width, column.dtype, where)
+        rows = found[1]
         if len(rows) > n:
             raise CorruptionError(f"{self.path}: chunk {chunk}{where} holds {len(rows)} rows, expected {n}")
         if len(rows) < n:
@@ -185,7 +161,7 @@ class Snapshot:
             return
         self._read_bytes = 0
         # looked up each time: the map moves if this process's environment was resized
-        for lo, hi in _mappings_of(os.path.join(self._shared.path, environment.DATA_FILE)):
+        for lo, hi in _mappings_of(os.path.join(self._shared.path, DATA_FILE)):
             _madvise(lo, hi - lo, _MADV_DONTNEED)
 
     def close(self) -> None:

@@ -15,9 +15,10 @@ from contextlib import contextmanager
 
 import lmdb
 
-from .errors import CorruptionError, EmbeddingStoreError
+from ..errors import CorruptionError, EmbeddingStoreError
+from ..format.records import DATA_FILE
+from . import fork
 
-DATA_FILE = "data.mdb"
 MAX_DBS = 64
 MAX_READERS = 2048
 MIN_MAP_SIZE = 256 << 20
@@ -231,10 +232,8 @@ def is_open_here(path: str) -> bool:
     return _realpath(path) in _registry
 
 
+@fork.in_child
 def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()  # the parent may have held it while forking
     _drop_inherited()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -13,15 +13,15 @@ import logging
 import os
 import pickle
 import re
-import shutil
 
 import numpy as np
+import torch
 
-from .errors import EmbeddingStoreError, InvalidInputError
-from .fsutil import sibling_temp
-from .inputs import SUPPORTED_DTYPES, as_positive_int
-from .store import EmbeddingStore, check_replace_target
-from .writer_lock import replace_store
+from ..core.inputs import SUPPORTED_DTYPES, as_positive_int
+from ..errors import EmbeddingStoreError, InvalidInputError
+from ..ops.progress import bar
+from ..processes.staging import StagedStore, check_replace_target
+from ..store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ def find_chunk_files(src_dir, required: bool = True) -> list[tuple[int, str]]:
 
 def load_chunk_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, rows)`` of one original chunk file, in the file's key order."""
-    import torch
-
     name = os.path.basename(path)
     try:
         with torch.serialization.safe_globals(_numpy_int_globals()):
@@ -146,47 +144,52 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
     if chunk_rows is not None:
         chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
     check_replace_target(dst_path, overwrite, "pass overwrite=True (CLI: --force)")
-    tmp = sibling_temp(dst_path, "importing")
+    with StagedStore(dst_path, "importing") as stage:
+        summary = _import_into(stage.tmp, files, src_dir, dtype, chunk_rows, progress)
+        summary["path"] = dst_path
+        stage.swap_in()
+    log.info("imported %d rows x %d from %d chunk files of %s into %s", summary["rows"], summary["dim"],
+             len(files), src_dir, dst_path)
+    return summary
+
+
+def _import_into(tmp: str, files: list, src_dir, dtype, chunk_rows: int | None, progress: bool) -> dict:
+    """Append every file's rows to a new store in ``tmp``; returns the import summary."""
     store = None
     rows_total, dim, since_commit = 0, None, 0
     try:
-        from tqdm.auto import tqdm
-
-        for _, path in tqdm(files, desc="import-cosir", unit="file", disable=not progress):
-            ids, rows = load_chunk_file(path)
-            if len(ids) == 0:
-                continue
-            if dim is None:
-                dim = rows.shape[1]
-                dtype = dtype if dtype is not None else (
-                    rows.dtype.name if rows.dtype.name in SUPPORTED_DTYPES else "float32")
-                store = _start_store(tmp, path, ids, rows, dtype, chunk_rows or len(ids))
-            else:
-                if rows.shape[1] != dim:
-                    raise CosirImportError(f"{os.path.basename(path)}: rows of dim {rows.shape[1]}, but earlier "
-                                           f"files have dim {dim} (mixed dims in one directory)")
-                _append(store, path, ids, rows)
-            rows_total += len(ids)
-            since_commit += rows.nbytes
-            if since_commit >= _COMMIT_BYTES:
-                store.commit()
-                since_commit = 0
+        with bar(len(files), "import-cosir", progress, unit="file") as pbar:
+            for _, path in files:
+                pbar.update(1)
+                ids, rows = load_chunk_file(path)
+                if len(ids) == 0:
+                    continue
+                if dim is None:
+                    dim = rows.shape[1]
+                    dtype = dtype if dtype is not None else (
+                        rows.dtype.name if rows.dtype.name in SUPPORTED_DTYPES else "float32")
+                    store = _start_store(tmp, path, ids, rows, dtype, chunk_rows or len(ids))
+                else:
+                    if rows.shape[1] != dim:
+                        raise CosirImportError(f"{os.path.basename(path)}: rows of dim {rows.shape[1]}, but "
+                                               f"earlier files have dim {dim} (mixed dims in one directory)")
+                    _append(store, path, ids, rows)
+                rows_total += len(ids)
+                since_commit += rows.nbytes
+                if since_commit >= _COMMIT_BYTES:
+                    store.commit()
+                    since_commit = 0
         if store is None:
             raise CosirImportError(f"{src_dir}: the chunk files hold no rows (nothing to import)")
         summary = {"files": len(files), "rows": rows_total, "dim": dim, "dtype": store.dtype.name,
-                   "chunk_rows": store.chunk_rows, "path": dst_path}
+                   "chunk_rows": store.chunk_rows}
         store.close()
         store = None
-        replace_store(tmp, dst_path)
+        return summary
     finally:
         if store is not None:
             store.rollback()
             store.close()
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("imported %d rows x %d from %d chunk files of %s into %s", rows_total, dim, len(files),
-             src_dir, dst_path)
-    return summary
 
 
 def _start_store(tmp: str, path: str, ids: np.ndarray, rows: np.ndarray, dtype, chunk_rows: int) -> EmbeddingStore:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EmbeddingStoreError
-from .inputs import as_dtype
-from .store import MAIN
+from ..core.inputs import as_dtype
+from ..errors import CorruptionError, EmbeddingStoreError
+from .chunks import ID_DTYPE
+from .records import MAIN
 
-ID_DTYPE = np.dtype("<i8")
+__all__ = ["ColumnSpec", "TableLayout", "ID_DTYPE"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ class TableLayout:
             "columns": [{"name": c.name, **c.describe()} for c in self.columns],
             "config": self.config, "attrs": self.attrs, "commit": self.commit, "committed_at": self.committed_at,
         }
+
+    @classmethod
+    def from_metadata(cls, config: dict, state: dict, path: str) -> TableLayout:
+        """The layout a store's ``config`` and ``state`` records describe (``CorruptionError`` if damaged)."""
+        try:
+            columns = {MAIN: {"width": config["dim"], "dtype": config["dtype"], "fill": 0.0}}
+            columns.update({n: d for n, d in dict(state.get("columns", {})).items() if n != MAIN})
+            record = {"chunk_rows": config["chunk_rows"], "rows": state["rows"], "config": config,
+                      "columns": [{"name": n, **d} for n, d in columns.items()],
+                      "attrs": state.get("attrs", {}), "commit": state["commit"],
+                      "committed_at": state.get("committed_at")}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CorruptionError(f"{path}: the store configuration (config/state records) is damaged "
+                                  f"(missing {exc})") from None
+        return cls.from_record(record, CorruptionError, path)
 
     @classmethod
     def from_record(cls, record, error: type[EmbeddingStoreError], what: str) -> TableLayout:

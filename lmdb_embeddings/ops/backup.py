@@ -16,23 +16,22 @@ import time
 
 import lmdb
 
-from . import dump_file, npy_dir
-from .errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
-from .fsutil import fsync_dir, remove_stale_temps, sibling_temp
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from ..format import dump_file, npy_dir
+from ..format.builder import StoreBuilder
+from ..format.chunks import ID_DTYPE
+from ..format.records import check_store_dir
+from ..format.snapshot import Snapshot
+from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
+from ..processes.staging import StagedStore, check_replace_target
+from ..version import __version__
 from .progress import bar
-from .snapshot import Snapshot, check_store_dir
-from .store import check_replace_target
-from .store_builder import StoreBuilder
-from .store_check import verify_store
-from .table_layout import ID_DTYPE
-from .writer_lock import replace_store
+from .verify import verify_store
 
 FORMATS = ("native", "npy")
 
 
 def _source(path: str, snap: Snapshot) -> dict:
-    from . import __version__
-
     return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
 
 
@@ -166,47 +165,43 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
         layout, checksums = npy_dir.read_layout(src, chunk_rows)
         reader = npy_dir.NpyTableReader(src, layout, checksums)
         id_chunks, chunks = reader.id_chunks, reader.chunks
-    remove_stale_temps(path, "restoring")
-    tmp = sibling_temp(path, "restoring")
-    builder = None
     try:
-        try:
-            builder = StoreBuilder(tmp, layout)
-            with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
-                for chunk, ids in id_chunks():
-                    builder.add_ids(chunk, ids)
-                for chunk, parts in chunks():
-                    builder.add_chunk(chunk, parts)
-                    pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
-            builder.finish()
-        except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
-            raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
-                                      "changed at the target") from None
-        finally:
-            if builder is not None:
-                builder.close()
-            reader.close()
-        report = verify_store(tmp, progress=progress)
-        if not report["ok"]:
-            first = report["problems"][0]
-            where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
-            raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
-                                  f"({where}{first['part']}: {first['error']})")
-        _swap_in(tmp, path, replacing)
+        with StagedStore(path, "restoring") as stage:
+            _build_from(id_chunks, chunks, layout, stage.tmp, path, progress)
+            report = verify_store(stage.tmp, progress=progress)
+            if not report["ok"]:
+                first = report["problems"][0]
+                where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
+                raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
+                                      f"({where}{first['part']}: {first['error']})")
+            if not replacing and os.path.exists(path) and os.listdir(path):
+                raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
+            stage.swap_in()
+    except WriterLockedError as exc:
+        raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced",
+                                holder_pid=exc.holder_pid) from None
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        reader.close()
     return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
             "dtype": layout.dtype.name, "columns": [c.name for c in layout.columns], "replaced": replacing,
             "seconds": time.perf_counter() - started}
 
 
-def _swap_in(tmp: str, path: str, replacing: bool) -> None:
-    """Put the finished store at ``path``; an old store is held against writers while it is replaced."""
-    if not replacing and os.path.exists(path) and os.listdir(path):
-        raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
+def _build_from(id_chunks, chunks, layout, tmp: str, path: str, progress: bool) -> None:
+    """Stream a dump's IDs and chunks into a new store in ``tmp``."""
+    builder = None
     try:
-        replace_store(tmp, path)
-    except WriterLockedError as exc:
-        raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced") \
-            from None
+        builder = StoreBuilder(tmp, layout)
+        with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
+            for chunk, ids in id_chunks():
+                builder.add_ids(chunk, ids)
+            for chunk, parts in chunks():
+                builder.add_chunk(chunk, parts)
+                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
+        builder.finish()
+    except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
+        raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
+                                  "changed at the target") from None
+    finally:
+        if builder is not None:
+            builder.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidInputError, UnknownIdError
+from ..errors import InvalidInputError, UnknownIdError
 
 _SHOWN_MISSING = 10
 

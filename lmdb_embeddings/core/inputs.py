@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InvalidInputError, InvalidTypeError
+from ..errors import InvalidInputError, InvalidTypeError
 
 _INT64_MAX = np.iinfo(np.int64).max
 SUPPORTED_DTYPES = ("float32", "float16", "float64")

@@ -1,7 +1,7 @@
-"""Building a complete store from a stream of chunks (restore, imports).
+"""Building a complete store from a stream of chunks (create, restore, imports).
 
 The store is written into a directory that is not yet visible at its final path (the
-caller swaps it in with ``fsutil.replace_dir`` once it is complete and verified). Chunks
+caller swaps it in with ``processes.staging`` once it is complete and verified). Chunks
 arrive in order and are appended in write transactions of bounded size, so memory stays
 bounded whatever the table size; the metadata records go last, so a directory without
 them is never mistaken for a store.
@@ -14,12 +14,14 @@ import time
 import lmdb
 import numpy as np
 
-from . import chunk_codec, environment
-from .errors import EmbeddingStoreError
-from .fsutil import fsync_dir
-from .initializers import NORMAL_STD
-from .store import FORMAT_VERSION, IDS_DB, MAGIC, META_DB, column_db_name, pack_record
-from .table_layout import ID_DTYPE, TableLayout
+from ..core import init
+from ..errors import EmbeddingStoreError
+from ..fsutil import fsync_dir
+from ..processes import environment
+from ..version import __version__
+from .chunks import ID_DTYPE, chunk_key, encode_chunk
+from .layout import ColumnSpec, TableLayout
+from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 
 _TXN_BYTES = 64 << 20
 
@@ -45,8 +47,8 @@ class StoreBuilder:
     def _put(self, db, chunk: int, rows: np.ndarray) -> None:
         if self._txn is None:
             self._txn = self._env.begin(write=True)
-        value = chunk_codec.encode_chunk(rows, chunk, 0)
-        self._txn.put(chunk_codec.chunk_key(chunk), value, db=db, append=True)
+        value = encode_chunk(rows, chunk, 0)
+        self._txn.put(chunk_key(chunk), value, db=db, append=True)
         self._txn_bytes += len(value)
         if self._txn_bytes >= _TXN_BYTES:
             self._txn.commit()
@@ -76,11 +78,9 @@ class StoreBuilder:
         layout = self.layout
         if (self._next_ids, self._next_chunk) != (layout.n_chunks, layout.n_chunks):
             raise EmbeddingStoreError(f"store builder: only {self._next_chunk} of {layout.n_chunks} chunks given")
-        from . import __version__
-
         config = dict(layout.config)
         config.update(dim=layout.dim, dtype=layout.dtype.name, chunk_rows=layout.chunk_rows)
-        config.setdefault("init", {"kind": "normal", "std": NORMAL_STD, "name": "array"})
+        config.setdefault("init", {"kind": "normal", "std": init.NORMAL_STD, "name": "array"})
         config.setdefault("seed", 0)
         config.setdefault("library_version", __version__)
         config.setdefault("created_at", time.time())
@@ -90,7 +90,7 @@ class StoreBuilder:
         txn = self._txn or self._env.begin(write=True)
         self._txn = None
         with txn:
-            txn.put(b"format", pack_record({"magic": MAGIC, "format_version": FORMAT_VERSION}), db=self._meta_db)
+            txn.put(b"format", pack_record(format_record()), db=self._meta_db)
             txn.put(b"config", pack_record(config), db=self._meta_db)
             txn.put(b"state", pack_record(state), db=self._meta_db)
         self._env.sync(True)
@@ -105,3 +105,28 @@ class StoreBuilder:
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def build_new_table(directory: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
+                    seed: int, values: np.ndarray | None) -> None:
+    """Write ``create``'s new store into the (empty) ``directory``, one chunk at a time.
+
+    The initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
+    ``values`` (row i of ``ids[i]``), so memory stays bounded whatever the table size.
+    """
+    n = len(ids)
+    layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
+                         config={"init": spec, "seed": seed})
+    builder = StoreBuilder(directory, layout)
+    try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            if values is None:
+                rows = init.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
+            else:
+                rows = values[lo:hi]
+            builder.add_ids(chunk, ids[lo:hi])
+            builder.add_chunk(chunk, [rows])
+        builder.finish()
+    finally:
+        builder.close()

@@ -17,9 +17,10 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import CorruptionError
+from ..errors import CorruptionError
 
 _KEY = struct.Struct(">Q")
+ID_DTYPE = np.dtype("<i8")
 
 
 def chunk_key(index: int) -> bytes:
@@ -105,3 +106,26 @@ def decode_chunk(value, index: int, width: int, dtype: np.dtype, where: str = ""
         raise CorruptionError(f"chunk {index}{where}: checksum mismatch (stored data is corrupt)")
     rows = np.frombuffer(payload, dtype=dtype).reshape(header.n_rows, width)
     return header, rows
+
+
+def read_chunk(txn, db, index: int, width: int, dtype: np.dtype, where: str = ""):
+    """The checked ``(header, row view)`` of chunk ``index`` in ``db`` as of ``txn``, or None if never written.
+
+    The one reader of chunk values: the store's caches, the snapshot and ``verify`` all
+    come through here. The view borrows LMDB's memory: copy it before ``txn`` ends.
+    """
+    value = txn.get(chunk_key(index), db=db) if db is not None else None
+    if value is None:
+        return None
+    return decode_chunk(value, index, width, dtype, where)
+
+
+def read_id_chunk(txn, ids_db, index: int, n_rows: int, path: str) -> np.ndarray:
+    """The ``n_rows`` sample IDs of chunk ``index`` (a view into the map, valid while ``txn`` is open)."""
+    found = read_chunk(txn, ids_db, index, 1, ID_DTYPE, " (ids)")
+    if found is None:
+        raise CorruptionError(f"{path}: id chunk {index} is missing")
+    rows = found[1]
+    if len(rows) != n_rows:
+        raise CorruptionError(f"{path}: id chunk {index} holds {len(rows)} ids, expected {n_rows}")
+    return rows[:, 0]

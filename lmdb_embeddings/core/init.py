@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 INIT_KINDS = ("normal", "zeros", "uniform", "xavier", "kaiming")
 NORMAL_STD = 0.01  # the original manager's N(0, 0.01^2)

@@ -25,8 +25,8 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import EmbeddingStoreError
-from .table_layout import ID_DTYPE, TableLayout
+from ..errors import EmbeddingStoreError
+from .layout import ID_DTYPE, TableLayout
 
 MAGIC = b"LEMBDUMP"
 TRAILER_MAGIC = b"LEMBEND\0"
