@@ -2,8 +2,9 @@
 
 It reads one consistent snapshot, so it is safe while a writer trains. It reads every
 chunk of every column and of the IDs, checks checksums, row counts, chunk versions, that
-no chunk lies beyond the last row, that the IDs are unique, and that the metadata parses; it keeps going after a bad chunk so the report lists all of them.
-Memory: one chunk at a time, plus the IDs (8 bytes per row) for the uniqueness check.
+no chunk lies beyond the last row, that the IDs are unique, and that the metadata parses;
+it keeps going after a bad chunk so the report lists all of them. Memory: one chunk at a
+time, plus the IDs (8 bytes per row) for the uniqueness check.
 """
 
 from __future__ import annotations
