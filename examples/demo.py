@@ -1,113 +1,131 @@
-"""The README's "main job": train against a store while DataLoader workers read it.
+"""The README's main job: train a per-sample embedding table that lives in a store.
 
-One epoch over a 1M x 64 table: two DataLoader worker processes each hold an unpickled
-read-only handle and serve batches of (ids, committed rows); the main process computes a
-loss through a small linear head, steps the rows with SGD and ``put``s them into the
-writable handle; the epoch ends with one ``commit``. Every ID is visited once per epoch,
-so the committed row a worker serves is exactly the writer's current row. Afterwards the
-store is reopened and a sample of rows is checked against what training wrote.
+One epoch over a 1M x 64 table (``python examples/demo.py --help`` for the sizes): every
+sample ID has a label (``id % 10``); a ``StoreEmbedding`` serves its rows into autograd, a
+linear head classifies them, and ``SparseAdamW`` updates exactly the rows of each batch and
+keeps their moments in the store. Two DataLoader workers shuffle the IDs. The epoch ends
+with ONE commit (rows and optimizer state together). Then two DataLoader workers read the
+committed rows through ``EmbeddingDataset`` (each holds a read-only handle) to score a
+probe set, their rows are checked against the writer's, and the store is reopened and
+checked once more.
+
+Run it with ``bash tools/demo.sh`` (sets up .venv first) or ``python examples/demo.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
 import time
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from .store import EmbeddingStore
+import lmdb_embeddings as le
+from lmdb_embeddings.torch import SparseAdamW, StoreEmbedding
 
 N_CLASSES = 10
 
 
-class _BatchDataset:
-    """Map-style dataset whose item ``b`` is batch ``b`` of this epoch's permutation."""
-
-    def __init__(self, store: EmbeddingStore, order: np.ndarray, batch_size: int):
-        self.store, self.order, self.batch_size = store, order, batch_size
-
-    def __len__(self) -> int:
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, b: int):
-        ids = self.order[b * self.batch_size : (b + 1) * self.batch_size]
-        return ids, self.store.get(ids)  # read in the worker process, from the last commit
+def label_of(ids: torch.Tensor) -> torch.Tensor:
+    return ids % N_CLASSES
 
 
-def run_demo(path: str | None = None, rows: int = 1_000_000, dim: int = 64, batch_size: int = 1024,
-             workers: int = 2, epochs: int = 1, keep: bool = False, seed: int = 0) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
+def train_epoch(emb: StoreEmbedding, head: torch.nn.Module, opts: list, ids: np.ndarray, batch_size: int,
+                workers: int, seed: int) -> list[float]:
+    """One shuffled pass over ``ids``; returns the batch losses."""
+    loader = DataLoader(torch.from_numpy(ids), batch_size=batch_size, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    losses = []
+    for batch in loader:
+        loss = torch.nn.functional.cross_entropy(head(emb(batch)), label_of(batch))
+        loss.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
-    owned = path is None
-    path = path or os.path.join(tempfile.mkdtemp(prefix="lmdb_embeddings_demo_"), "store")
-    report: dict = {"path": path}
-    try:
+
+def score_committed(store: le.EmbeddingStore, head: torch.nn.Module, probe: np.ndarray,
+                    workers: int) -> tuple[float, float, np.ndarray]:
+    """(loss, accuracy, rows) of the probe samples as DataLoader workers read them from the last commit."""
+    loader = DataLoader(le.EmbeddingDataset(store, probe), batch_size=256, num_workers=workers)
+    rows = torch.cat(list(loader))
+    with torch.no_grad():
+        logits = head(rows)
+        target = label_of(torch.from_numpy(probe))
+        loss = torch.nn.functional.cross_entropy(logits, target).item()
+        accuracy = (logits.argmax(1) == target).float().mean().item()
+    return loss, accuracy, rows.numpy()
+
+
+def run(path: str, rows: int, dim: int, batch_size: int, workers: int, epochs: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    store = le.EmbeddingStore.create(path, rows, dim, init="normal", seed=seed, overwrite=True)
+    print(f"created a {rows:,} x {dim} float32 store at {path} in {time.perf_counter() - t0:.1f} s")
+    emb = StoreEmbedding(store)
+    head = torch.nn.Linear(dim, N_CLASSES)
+    opts = [SparseAdamW(emb, lr=0.05, weight_decay=0.0), torch.optim.Adam(head.parameters(), lr=0.01)]
+    probe = np.random.default_rng(seed).choice(store.ids, size=min(2048, rows), replace=False)
+    report = {"path": path}
+    report["probe_loss_initial"] = score_committed(store, head, probe, workers)[0]
+    ids = store.ids
+    for epoch in range(epochs):
         t0 = time.perf_counter()
-        store = EmbeddingStore.create(path, rows, dim, chunk_rows=256, init="normal", seed=seed, overwrite=True)
-        report["create_s"] = time.perf_counter() - t0
-        print(f"created {rows:,} x {dim} float32 store at {path} in {report['create_s']:.1f} s")
+        losses = train_epoch(emb, head, opts, ids, batch_size, workers, seed + epoch)
+        t_loop = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        store.commit()  # rows and their SparseAdamW moments, atomically
+        t_commit = time.perf_counter() - t1
+        report.update(rows_per_s=len(ids) / (t_loop + t_commit), commit_s=t_commit,
+                      first_loss=float(np.mean(losses[:10])), last_loss=float(np.mean(losses[-10:])))
+        print(f"epoch {epoch + 1}: {len(ids):,} rows in {t_loop:.1f} s + commit {t_commit:.2f} s = "
+              f"{report['rows_per_s']:,.0f} rows/s; batch loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
+    loss, accuracy, served = score_committed(store, head, probe, workers)
+    report.update(probe_loss_trained=loss, probe_accuracy=accuracy)
+    print(f"{len(probe)} probe samples read by {workers} DataLoader workers from the last commit: loss "
+          f"{report['probe_loss_initial']:.3f} (initial rows) -> {loss:.3f} (trained rows), accuracy {accuracy:.1%}")
+    writer_rows = store.get(probe)
+    report["workers_match_writer"] = bool(np.array_equal(served, writer_rows))
+    stats = store.stats()
+    print(f"writer: cache hit rate {stats['hit_rate']:.1%}, {stats['commits']} commit(s), "
+          f"{stats['bytes_committed'] / 2**20:,.0f} MiB committed (rows + optimizer state); the workers' rows "
+          f"{'match' if report['workers_match_writer'] else 'DO NOT match'} the writer's")
+    step = opts[0].step_count
+    store.close()
+    with le.EmbeddingStore.open(path, readonly=True) as reopened:
+        report["reopen_check"] = bool(np.array_equal(reopened.get(probe), writer_rows)
+                                      and reopened.attrs.get(opts[0].step_attr) == step)
+    print(f"reopened read-only: probe rows and the optimizer's step count ({step}) "
+          f"{'match' if report['reopen_check'] else 'DO NOT match'} what training committed")
+    if not (report["workers_match_writer"] and report["reopen_check"]):
+        raise SystemExit("demo failed: the committed rows differ from what training wrote")
+    return report
 
-        torch.manual_seed(seed)
-        head = torch.nn.Linear(dim, N_CLASSES)
-        head_opt = torch.optim.SGD(head.parameters(), lr=0.1)
-        rng = np.random.default_rng(seed)
-        lr_rows = 20.0 * batch_size  # the loss is a batch mean: scale so each row moves visibly
-        probe = rng.choice(store.ids, size=min(1000, rows), replace=False)
-        probe_initial = torch.from_numpy(store.get(probe))
-        expected = None
-        for epoch in range(epochs):
-            order = rng.permutation(store.ids)
-            loader = DataLoader(_BatchDataset(store, order, batch_size), batch_size=None, shuffle=False,
-                                num_workers=workers, multiprocessing_context="fork" if workers else None)
-            t0 = time.perf_counter()
-            losses, n_seen = [], 0
-            for ids, committed_rows in loader:
-                ids_np = ids.numpy()
-                emb = committed_rows.clone().requires_grad_(True)
-                target = torch.from_numpy(ids_np % N_CLASSES)
-                loss = torch.nn.functional.cross_entropy(head(emb), target)
-                head_opt.zero_grad()
-                loss.backward()
-                head_opt.step()
-                with torch.no_grad():
-                    new_rows = (emb - lr_rows * emb.grad).numpy()
-                store.put(ids_np, new_rows)
-                losses.append(loss.item())
-                n_seen += len(ids_np)
-            t_loop = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            store.commit()
-            t_commit = time.perf_counter() - t1
-            expected = store.get(probe)  # the probe rows as training left them
-            report.update(epoch_s=t_loop + t_commit, commit_s=t_commit, rows_per_s=n_seen / (t_loop + t_commit),
-                          first_loss=float(np.mean(losses[:20])), last_loss=float(np.mean(losses[-20:])))
-            print(f"epoch {epoch + 1}: {n_seen:,} rows in {t_loop:.1f} s + commit {t_commit:.2f} s "
-                  f"= {report['rows_per_s']:,.0f} rows/s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
-        with torch.no_grad():
-            probe_target = torch.from_numpy(probe % N_CLASSES)
-            before = torch.nn.functional.cross_entropy(head(probe_initial), probe_target).item()
-            after = torch.nn.functional.cross_entropy(head(torch.from_numpy(store.get(probe))), probe_target).item()
-        report.update(probe_loss_initial_rows=before, probe_loss_trained_rows=after)
-        print(f"loss of {len(probe)} probe samples under the final head: initial rows {before:.3f}, "
-              f"trained rows {after:.3f}")
-        stats = store.stats()
-        report["writer_stats"] = stats
-        print(f"writer cache: hit rate {stats['hit_rate']:.1%}, {stats['chunks_loaded']} chunks loaded, "
-              f"{stats['cache_bytes'] / 2**20:.0f} MiB cached, {stats['commits']} commit(s), "
-              f"{stats['bytes_committed'] / 2**20:.0f} MiB committed")
-        store.close()
 
-        with EmbeddingStore.open(path, readonly=True) as reopened:
-            got = reopened.get(probe)
-            ok = np.array_equal(got, expected)
-        report["reopen_check"] = ok
-        print(f"reopened read-only: {len(probe)} sampled rows {'match' if ok else 'DO NOT match'} what training wrote")
-        if not ok:
-            raise SystemExit("demo failed: reopened rows differ from the trained rows")
-        return report
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", default=None, help="store directory (default: a new temporary directory)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the store directory afterwards")
+    args = parser.parse_args(argv)
+    owned = args.path is None
+    path = args.path or os.path.join(tempfile.mkdtemp(prefix="lmdb_embeddings_demo_"), "store")
+    try:
+        return run(path, args.rows, args.dim, args.batch_size, args.workers, args.epochs)
     finally:
-        if owned and not keep:
+        if owned and not args.keep:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,7 +93,7 @@ class DumpWriter:
         self._f.write(data)
         self._hash.update(data)
 
-    def write_ids(self, chunk: int, ids: np.ndarray) -> None:
+    def add_ids(self, chunk: int, ids: np.ndarray) -> None:
         if chunk != self._next_ids or len(ids) != self.layout.chunk_len(chunk):
             raise EmbeddingStoreError(f"dump writer: id block {chunk} out of order or of the wrong length")
         data = memoryview(np.ascontiguousarray(ids, ID_DTYPE)).cast("B")
@@ -101,7 +101,7 @@ class DumpWriter:
         self._write(_U64.pack(xxhash.xxh3_64_intdigest(data, seed=chunk)))
         self._next_ids += 1
 
-    def write_chunk(self, chunk: int, parts: list[np.ndarray]) -> None:
+    def add_chunk(self, chunk: int, parts: list[np.ndarray]) -> None:
         """Write chunk ``chunk``: one (n_c, width) array per column, in the layout's column order."""
         n = self.layout.chunk_len(chunk)
         if chunk != self._next_chunk or self._next_ids != self.layout.n_chunks:
@@ -123,6 +123,9 @@ class DumpWriter:
         head = TRAILER_MAGIC + _U64.pack(self.layout.n_chunks) + _U64.pack(self.layout.rows)
         self._write(head)
         self._f.write(_U64.pack(self._hash.intdigest()))
+
+    def close(self) -> None:
+        """Nothing to release: the caller owns the file (and removes an unfinished one)."""
 
 
 class DumpReader:
@@ -196,7 +199,7 @@ class DumpReader:
             self._fail(f"{self.size - self.offsets.total} unexpected bytes after the trailer (at byte "
                        f"{self.offsets.total}); the file was appended to or damaged")
 
-    def id_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    def id_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (chunk, IDs); the array is reused: copy what you keep. Read these first."""
         layout = self.layout
         buf = np.empty(layout.chunk_rows, ID_DTYPE)

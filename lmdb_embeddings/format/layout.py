@@ -8,7 +8,9 @@ about the others. ``columns[0]`` is always the embeddings; the others are auxili
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -17,7 +19,7 @@ from ..errors import CorruptionError, EmbeddingStoreError
 from .chunks import ID_DTYPE
 from .records import MAIN
 
-__all__ = ["ColumnSpec", "TableLayout", "ID_DTYPE"]
+__all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "ID_DTYPE"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,43 @@ class TableLayout:
             problems.append("a column has width < 1")
         if problems:
             raise error(f"{what}: the table description is invalid ({'; '.join(problems)})")
+
+
+class TableSource(Protocol):
+    """A table read chunk by chunk, in order: a store snapshot, a dump file, an npy directory."""
+
+    layout: TableLayout
+
+    def id_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(chunk, IDs) for every chunk; arrays may be reused: copy what you keep."""
+
+    def chunks(self) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(chunk, one (rows, width) array per column in layout order) for every chunk."""
+
+
+class TableSink(Protocol):
+    """A table written chunk by chunk, in order: a new store, a dump file, an npy directory."""
+
+    def add_ids(self, chunk: int, ids: np.ndarray) -> None: ...
+
+    def add_chunk(self, chunk: int, parts: list[np.ndarray]) -> None: ...
+
+    def finish(self) -> None:
+        """Make the written table complete and durable."""
+
+    def close(self) -> None:
+        """Release resources; an unfinished sink leaves nothing behind."""
+
+
+def copy_table(source: TableSource, sink: TableSink, on_chunk=None) -> None:
+    """Stream every ID chunk, then every row chunk, from ``source`` into ``sink``, and finish it.
+
+    ``on_chunk(rows)`` is called after each row chunk (progress bars). Memory: one chunk.
+    """
+    for chunk, ids in source.id_chunks():
+        sink.add_ids(chunk, ids)
+    for chunk, parts in source.chunks():
+        sink.add_chunk(chunk, parts)
+        if on_chunk is not None:
+            on_chunk(len(parts[0]))
+    sink.finish()

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import os
+import shutil
 
 import msgpack
 import numpy as np
@@ -23,6 +24,7 @@ import xxhash
 
 from ..core.inputs import as_dtype
 from ..errors import EmbeddingStoreError, InvalidInputError
+from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
 from .layout import ID_DTYPE, ColumnSpec, TableLayout
 from .records import MAIN
 
@@ -123,6 +125,63 @@ class NpyStreamReader:
 
     def close(self) -> None:
         self._f.close()
+
+
+class NpyTableWriter:
+    """Writes a table into directory ``out`` as .npy files + table.json (a table sink).
+
+    Every file is written under a hidden temporary name and renamed into place by
+    :meth:`finish`, so an interrupted dump never leaves a mix of old and new files;
+    :meth:`close` of an unfinished writer removes what it wrote (and ``out``, if it made it).
+    """
+
+    def __init__(self, out: str, layout: TableLayout, source: dict):
+        self.out, self.layout, self.source = out, layout, source
+        self._created = not os.path.exists(out)
+        os.makedirs(out, exist_ok=True)
+        self._names = [IDS_FILE] + [column_file(i) for i in range(len(layout.columns))]
+        for name in [*self._names, TABLE_FILE]:
+            remove_stale_temps(os.path.join(out, name), "dumping")
+        self._tmps = {name: sibling_temp(os.path.join(out, name), "dumping") for name in [*self._names, TABLE_FILE]}
+        self._writers = [NpyStreamWriter(self._tmps[IDS_FILE], ID_DTYPE, (layout.rows,))]
+        self._writers += [NpyStreamWriter(self._tmps[column_file(i)], c.dtype, (layout.rows, c.width))
+                          for i, c in enumerate(layout.columns)]
+        self._done = False
+
+    def add_ids(self, chunk: int, ids: np.ndarray) -> None:
+        self._writers[0].write(ids)
+
+    def add_chunk(self, chunk: int, parts: list[np.ndarray]) -> None:
+        for writer, part in zip(self._writers[1:], parts, strict=True):
+            writer.write(part)
+
+    def finish(self) -> None:
+        for writer in self._writers:
+            writer.finish()
+        checksums = {name: w.hash.hexdigest() for name, w in zip(self._names, self._writers, strict=True)}
+        with open(self._tmps[TABLE_FILE], "w") as f:
+            f.write(write_table_json(self.layout, self.source, checksums))
+            f.flush()
+            os.fsync(f.fileno())
+        for name, tmp in self._tmps.items():
+            os.replace(tmp, os.path.join(self.out, name))
+        fsync_dir(self.out)
+        self._done = True
+
+    @property
+    def bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.out, name)) for name in self._tmps)
+
+    def close(self) -> None:
+        if self._done:
+            return
+        for writer in self._writers:
+            writer.close()
+        for tmp in self._tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if self._created:
+            shutil.rmtree(self.out, ignore_errors=True)
 
 
 def write_table_json(layout: TableLayout, source: dict, checksums: dict[str, str]) -> str:

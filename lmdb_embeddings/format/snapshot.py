@@ -147,6 +147,18 @@ class Snapshot:
             return full
         return rows
 
+    def id_chunks(self):
+        """(chunk, IDs) of every chunk, in order (a :class:`~lmdb_embeddings.format.layout.TableSource`)."""
+        for chunk in range(self.layout.n_chunks):
+            yield chunk, self.ids_chunk(chunk)
+            self.release_pages()
+
+    def chunks(self):
+        """(chunk, one array per column) of every chunk, in order, as a reader of the store sees them."""
+        for chunk in range(self.layout.n_chunks):
+            yield chunk, [self.column_chunk(chunk, c) for c in self.layout.columns]
+            self.release_pages()
+
     def release_pages(self, force: bool = False) -> None:
         """Drop the data file's mapped pages from our resident set, once enough was read.
 

@@ -11,7 +11,6 @@ directory, so nothing (and no half store) is left at the target.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import lmdb
@@ -19,7 +18,7 @@ import lmdb
 from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
 from ..format import dump_file, npy_dir
 from ..format.builder import StoreBuilder
-from ..format.chunks import ID_DTYPE
+from ..format.layout import TableSink, TableSource, copy_table
 from ..format.records import check_store_dir
 from ..format.snapshot import Snapshot
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
@@ -64,20 +63,11 @@ def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = Fal
 
 
 def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
-    layout = snap.layout
     remove_stale_temps(out, "dumping")
     tmp = sibling_temp(out, "dumping")
     try:
-        with open(tmp, "wb") as f, bar(layout.rows * layout.row_bytes, "dump", progress) as pbar:
-            writer = dump_file.DumpWriter(f, layout, source)
-            for chunk in range(layout.n_chunks):
-                writer.write_ids(chunk, snap.ids_chunk(chunk))
-                snap.release_pages()
-            for chunk in range(layout.n_chunks):
-                writer.write_chunk(chunk, [snap.column_chunk(chunk, c) for c in layout.columns])
-                snap.release_pages()
-                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
-            writer.finish()
+        with open(tmp, "wb") as f:
+            _copy(snap, dump_file.DumpWriter(f, snap.layout, source), "dump", progress)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -89,47 +79,19 @@ def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
 
 
 def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
-    layout = snap.layout
-    created = not os.path.exists(out)
-    os.makedirs(out, exist_ok=True)
-    names = [npy_dir.IDS_FILE] + [npy_dir.column_file(i) for i in range(len(layout.columns))]
-    for name in [*names, npy_dir.TABLE_FILE]:
-        remove_stale_temps(os.path.join(out, name), "dumping")
-    tmps = {name: sibling_temp(os.path.join(out, name), "dumping") for name in [*names, npy_dir.TABLE_FILE]}
-    writers = []
+    sink = npy_dir.NpyTableWriter(out, snap.layout, source)
+    _copy(snap, sink, "dump", progress)
+    return sink.bytes
+
+
+def _copy(source: TableSource, sink: TableSink, what: str, progress: bool) -> None:
+    """``copy_table`` with a progress bar; an unfinished sink is closed (it removes what it wrote)."""
+    layout = source.layout
     try:
-        ids = npy_dir.NpyStreamWriter(tmps[npy_dir.IDS_FILE], ID_DTYPE, (layout.rows,))
-        writers.append(ids)
-        for chunk in range(layout.n_chunks):
-            ids.write(snap.ids_chunk(chunk))
-            snap.release_pages()
-        for i, column in enumerate(layout.columns):
-            writers.append(npy_dir.NpyStreamWriter(tmps[npy_dir.column_file(i)], column.dtype,
-                                                   (layout.rows, column.width)))
-        with bar(layout.rows * layout.row_bytes, "dump", progress) as pbar:
-            for chunk in range(layout.n_chunks):
-                for writer, column in zip(writers[1:], layout.columns, strict=True):
-                    writer.write(snap.column_chunk(chunk, column))
-                snap.release_pages()
-                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
-        for writer in writers:
-            writer.finish()
-        checksums = {name: w.hash.hexdigest() for name, w in zip(names, writers, strict=True)}
-        with open(tmps[npy_dir.TABLE_FILE], "w") as f:
-            f.write(npy_dir.write_table_json(layout, source, checksums))
-        for name, tmp in tmps.items():
-            os.replace(tmp, os.path.join(out, name))
-        fsync_dir(out)
-    except BaseException:
-        for writer in writers:
-            writer.close()
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return sum(os.path.getsize(os.path.join(out, name)) for name in tmps)
+        with bar(layout.rows * layout.row_bytes, what, progress) as pbar:
+            copy_table(source, sink, lambda rows: pbar.update(rows * layout.row_bytes))
+    finally:
+        sink.close()
 
 
 # --------------------------------------------------------------------------- restore
@@ -158,16 +120,15 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
         if not os.path.isfile(src):
             raise InvalidInputError(f"{src} is not a dump file")
         reader = dump_file.DumpReader(src)
-        id_chunks, chunks, layout = reader.id_blocks, reader.chunks, reader.layout
     else:
         if not os.path.isdir(src):
             raise InvalidInputError(f"{src} is not a directory of .npy files")
         layout, checksums = npy_dir.read_layout(src, chunk_rows)
         reader = npy_dir.NpyTableReader(src, layout, checksums)
-        id_chunks, chunks = reader.id_chunks, reader.chunks
+    layout = reader.layout
     try:
         with StagedStore(path, "restoring") as stage:
-            _build_from(id_chunks, chunks, layout, stage.tmp, path, progress)
+            _build_from(reader, stage.tmp, path, progress)
             report = verify_store(stage.tmp, progress=progress)
             if not report["ok"]:
                 first = report["problems"][0]
@@ -187,21 +148,10 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
             "seconds": time.perf_counter() - started}
 
 
-def _build_from(id_chunks, chunks, layout, tmp: str, path: str, progress: bool) -> None:
-    """Stream a dump's IDs and chunks into a new store in ``tmp``."""
-    builder = None
+def _build_from(source: TableSource, tmp: str, path: str, progress: bool) -> None:
+    """Stream a dump into a new store in ``tmp``."""
     try:
-        builder = StoreBuilder(tmp, layout)
-        with bar(layout.rows * layout.row_bytes, "restore", progress) as pbar:
-            for chunk, ids in id_chunks():
-                builder.add_ids(chunk, ids)
-            for chunk, parts in chunks():
-                builder.add_chunk(chunk, parts)
-                pbar.update(layout.chunk_len(chunk) * layout.row_bytes)
-        builder.finish()
+        _copy(source, StoreBuilder(tmp, source.layout), "restore", progress)
     except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
         raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
                                   "changed at the target") from None
-    finally:
-        if builder is not None:
-            builder.close()
