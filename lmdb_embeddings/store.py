@@ -22,7 +22,7 @@ import numpy as np
 
 from .core.cache import CacheStats
 from .core.init import NORMAL_STD, init_spec
-from .core.inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
+from .core.inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
@@ -57,8 +57,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, ids, dim, *, dtype="float32", chunk_rows=1024, init="normal", seed=0,
-               overwrite=False, **open_options) -> EmbeddingStore:
+    def create(cls, path: str | os.PathLike, ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
+               chunk_rows: int = 1024, init: str | ValuesLike = "normal", seed: int = 0, overwrite: bool = False,
+               **open_options) -> EmbeddingStore:
         """Build a new store at ``path`` and return a writable handle on it.
 
         The store is built in a hidden sibling directory and renamed into place only when
@@ -98,7 +99,7 @@ class EmbeddingStore:
         return cls.open(path, **options.as_kwargs())
 
     @classmethod
-    def open(cls, path, *, readonly=False, **open_options) -> EmbeddingStore:
+    def open(cls, path: str | os.PathLike, *, readonly: bool = False, **open_options) -> EmbeddingStore:
         """Open an existing store.
 
         Raises:
@@ -194,7 +195,7 @@ class EmbeddingStore:
         with self._mutex:
             return self._caught_up().rows
 
-    def __contains__(self, sample_id) -> bool:
+    def __contains__(self, sample_id: object) -> bool:
         with self._mutex:
             table = self._caught_up()
             try:
@@ -214,7 +215,7 @@ class EmbeddingStore:
         return f"EmbeddingStore({self._path!r}, {mode})"
 
     # --------------------------------------------------------------------- reading
-    def get(self, ids) -> np.ndarray:
+    def get(self, ids: IdsLike) -> np.ndarray:
         """Rows of ``ids`` in order, as a fresh ``(len(ids), dim)`` array of the store dtype.
 
         Duplicates are allowed. A writable handle sees its own uncommitted puts; a
@@ -225,7 +226,7 @@ class EmbeddingStore:
         """
         return self._gather(MAIN, ids)
 
-    def get_tensor(self, ids, device=None):
+    def get_tensor(self, ids: IdsLike, device=None):
         """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
         import torch  # the tensor API is the only part of the store that needs torch
 
@@ -237,11 +238,11 @@ class EmbeddingStore:
             return tensor.pin_memory().to(device, non_blocking=True)
         return tensor.to(device)
 
-    def get_column(self, name: str, ids) -> np.ndarray:
+    def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
         """Rows of an auxiliary column for ``ids`` (same rules as :meth:`get`)."""
         return self._gather(name, ids)
 
-    def _gather(self, name: str, ids) -> np.ndarray:
+    def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
@@ -250,7 +251,7 @@ class EmbeddingStore:
                 return _column(table, name).cache.gather(table.index.slots(ids))
 
     # --------------------------------------------------------------------- writing
-    def put(self, ids, values) -> None:
+    def put(self, ids: IdsLike, values: ValuesLike) -> None:
         """Overwrite the rows of existing ``ids``; durable at the next :meth:`commit`.
 
         ``values``: numpy array or torch tensor (any device) of shape (len(ids), dim),
@@ -266,7 +267,7 @@ class EmbeddingStore:
             if session.note_update():
                 session.commit()
 
-    def put_column(self, name: str, ids, values) -> None:
+    def put_column(self, name: str, ids: IdsLike, values: ValuesLike) -> None:
         """Overwrite rows of an auxiliary column (same rules as :meth:`put`, not counted by ``commit_every``)."""
         with self._mutex:
             self._scatter(self._writer("put_column"), name, ids, values, "put_column")
@@ -280,7 +281,7 @@ class EmbeddingStore:
         vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
         column.cache.scatter(table.index.slots(ids), vals)
 
-    def add(self, ids, values=None) -> None:
+    def add(self, ids: IdsLike, values: ValuesLike | None = None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
 
         Raises:
@@ -317,7 +318,7 @@ class EmbeddingStore:
             self._writer("rollback").rollback()
 
     # ------------------------------------------------------- auxiliary columns (state)
-    def ensure_column(self, name: str, width: int, dtype="float32", fill: float = 0.0) -> None:
+    def ensure_column(self, name: str, width: int, dtype: str | np.dtype = "float32", fill: float = 0.0) -> None:
         """Declare an auxiliary per-row column (e.g. optimizer moments); rows start at ``fill``.
 
         The column shares the store's IDs and chunking, is committed atomically with the
@@ -350,7 +351,7 @@ class EmbeddingStore:
         with self._mutex:
             return dict(self._caught_up().attrs)
 
-    def set_attr(self, key: str, value) -> None:
+    def set_attr(self, key: str, value: object) -> None:
         """Set one attr; durable at the next commit, discarded by rollback."""
         with self._mutex:
             session = self._writer("set_attr")

@@ -5,9 +5,17 @@ Every check runs before the store changes anything, so a rejected call has no ef
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from ..errors import InvalidInputError, InvalidTypeError
+
+#: sample IDs: an int, a sequence of ints, a 1-D integer numpy array or torch tensor (any device)
+IdsLike = int | Sequence[int] | np.ndarray | Any
+#: rows: a (n, width) numpy array, nested sequence, or torch tensor (any device, any float/int dtype)
+ValuesLike = np.ndarray | Sequence[Sequence[float]] | Any
 
 _INT64_MAX = np.iinfo(np.int64).max
 SUPPORTED_DTYPES = ("float32", "float16", "float64")
