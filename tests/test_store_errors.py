@@ -1,4 +1,4 @@
-"""Every error SPEC.md names: raised with a clear message, before anything changes, from
+"""Every error ../shared/SPEC.md names: raised with a clear message, before anything changes, from
 classes deriving from EmbeddingStoreError and the fitting builtin."""
 
 from __future__ import annotations

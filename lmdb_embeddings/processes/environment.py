@@ -1,7 +1,7 @@
 """One LMDB environment per (process, store directory), shared by every handle.
 
 LMDB allows an environment to be opened once per process and never used after fork
-(FIELD_NOTES.md). This module keeps a registry keyed by (pid, realpath): handles in the
+(../shared/FIELD_NOTES.md). This module keeps a registry keyed by (pid, realpath): handles in the
 same process share one environment and one lock that serializes the moments when a
 transaction is open; a forked child finds its parent's entries (different pid), closes
 them without touching the parent's state, and opens its own.

@@ -1,6 +1,6 @@
 """Profile one (workload, implementation) pair in-process with pyinstrument.
 
-``python -m benchmarks.profile --suite full --workload medium --label ours_default``
+``python -m benchmarks.profile_workload --suite full --workload medium --label ours_default``
 prints pyinstrument's text report (setup and verification included, so read the
 ``run`` subtree: the timed loop is what the table measures).
 """
