@@ -112,7 +112,6 @@ def test_spill_then_commit_then_keep_training(store_path):
 def small_map(monkeypatch):
     """Start every environment at an 8 MiB map, so growth is exercised with little data."""
     monkeypatch.setattr(environment, "MIN_MAP_SIZE", 8 * MIB)
-    monkeypatch.setattr(environment._open, "__defaults__", (8 * MIB,))
 
 
 def test_map_grows_for_commits(store_path, small_map):

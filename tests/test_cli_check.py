@@ -17,11 +17,13 @@ from cli_helpers import assert_one_line_error, assert_same_store, make_rich_stor
 from conftest import ROOT, run_cli, subprocess_env
 
 import lmdb_embeddings as le
+from lmdb_embeddings.fsutil import allocated_bytes
 
 WRITER = r"""
 import sys, time
 import numpy as np
 import lmdb_embeddings as le
+from lmdb_embeddings.fsutil import allocated_bytes
 store = le.EmbeddingStore.open(sys.argv[1])
 ids = store.ids
 k = 0
@@ -148,15 +150,15 @@ def test_compact_keeps_data_and_never_grows(tmp_path):
         s.put(s.ids, original["rows"])
     original = read_store(path)
     data_file = os.path.join(path, "data.mdb")
-    before = os.path.getsize(data_file)
+    before = allocated_bytes(data_file)
     free_before = json.loads(ok("info", path, "--json").stdout)["lmdb"]["free_pages"]
     assert free_before > 0
     ok("compact", path)
-    after = os.path.getsize(data_file)
+    after = allocated_bytes(data_file)
     assert after < before
     assert_same_store(original, read_store(path))
     ok("compact", path)  # already compact: unchanged, never larger
-    assert os.path.getsize(data_file) <= after
+    assert allocated_bytes(data_file) <= after
     assert_same_store(original, read_store(path))
     assert json.loads(ok("verify", path, "--json").stdout)["ok"]
     with le.EmbeddingStore.open(path):

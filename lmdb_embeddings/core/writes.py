@@ -8,10 +8,17 @@ transactions (LMDB cannot resize under an open one), so room is reserved up fron
 ``MapFullError`` is retried once with a bigger map. A failed commit raises
 ``CommitError``, keeps the previous commit on disk, and keeps the handle's changes for a
 retry unless some had been spilled into the failed transaction.
+
+With ``writemap`` (the default) LMDB writes pages straight into its shared map of the data
+file; every byte a transaction may write is reserved on disk first
+(``processes.data_file``), so a full disk fails cleanly before anything is written (and a
+commit refused for space keeps even its spilled chunks: the same ``commit()`` can be retried).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -21,7 +28,7 @@ import lmdb
 import numpy as np
 
 from ..errors import CommitError, ReadOnlyError
-from ..format.chunks import chunk_key, encode_chunk
+from ..format.chunks import ChunkEncoder, chunk_key
 from ..format.layout import ColumnSpec
 from ..format.records import column_db_name, pack_record
 from ..fsutil import free_bytes
@@ -30,6 +37,8 @@ from ..processes import environment
 from ..processes.writer_lock import WriterLock
 from .cache import CacheStats
 from .session import Session
+
+log = logging.getLogger(__name__)
 
 
 class WriterSession(Session):
@@ -43,6 +52,10 @@ class WriterSession(Session):
         self._pending: lmdb.Transaction | None = None
         self._dbs_in_pending: list[bytes] = []
         self._since_commit = 0
+        self._txn_start = 0  # LMDB's committed end when the pending transaction began
+        self._txn_bytes = 0  # bytes written into the pending transaction so far
+        self._reserved_ahead = 0  # of which the disk holds this many (writemap)
+        self._encoder = ChunkEncoder()
         super().__init__(path, env, options, stats)
 
     @classmethod
@@ -54,7 +67,7 @@ class WriterSession(Session):
         try:
             if not os.access(path, os.W_OK):
                 raise ReadOnlyError(f"{path} is not writable by this user; open it with readonly=True")
-            env = environment.acquire(path, write=True, readahead=options.readahead)
+            env = environment.acquire(path, write=True, readahead=options.readahead, writemap=options.writemap)
             return cls(path, env, lock, options, stats)
         except BaseException:
             if env is not None:
@@ -89,9 +102,14 @@ class WriterSession(Session):
             # adding rows (and spilling) before it commits: reserve room for all the disk
             # can hold, so the map is never the limit (the mapping is virtual, not disk).
             self.env.ensure_headroom(free_bytes(self.path) // 2)
+        value = self._encoder.encode(rows, chunk, self.table.commit + 1)
+        # reserve well ahead: one fallocate serves many spills
+        stored = self._pages(len(value))
+        self._reserve(stored, ahead=max(8 << 20, self.table.row_bytes * self.table.rows // 16))
         txn = self._pending_txn()
         db = self._ensure_db(spec, txn)
-        txn.put(chunk_key(chunk), encode_chunk(rows, chunk, self.table.commit + 1), db=db)
+        txn.put(chunk_key(chunk), value, db=db)
+        self._txn_bytes += stored
         self.spilled += 1
 
     def _ensure_db(self, spec: ColumnSpec, txn: lmdb.Transaction):
@@ -107,8 +125,39 @@ class WriterSession(Session):
         if self._pending is None:
             rows = max(self.table.rows, 1)
             self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
+            self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
             self._pending = self.env.env.begin(write=True, buffers=True)
         return self._pending
+
+    def _pages(self, value_bytes: int, count: int = 1) -> int:
+        """Disk ``count`` values take as LMDB overflow pages (a run of whole pages after a header each)."""
+        psize = self.env.data_file.page_size
+        return count * (-(-(value_bytes + 64) // psize) * psize)
+
+    def _reserve(self, more: int, ahead: int = 0) -> None:
+        """Before the pending transaction stores ``more`` bytes: make sure the disk has the blocks.
+
+        LMDB takes free pages inside the file first and appends the rest, so the file never
+        grows past its committed end plus what this transaction wrote. ``ahead`` reserves more
+        than needed now, so that a stream of spills costs one ``fallocate`` in many.
+        """
+        if not self.env.writemap:
+            return
+        need = self._txn_bytes + more
+        if need <= self._reserved_ahead:
+            return
+        start = self._txn_start if self._pending is not None else self.env.used_bytes()
+        reserved = need + ahead
+        try:
+            self.env.data_file.reserve(start + reserved + reserved // 32 + (2 << 20))  # + B-tree, free-list pages
+        except OSError as exc:
+            what = "commit" if not ahead else "spilling changes that no longer fit in the cache"
+            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise CommitError(
+                f"{what} to {self.path} failed ({reason}: {need:,} bytes of disk needed); nothing was written, the "
+                f"store keeps commit {self.table.commit} and this handle keeps its uncommitted changes: free space "
+                "and call commit() again") from None
+        self._reserved_ahead = reserved
 
     def _abort_pending(self) -> None:
         if self._pending is not None:
@@ -151,11 +200,19 @@ class WriterSession(Session):
     def _dirty_bytes(self) -> int:
         return self.table.dirty_bytes() + (1 << 20)
 
+    def _commit_bytes(self) -> int:
+        """Disk a commit may take for its dirty chunks, its new ID chunks and its records."""
+        table, cr = self.table, self.table.chunk_rows
+        new_id_chunks = max(0, -(-table.rows // cr) - table.committed_rows // cr)
+        chunks = sum(self._pages(c.cache.chunk_bytes, c.cache.n_dirty) for c in table.columns.values())
+        return chunks + self._pages(8 * cr, new_id_chunks) + (1 << 20)
+
     def _write_commit(self) -> None:
         table = self.table
         version = table.commit + 1
         if self._pending is None:
             self.env.ensure_headroom(self._dirty_bytes() + 16 * max(table.rows, 1))
+        self._reserve(self._commit_bytes())  # CommitError if the disk is full: nothing written, all kept
         txn = self._pending_txn()
         written = 0
         for column in table.columns.values():
@@ -165,20 +222,24 @@ class WriterSession(Session):
                 continue
             with txn.cursor(db=db) as cursor:
                 for chunk, rows in dirty:
-                    value = encode_chunk(rows, chunk, version)
+                    value = self._encoder.encode(rows, chunk, version)
                     cursor.put(chunk_key(chunk), value)
                     written += len(value)
         for chunk, ids in table.new_id_chunks():
-            value = encode_chunk(ids, chunk, version)
+            value = self._encoder.encode(ids, chunk, version)
             txn.put(chunk_key(chunk), value, db=self.ids_db)
             written += len(value)
         now = time.time()
         txn.put(b"state", pack_record(table.state_record(version, now)), db=self.meta_db)
         self._pending = None
+        meta = self.env.data_file.save_meta() if self.env.writemap else None
         try:
-            txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
+            txn.commit()  # one synced commit (sync=True); raises on disk full / I/O error
         except BaseException:
             self._pending = txn  # so _fail_commit forgets databases created in it
+            if meta is not None and self.env.data_file.restore_meta(meta):
+                log.warning("%s: the failed commit had written its meta page; the previous one was put back",
+                            self.path)
             raise
         self._dbs_in_pending = []
         table.mark_committed(version, now)

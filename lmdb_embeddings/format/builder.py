@@ -19,7 +19,7 @@ from ..errors import EmbeddingStoreError
 from ..fsutil import fsync_dir
 from ..processes import environment
 from ..version import __version__
-from .chunks import ID_DTYPE, chunk_key, encode_chunk
+from .chunks import ID_DTYPE, ChunkEncoder, chunk_key
 from .layout import ColumnSpec, TableLayout
 from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 
@@ -43,11 +43,12 @@ class StoreBuilder:
         self._txn = None
         self._txn_bytes = 0
         self._next_ids = self._next_chunk = 0
+        self._encoder = ChunkEncoder()
 
     def _put(self, db, chunk: int, rows: np.ndarray) -> None:
         if self._txn is None:
             self._txn = self._env.begin(write=True)
-        value = encode_chunk(rows, chunk, 0)
+        value = self._encoder.encode(rows, chunk, 0)
         self._txn.put(chunk_key(chunk), value, db=db, append=True)
         self._txn_bytes += len(value)
         if self._txn_bytes >= _TXN_BYTES:

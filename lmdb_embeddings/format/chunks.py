@@ -36,15 +36,8 @@ def checksum(payload, index: int) -> int:
     return xxhash.xxh3_64_intdigest(payload, seed=index)
 
 
-def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
-    """Serialize a 2-D little-endian C-contiguous array as one chunk value.
-
-    Byte-identical to ``msgpack.packb([n_rows, version, checksum, payload])``, but the
-    small header is packed apart and joined to the payload in ONE copy (packb copies the
-    payload into its growing buffer, then again into the result).
-    """
-    # a flat uint8 view: zero-copy, and unlike memoryview.cast it accepts 0-row chunks
-    payload = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+def _header(payload: memoryview, n_rows: int, index: int, version: int) -> bytes:
+    """msgpack ``[n_rows, version, checksum, <bin header>`` for ``payload`` (the bytes that precede it)."""
     size = payload.nbytes
     if size < 0x100:
         bin_header = b"\xc4" + size.to_bytes(1, "big")
@@ -52,9 +45,46 @@ def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
         bin_header = b"\xc5" + size.to_bytes(2, "big")
     else:
         bin_header = b"\xc6" + size.to_bytes(4, "big")
-    head = (b"\x94" + msgpack.packb(int(rows.shape[0])) + msgpack.packb(int(version))
+    return (b"\x94" + msgpack.packb(int(n_rows)) + msgpack.packb(int(version))
             + msgpack.packb(checksum(payload, index)) + bin_header)
-    return b"".join((head, payload))
+
+
+def _payload(rows: np.ndarray) -> memoryview:
+    # a flat uint8 view: zero-copy, and unlike memoryview.cast it accepts 0-row chunks
+    return memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
+def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
+    """Serialize a 2-D little-endian C-contiguous array as one chunk value.
+
+    Byte-identical to ``msgpack.packb([n_rows, version, checksum, payload])``, but the
+    small header is packed apart and joined to the payload in ONE copy (packb copies the
+    payload into its growing buffer, then again into the result).
+    """
+    payload = _payload(rows)
+    return b"".join((_header(payload, rows.shape[0], index, version), payload))
+
+
+class ChunkEncoder:
+    """Encodes chunk values into ONE reused buffer: the bytes :func:`encode_chunk` gives, without a fresh
+    allocation per chunk (a new 512 KB ``bytes`` costs a page fault per 4 KiB; measured 10x the copy).
+
+    The returned view is valid until the next :meth:`encode`: hand it to LMDB (which copies it) at once.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+
+    def encode(self, rows: np.ndarray, index: int, version: int) -> memoryview:
+        payload = _payload(rows)
+        head = _header(payload, rows.shape[0], index, version)
+        end = len(head) + payload.nbytes
+        if len(self._buffer) < end:
+            self._buffer = bytearray(end)
+        view = memoryview(self._buffer)
+        view[: len(head)] = head
+        view[len(head) : end] = payload
+        return view[:end]
 
 
 class ChunkHeader(NamedTuple):

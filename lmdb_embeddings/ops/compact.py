@@ -1,12 +1,13 @@
 """``compact``: rewrite a store's environment without free pages, atomically.
 
-LMDB never shrinks its data file; pages freed by old commits are only reused. A
-compacting copy (``env.copy(compact=True)``, a consistent snapshot) writes just the live
-pages into a hidden sibling directory, which is verified and then swapped in. The writer
-lock is held throughout so no writer can commit to the old copy meanwhile. If the copy is
-not smaller, the original is kept: compaction never grows the file. Readers that still
-have the old store open keep reading the old (now unlinked) files until they reopen, so
-run it while no training reads the store.
+LMDB never shrinks its data file; pages freed by old commits are only reused (and a
+writer's file is sized to its map, sparse). A compacting copy (``env.copy(compact=True)``,
+a consistent snapshot) writes just the live pages into a hidden sibling directory, which
+is verified and then swapped in. The writer lock is held throughout so no writer can
+commit to the old copy meanwhile. If the copy does not take less disk (allocated blocks),
+the original is kept: compaction never takes more disk. Readers that still have the old
+store open keep reading the old (now unlinked) files until they reopen, so run it while
+no training reads the store.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import lmdb
 from ..errors import CorruptionError, EmbeddingStoreError, WriterLockedError
 from ..format.records import DATA_FILE
 from ..format.snapshot import Snapshot
+from ..fsutil import allocated_bytes
 from ..processes import environment
 from ..processes.staging import StagedStore
 from .progress import bar
@@ -26,7 +28,7 @@ from .verify import verify_store
 
 
 def compact_store(path: str, *, progress: bool = False) -> dict:
-    """Compact the store at ``path`` in place; returns sizes before and after.
+    """Compact the store at ``path`` in place; returns the disk it took before and after (allocated bytes).
 
     Raises:
         WriterLockedError: a writer holds the store. CorruptionError: the copy fails verification
@@ -35,7 +37,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
     path = os.path.abspath(path)
     with Snapshot(path):  # a store we can read (not a newer format, metadata intact) before copying it
         pass
-    before = os.path.getsize(os.path.join(path, DATA_FILE))
+    before = allocated_bytes(os.path.join(path, DATA_FILE))
     started = time.perf_counter()
     try:
         with StagedStore(path, "compacting", hold_lock=True) as stage:
@@ -51,7 +53,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
 
 
 def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
-    """LMDB's compacting copy of ``path`` into ``tmp``, verified; returns its data file's size."""
+    """LMDB's compacting copy of ``path`` into ``tmp``, verified; returns the disk its data file takes."""
     shared = environment.acquire(path, write=False)
     try:
         with bar(1, "compact", progress, unit="copy") as pbar:
@@ -66,4 +68,4 @@ def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
         first = report["problems"][0]
         raise CorruptionError(f"{path}: the compacted copy fails verification ({first['part']} chunk "
                               f"{first['chunk']}: {first['error']}); the store was left unchanged")
-    return os.path.getsize(os.path.join(tmp, DATA_FILE))
+    return allocated_bytes(os.path.join(tmp, DATA_FILE))

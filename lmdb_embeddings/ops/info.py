@@ -8,7 +8,7 @@ import os
 from ..format.chunks import ID_DTYPE
 from ..format.records import DATA_FILE, check_store_dir, read_format
 from ..format.snapshot import Snapshot
-from ..fsutil import dir_size
+from ..fsutil import allocated_bytes, dir_size
 from ..processes.writer_lock import holder_pid
 
 
@@ -43,7 +43,8 @@ def store_info(path: str) -> dict:
                             if isinstance(when, (int, float)) else None),
             "last_commit_unix": when,
             "attrs": sorted(layout.attrs),
-            "bytes_on_disk": dir_size(path), "data_file_bytes": os.path.getsize(data_file),
+            "bytes_on_disk": dir_size(path), "data_file_bytes": allocated_bytes(data_file),
+            "data_file_size": os.path.getsize(data_file), "committed_bytes": pages_in_use * psize,
             "table_bytes": layout.rows * (layout.row_bytes + ID_DTYPE.itemsize),
             "lmdb": {"page_size": psize, "map_size": lmdb_info["map_size"], "pages_in_use": pages_in_use,
                      "pages_in_tables": table_pages, "free_pages": max(0, pages_in_use - 2 - table_pages),

@@ -18,6 +18,7 @@ import lmdb
 from ..errors import CorruptionError, EmbeddingStoreError
 from ..format.records import DATA_FILE
 from . import fork
+from .data_file import DataFile
 
 MAX_DBS = 64
 MAX_READERS = 2048
@@ -36,12 +37,14 @@ class SharedEnv:
     (database handles are looked up through ``db()``, never cached by the stores).
     """
 
-    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool):
+    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool, writemap: bool):
         self.path, self.env, self.writable, self.readahead = path, env, writable, readahead
+        self.writemap = writemap and writable
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
         self._dbs: dict[bytes, object] = {}
+        self.data_file = DataFile(path, env.stat()["psize"])
 
     def cached_db(self, name: bytes):
         """The handle of a named database opened earlier, or None.
@@ -79,15 +82,15 @@ class SharedEnv:
         """Drop a handle created in a transaction that was aborted (it is invalid now)."""
         self._dbs.pop(name, None)
 
-    def make_writable(self) -> None:
+    def make_writable(self, writemap: bool) -> None:
         """Reopen a read-only environment writable, in place (no transaction may be open)."""
         with self.lock:
             if self.writable:
                 return
             self.env.close()
             self._dbs.clear()
-            self.env = _open(self.path, readonly=False, readahead=self.readahead)
-            self.writable = True
+            self.env = _open(self.path, readonly=False, readahead=self.readahead, writemap=writemap)
+            self.writable, self.writemap = True, writemap
             self.open_dbs()
 
     def begin_read(self) -> lmdb.Transaction:
@@ -125,13 +128,14 @@ class SharedEnv:
             map_size = self.env.info()["map_size"]
             self.env.close()
             self._dbs.clear()
-            self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size)
+            self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size,
+                             writemap=self.writemap)
             self.open_dbs()
             return True
 
     def used_bytes(self) -> int:
-        info, stat = self.env.info(), self.env.stat()
-        return (info["last_pgno"] + 1) * stat["psize"]
+        """Bytes up to the last committed page (the rest of a writemap file is sparse or free)."""
+        return (self.env.info()["last_pgno"] + 1) * self.data_file.page_size
 
     def ensure_headroom(self, needed: int) -> None:
         """Grow the map (geometrically) so ``needed`` more bytes fit; no txn may be open."""
@@ -162,15 +166,27 @@ def _drop_inherited() -> None:
                 del _registry[key]
 
 
-def _open(path: str, readonly: bool, readahead: bool, map_size: int = MIN_MAP_SIZE) -> lmdb.Environment:
+def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = None,
+          writemap: bool = False) -> lmdb.Environment:
+    """Open the environment (``sync`` + ``metasync``: a commit is durable when it returns).
+
+    With ``writemap`` LMDB sizes the file to the map as it opens it, which would hide a
+    truncated file (extended, sparse): the truncation check runs on a plain read-only open
+    first. The map is never smaller than the file, so LMDB never cuts reserved blocks off.
+    """
+    map_size = map_size or MIN_MAP_SIZE
+    if writemap:
+        _open(path, readonly=True, readahead=readahead).close()
+        map_size = max(map_size, os.path.getsize(os.path.join(path, DATA_FILE)))
     try:
         env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, max_readers=MAX_READERS,
-                        readonly=readonly, create=False, sync=True, metasync=True, writemap=False,
+                        readonly=readonly, create=False, sync=True, metasync=True, writemap=writemap,
                         readahead=readahead, meminit=False, max_spare_txns=0, lock=True)
     except lmdb.Error as exc:
         raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
     try:
-        _check_not_truncated(path, env)
+        if not writemap:
+            _check_not_truncated(path, env)
     except BaseException:
         env.close()
         raise
@@ -196,8 +212,11 @@ def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
             f"ends at byte {needed}; restore the store from a dump or backup")
 
 
-def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
-    """The process's environment for the store at ``path`` (opened on first use)."""
+def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = False) -> SharedEnv:
+    """The process's environment for the store at ``path`` (opened on first use).
+
+    ``writemap`` (writers only) applies when this call opens or reopens it writable.
+    """
     real = _realpath(path)
     _drop_inherited()
     with _registry_lock:
@@ -205,8 +224,8 @@ def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
         if shared is None:
             if not os.path.exists(os.path.join(real, DATA_FILE)):
                 raise EmbeddingStoreError(f"no LMDB data file in {real}")
-            env = _open(real, readonly=not write, readahead=readahead)
-            shared = SharedEnv(real, env, write, readahead)
+            env = _open(real, readonly=not write, readahead=readahead, writemap=write and writemap)
+            shared = SharedEnv(real, env, write, readahead, write and writemap)
             try:
                 shared.open_dbs()
             except lmdb.Error as exc:
@@ -214,7 +233,7 @@ def acquire(path: str, write: bool, readahead: bool = True) -> SharedEnv:
                 raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
             _registry[real] = shared
         elif write:
-            shared.make_writable()
+            shared.make_writable(writemap)
         shared.users += 1
         return shared
 
