@@ -138,7 +138,7 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     if rank == 0:
         store._shard.prepare(store.commit_count + 1)  # phase 1 on rank 0 only, then everyone "crashes"
     prepared = store.local.attrs["dist.commit"]
-    store._shard.store.rollback()
+    store._shard.rollback()
     store._shard.close()
     store._closed = True
     dist.barrier()

@@ -16,7 +16,7 @@ from lmdb_embeddings.distributed.creation import initial_rows
 from lmdb_embeddings.distributed.manifest import Manifest, read_manifest, write_manifest
 from lmdb_embeddings.distributed.ownership import DEFAULT_BUCKETS, bucket_of, splitmix64
 from lmdb_embeddings.distributed.shard import Shard
-from lmdb_embeddings.initializers import init_spec
+from lmdb_embeddings.core.init import init_spec
 
 
 # ------------------------------------------------------------------------------ ownership
@@ -121,8 +121,9 @@ def test_a_prepared_shard_commit_can_be_reverted_and_only_that_one(store_path):
         store.set_attr("dist.commit", 0)
     shard = Shard(store_path, readonly=False, options={"cache_mb": 8})
     before = shard.store.get(np.arange(300))
-    shard.store.put(np.arange(0, 300, 3), rows_like(100, 4, 1.0))
-    shard.store.add(np.arange(1000, 1040))
+    with shard.writing() as store:
+        store.put(np.arange(0, 300, 3), rows_like(100, 4, 1.0))
+        store.add(np.arange(1000, 1040))
     shard.prepare(1)
     assert shard.global_commit == 1
     shard.revert_to(1)  # already there: nothing to undo
@@ -130,7 +131,8 @@ def test_a_prepared_shard_commit_can_be_reverted_and_only_that_one(store_path):
     assert shard.global_commit == 0 and len(shard.store) == 300
     assert np.array_equal(shard.store.get(np.arange(300)), before)
     shard.prepare(1)
-    shard.store.put([1], rows_like(1, 4, 2.0))
+    with shard.writing() as store:
+        store.put([1], rows_like(1, 4, 2.0))
     shard.prepare(2)
     with pytest.raises(le.CorruptionError, match="only a prepared commit"):
         shard.revert_to(0)  # two commits back: the undo log covers one

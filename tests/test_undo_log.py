@@ -9,8 +9,8 @@ import pytest
 from conftest import rows_like
 
 import lmdb_embeddings as le
-from lmdb_embeddings.store import revert_last_commit
-from lmdb_embeddings.store_check import verify_store
+from lmdb_embeddings.core.undo import revert_last_commit
+from lmdb_embeddings.ops.verify import verify_store
 
 
 def _table(store) -> dict:

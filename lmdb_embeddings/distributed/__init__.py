@@ -9,7 +9,7 @@
 
 ``owner_of`` (which rank owns an ID) and the sharded directory's manifest need no torch;
 ``ShardedEmbeddingStore`` and ``ShardedSampler`` import torch when first used, so the CLI
-reads sharded directories without it. docs/DISTRIBUTED.md has the design.
+reads sharded directories without it. docs/ARCHITECTURE.md ("Scale-out") has the design.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from ..errors import CommitError, CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
+from ..format.records import is_store
 from ..fsutil import fsync_dir
-from ..writer_lock import holder_pid
+from ..processes.writer_lock import holder_pid
 
 MANIFEST = "manifest.json"
 KIND = "lmdb_embeddings.sharded"
@@ -136,7 +137,7 @@ def read_manifest(root: str) -> Manifest:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        if os.path.isfile(os.path.join(root, "data.mdb")):
+        if is_store(root):
             raise NotAStoreError(f"{root} is a plain EmbeddingStore, not a sharded one; open it with "
                                  "EmbeddingStore.open, or reshard it with `lmdb-embeddings dump` + "
                                  "`restore --shards W`") from None

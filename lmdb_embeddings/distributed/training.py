@@ -25,16 +25,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..store import EmbeddingStore
 from ..torch.embedding import RowGradients
 from .collective import attempt
 from .exchange import Exchange
+from .shard import Shard
 
 
-def owner_step(exchange: Exchange, shard: EmbeddingStore, optimizer, grads: RowGradients | None, owner_of,
+def owner_step(exchange: Exchange, shard: Shard, optimizer, grads: RowGradients | None, owner_of,
                error: BaseException | None = None) -> bool:
     """Run one step collectively; True if any rank had gradients (and so the shards changed)."""
-    dim = shard.dim
+    dim = shard.store.dim
     dtype = optimizer.compute_dtype
     ids, values = _summed(grads, dim, dtype) if error is None else (np.empty(0, np.int64), None)
     route = exchange.route(owner_of(ids) if error is None else None, error, "step: ", flag=int(grads is not None))
@@ -45,9 +45,10 @@ def owner_step(exchange: Exchange, shard: EmbeddingStore, optimizer, grads: RowG
     grad = torch.sparse_coo_tensor(torch.from_numpy(inverse.reshape(1, -1).astype(np.int64)),
                                    torch.from_numpy(got_values), (len(unique), dim), check_invariants=False)
     local = RowGradients(unique, grad, parts=int((route.recv_counts > 0).sum()))
-    update, error = attempt(optimizer.compute_update, shard, local)
+    update, error = attempt(optimizer.compute_update, shard.store, local)
     exchange.collective.agree(error)
-    optimizer.write_update(shard, *update)
+    with shard.writing() as store:
+        optimizer.write_update(store, *update)
     return True
 
 
