@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -373,6 +374,59 @@ def commit_loop(rank: int, world: int, workdir: str, path: str, min_commit: int,
         print(f"acked {store.commit_count}", flush=True)
     store.close()
     return {"opened": opened, "final": k}
+
+
+# ------------------------------------------------------------- a reader group beside a writer group
+def writer_and_readers(rank: int, world: int, workdir: str, rows: int = 2000, reads: int = 40,
+                       pause: float = 0.01) -> dict:
+    """Two process groups of one job (``group=``): the first half commits round k (the value k in every
+    row) round after round; the second half reads rows of every owner through a READ-ONLY store.
+
+    A get that mixed two global commits would hold two values; a get of a commit not yet decided could
+    be undone by a crash. Each must hold ONE value: the commit it reports, decided by the manifest.
+    """
+    half = world // 2
+    writers, readers = dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))
+    path, stop = os.path.join(workdir, "two-groups"), os.path.join(workdir, "two-groups.stop")
+    if rank < half:
+        store = ShardedEmbeddingStore.create(path, rows, DIM, init="zeros", chunk_rows=CR, cache_mb=8, group=writers)
+        mine = np.arange(rows, dtype=np.int64)[rank::half]
+        store.put(mine, np.full((len(mine), DIM), 1.0, np.float32))
+        store.commit()
+    dist.barrier()  # the readers open only once the store exists
+    if rank < half:
+        while not store.collective.all_gather_ints([os.path.exists(stop)])[:, 0].any():  # stop together
+            store.put(mine, np.full((len(mine), DIM), store.commit_count + 1, np.float32))
+            store.commit()
+            time.sleep(pause)
+        out = {"commits": store.commit_count}
+    else:
+        store = ShardedEmbeddingStore.open(path, readonly=True, group=readers)
+        ask = np.arange(rows, dtype=np.int64)[rank - half :: world - half]
+        mixed, wrong, seen = 0, 0, set()
+        for _ in range(reads):
+            values = np.unique(store.get(ask))
+            commit = store.commit_count
+            mixed += int(len(values) != 1)
+            wrong += int(len(values) == 1 and float(values[0]) != float(commit))
+            wrong += int(commit > read_manifest(path).commit)  # never a commit the manifest has not decided
+            seen.add(commit)
+        store.collective.barrier()
+        if store.rank == 0:
+            with open(stop, "w"):
+                pass
+        out = {"mixed": mixed, "wrong": wrong, "commits_seen": len(seen), "group_rank": store.rank}
+    store.close()
+    dist.barrier()
+    return out
+
+
+def suite(rank: int, world: int, workdir: str, optimizers: list, two_groups: bool) -> dict:
+    """Everything one launch checks (one process start per rank for all of it: CI time)."""
+    out = {"contract": contract(rank, world, workdir), "training": training(rank, world, workdir, optimizers)}
+    if two_groups:
+        out["two_groups"] = writer_and_readers(rank, world, workdir)
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover - run through dist_worker.py

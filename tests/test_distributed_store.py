@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 from cli_helpers import ok, read_store
-from dist_harness import launch
 
 KEY, VALUE, TYPE = "KeyError", "ValueError", "TypeError"
 EXPECTED = {"get_unknown": KEY, "get_bad_type": TYPE, "put_unknown": KEY, "put_shape": VALUE, "put_nan": VALUE,
@@ -20,11 +19,11 @@ EXPECTED = {"get_unknown": KEY, "get_bad_type": TYPE, "put_unknown": KEY, "put_s
             "add_nan": VALUE, "add_shape": VALUE, "put_column_unknown": VALUE}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
-def run(request, tmp_path_factory):
-    world = request.param
-    workdir = str(tmp_path_factory.mktemp(f"contract{world}"))
-    return world, launch("contract", world, workdir, timeout=150), workdir
+@pytest.fixture
+def run(dist_suite):
+    """(world, every rank's contract report, workdir) of the session's launch."""
+    world, results, workdir = dist_suite
+    return world, [r["contract"] for r in results], workdir
 
 
 def test_lookups_of_local_and_remote_ids_equal_a_single_store(run):
@@ -133,3 +132,15 @@ def test_the_cli_dumps_a_store_sharded_by_real_ranks_in_single_store_row_order(r
     got, single = read_store(plain), read_store(os.path.join(workdir, "single-contract-0"))
     assert np.array_equal(got["ids"], single["ids"])  # create order, then the ranks' adds in rank order
     assert got["rows"].tobytes() == single["rows"].tobytes()
+
+
+@pytest.mark.parametrize("dist_suite", [4], indirect=True, ids=["4ranks"])
+def test_a_read_only_get_serves_one_decided_commit_while_a_writer_group_commits(dist_suite):
+    """Ranks 0-1 commit round after round (their own process group); ranks 2-3 read rows of every owner."""
+    _, results, _ = dist_suite
+    readers = [r["two_groups"] for r in results[2:]]
+    assert [r["group_rank"] for r in readers] == [0, 1]  # a store over a group that is not the default one
+    for r in readers:
+        assert r["mixed"] == 0 and r["wrong"] == 0, r
+        assert r["commits_seen"] >= 2, r  # the reads did overlap the writers' commits
+    assert all(r["two_groups"]["commits"] > 2 for r in results[:2])

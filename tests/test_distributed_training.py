@@ -9,21 +9,19 @@ import os
 import subprocess
 import sys
 
-import pytest
-from dist_harness import ROOT, launch, worker_env
+from conftest import DIST_TRAINING
+from dist_harness import ROOT, worker_env
 
 from lmdb_embeddings.distributed.manifest import read_manifest
 
 EXAMPLE = os.path.join(ROOT, "examples", "train_sharded.py")
 
-ALL = ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"]
 
-
-@pytest.mark.parametrize("world, optimizers", [(2, ALL), (4, ["SparseAdam", "SparseAdagrad"])],
-                         ids=["2ranks", "4ranks"])
-def test_sharded_training_equals_the_single_store_run(tmp_path, world, optimizers):
-    results = launch("training", world, str(tmp_path), timeout=150, optimizers=optimizers)
-    for rank, per_rank in enumerate(results):
+def test_sharded_training_equals_the_single_store_run(dist_suite):
+    world, results, _ = dist_suite
+    training = [r["training"] for r in results]
+    optimizers = DIST_TRAINING[world]
+    for rank, per_rank in enumerate(training):
         assert sorted(per_rank) == sorted(optimizers)
         for name, r in per_rank.items():
             where = f"{name} on rank {rank}"
@@ -31,7 +29,7 @@ def test_sharded_training_equals_the_single_store_run(tmp_path, world, optimizer
             assert r["step_count"][0] == r["step_count"][1] == (3 if name != "SparseSGD" else 0), where
             assert r["resumed"]["rows_close"] and r["resumed"]["state_close"], (where, r["resumed"])
             assert r["nan_step"].startswith("InvalidInputError|ValueError") and r["nan_step_wrote_nothing"], where
-    assert sum(r[optimizers[0]]["remote_lookups"] for r in results) > 0  # gradients did travel to owners
+    assert sum(r[optimizers[0]]["remote_lookups"] for r in training) > 0  # gradients did travel to owners
 
 
 def test_the_example_runs_under_torchrun(tmp_path):

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
 from conftest import rows_like, run_python
 
 import lmdb_embeddings as le
+from lmdb_embeddings.core.init import init_spec
 from lmdb_embeddings.distributed import owner_of
 from lmdb_embeddings.distributed.creation import initial_rows
 from lmdb_embeddings.distributed.manifest import Manifest, read_manifest, write_manifest
 from lmdb_embeddings.distributed.ownership import DEFAULT_BUCKETS, bucket_of, splitmix64
-from lmdb_embeddings.distributed.shard import Shard
-from lmdb_embeddings.core.init import init_spec
+from lmdb_embeddings.distributed.shard import Shard, global_commit_of
 
 
 # ------------------------------------------------------------------------------ ownership
@@ -137,3 +138,29 @@ def test_a_prepared_shard_commit_can_be_reverted_and_only_that_one(store_path):
     with pytest.raises(le.CorruptionError, match="only a prepared commit"):
         shard.revert_to(0)  # two commits back: the undo log covers one
     shard.close()
+
+
+def test_the_shard_handle_given_out_as_store_local_reads_but_refuses_writes(store_path):
+    """``store.local`` is the writable shard itself: a write or commit on it alone would not be a global commit."""
+    with le.EmbeddingStore.create(store_path, 50, 4, chunk_rows=16) as store:
+        store.set_attr("dist.commit", 0)
+    shard = Shard(store_path, readonly=False, options={})
+    local = shard.store
+    assert isinstance(local, le.EmbeddingStore) and local.get([3]).shape == (1, 4) and len(local) == 50
+    refused = {"put": lambda: local.put([1], rows_like(1, 4, 1.0)), "add": lambda: local.add([99]),
+               "commit": local.commit, "rollback": local.rollback, "set_attr": lambda: local.set_attr("a", 1),
+               "ensure_column": lambda: local.ensure_column("m", 2), "close": local.close}
+    for name, call in refused.items():
+        with pytest.raises(PermissionError, match="sharded store") as info:
+            call()
+        assert isinstance(info.value, le.ReadOnlyError), name
+    copy = pickle.loads(pickle.dumps(local))  # what a DataLoader worker gets: a plain read-only store
+    assert type(copy) is le.EmbeddingStore and copy.readonly
+    with shard.writing() as store:  # the sharded store's own way in
+        store.put([1], rows_like(1, 4, 5.0))
+    shard.prepare(1)
+    np.testing.assert_array_equal(copy.get([1]), rows_like(1, 4, 5.0))
+    copy.close()
+    shard.close()
+    with le.EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert global_commit_of(reader) == 1

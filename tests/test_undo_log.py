@@ -9,6 +9,7 @@ import pytest
 from conftest import rows_like
 
 import lmdb_embeddings as le
+from lmdb_embeddings.core import undo
 from lmdb_embeddings.core.undo import revert_last_commit
 from lmdb_embeddings.ops.verify import verify_store
 
@@ -142,3 +143,60 @@ def test_contains_is_vectorized_and_sees_uncommitted_adds(small_store):
     small_store.add([5000, 5001])
     np.testing.assert_array_equal(small_store.contains([0, 999, 1000, 5001, -1]), [True, True, False, True, False])
     assert small_store.contains([]).shape == (0,)
+
+
+def test_a_reader_that_missed_the_revert_forgets_the_undone_rows_when_later_adds_reuse_their_slots(store_path):
+    """The reader never looks while the revert happens; the next commit adds OTHER ids into the same row slots.
+
+    Its row count only grows (130 -> 140), so only the state record's revert history tells it that
+    slots 100..129 now hold other IDs and rows.
+    """
+    store = le.EmbeddingStore.create(store_path, 100, 4, chunk_rows=16, undo_log=True)
+    store.add(np.arange(100, 130), rows_like(30, 4, 1.0))
+    store.commit()
+    reader = le.EmbeddingStore.open(store_path, readonly=True)
+    assert len(reader) == 130
+    reader.get(np.arange(130))  # caches the chunks (and IDs) of the commit about to be undone
+    store.close()
+    revert_last_commit(store_path)
+    new_rows = rows_like(40, 4, 7.0, seed=3)
+    with le.EmbeddingStore.open(store_path, undo_log=True) as writer:
+        writer.add(np.arange(500, 540), new_rows)
+        expected = writer.get(writer.ids)
+    assert len(reader) == 140 and 120 not in reader and 539 in reader
+    np.testing.assert_array_equal(reader.ids, np.r_[0:100, 500:540])
+    np.testing.assert_array_equal(reader.get(np.arange(500, 540)), new_rows)
+    np.testing.assert_array_equal(reader.get(reader.ids), expected)
+    with pytest.raises(KeyError):
+        reader.get([100])
+    reader.close()
+
+
+def test_revert_history_keeps_the_smallest_row_count_of_merged_entries():
+    history = None
+    for commit, rows in ((5, 100), (9, 40), (12, 300)):
+        history = undo.revert_history(history, commit, rows)
+    assert history == [[5, 100], [9, 40], [12, 300]]
+    assert undo.rows_kept_after(history, 4) == 40 and undo.rows_kept_after(history, 9) == 300
+    assert undo.rows_kept_after(history, 12) is None
+    for commit in range(13, 13 + undo.MAX_REVERTS):
+        history = undo.revert_history(history, commit, 1000)
+    assert len(history) == undo.MAX_REVERTS
+    assert undo.rows_kept_after(history, 4) == 40  # merged entries are conservative: never more rows kept
+
+
+@pytest.mark.parametrize("cache_mb", [64.0, 1.0], ids=["at_commit", "spilled"])
+def test_every_block_a_logged_commit_writes_was_reserved_first(store_path, cache_mb):
+    """Under writemap a store into an unreserved hole on a full disk is SIGBUS: the reservation must cover
+    the pre-images the undo log writes too (a whole-table rewrite writes the table twice)."""
+    n, dim = 20_000, 64  # 5 MiB: a fresh store has no free pages, so the rewrite and its log are appended
+    le.EmbeddingStore.create(store_path, n, dim, chunk_rows=256).close()
+    store = le.EmbeddingStore.open(store_path, undo_log=True, cache_mb=cache_mb)
+    store.put(np.arange(n), rows_like(n, dim, 1.0))
+    store.commit()
+    env = store._session.env  # the writer's environment: its data file and LMDB's committed end
+    assert env.writemap and env.data_file._reserved >= env.used_bytes()
+    store.close()
+    revert_last_commit(store_path)
+    with le.EmbeddingStore.open(store_path, readonly=True) as reader:
+        assert float(np.abs(reader.get(np.arange(n))).max()) < 0.1  # the initial N(0, 0.01) rows again

@@ -18,9 +18,9 @@ check that every shard served the same one, no newer than the manifest, else rea
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import time
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from ..core.inputs import as_dtype, as_ids, as_values, check_unique
 from ..errors import (
     ClosedError,
     CorruptionError,
-    EmbeddingStoreError,
     InvalidInputError,
     InvalidTypeError,
     ReadOnlyError,
@@ -38,24 +37,21 @@ from ..errors import (
 from ..format.records import MAIN
 from ..store import EmbeddingStore
 from . import opening, training
-from .collective import Collective, attempt, error_code
+from .collective import Collective, attempt
 from .creation import initial_rows
 from .exchange import Exchange, Route
 from .manifest import (
-    COMMIT_ATTR,
     RESERVED_PREFIX,
     ROW_COLUMN,
     Manifest,
-    read_manifest,
 )
 from .ownership import owner_of
 from .shard import Shard
-from .twophase import TwoPhaseCommit
+from .twophase import TwoPhaseCommit, read_decided
 
 log = logging.getLogger(__name__)
 
 _SHOWN = 10
-_READ_RETRIES = 60  # a read-only get re-reads while a writer job commits: ~10 s in all, then gives up
 
 
 class ShardedEmbeddingStore:
@@ -250,8 +246,8 @@ class ShardedEmbeddingStore:
         flat, _ = checked_args
         (wanted,) = self._exchange.send(route, flat)
         if self._readonly:
-            rows, self._commit, self._rows = _read_one_commit(self._collective, self._path, self._shard.store, name,
-                                                              wanted)
+            read = functools.partial(self._shard.store.get_with_state, wanted, name)
+            rows, self._commit, self._rows = read_decided(self._collective, self._path, read)
             self._committed_rows = self._rows
         else:
             rows, error = attempt(self._shard.store.get_column, name, wanted)
@@ -491,30 +487,3 @@ def _check_received(shard: EmbeddingStore, route: Route, ids: np.ndarray, call: 
         there = ids[present]
         raise InvalidInputError(f"{call}: {len(there)} id(s) already in the store: "
                                 f"{', '.join(str(int(x)) for x in there[:_SHOWN])}")
-
-
-def _read_one_commit(c: Collective, path: str, shard: EmbeddingStore, name: str, ids: np.ndarray) -> tuple:
-    """Read-only: the owners' rows, all served from one decided global commit; (rows, commit, global rows).
-
-    Each shard read is one LMDB read transaction, which names the global commit it holds
-    (``dist.commit``); rank 0 reads the manifest after its own read. The ranks agree on
-    ``[status, commit served, rows, manifest commit]``: the read stands if every shard served
-    the same commit and the manifest has decided it, else every rank reads again (a writer
-    job is between its phases). The decision uses only gathered values: ranks never part.
-    """
-    for attempt_no in range(_READ_RETRIES):
-        served, error = attempt(shard.get_with_state, ids, name)
-        decided, manifest_error = attempt(read_manifest, path) if c.rank == 0 else (None, None)
-        error = error or manifest_error
-        rows, state = served if served is not None else (None, {"attrs": {}, "rows": 0})
-        held = int(state["attrs"].get(COMMIT_ATTR, 0))
-        gathered = c.all_gather_ints([error_code(error), held, state["rows"],
-                                      decided.commit if decided is not None else -1])
-        c.raise_if_failed(gathered[:, 0], error)
-        commits = gathered[:, 1]
-        if (commits == commits[0]).all() and commits[0] <= gathered[0, 3]:
-            return rows, int(commits[0]), int(gathered[:, 2].sum())
-        time.sleep(min(0.2, 0.005 * 2 ** attempt_no))
-    raise EmbeddingStoreError(f"{path}: the shards hold different global commits {commits.tolist()} "
-                              f"(manifest: {int(gathered[0, 3])}): a commit is in progress or was interrupted; "
-                              "retry, or open the store writable once to recover it")

@@ -16,7 +16,8 @@ phases, or after a crash there) a *prepared* E+1 that its undo log can take back
 
 :func:`recover` (every collective ``open``): a shard one commit ahead of the manifest prepared a
 commit that was never decided, so a writable open undoes it; anything else is damage. A
-read-only open cannot undo: it waits a little for a commit in progress to be decided.
+read-only store cannot undo: its open and every ``get`` go through :func:`read_decided`, which
+accepts a read only if every shard served the same global commit and the manifest has decided it.
 docs/ARCHITECTURE.md ("Scale-out") has the crash analysis.
 """
 
@@ -30,12 +31,12 @@ import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError
 from .collective import Collective, attempt, error_code
-from .manifest import Manifest, ManifestSyncError, read_manifest, write_manifest
+from .manifest import COMMIT_ATTR, Manifest, ManifestSyncError, read_manifest, write_manifest
 from .shard import Shard
 
 log = logging.getLogger(__name__)
 
-READONLY_WAIT_S = 10.0  # a read-only open waits this long for a commit in progress to be decided
+READ_RETRIES = 60  # a read-only open or get re-reads while a writer job commits: ~10 s in all, then gives up
 
 
 class TwoPhaseCommit:
@@ -99,30 +100,55 @@ def recover(c: Collective, path: str, manifest: Manifest, shard: Shard, readonly
     """Bring every shard to the manifest's commit: undo prepared commits that were never decided.
 
     A shard may be one commit ahead (it prepared E+1, the decision rank never wrote the
-    manifest of E+1); anything else is damage. A read-only open cannot undo: it waits
-    for a commit in progress (another job's) to be decided. Returns the manifest it ended with.
+    manifest of E+1); anything else is damage. Read-only: nothing is undone; the returned
+    manifest is that of the decided commit every shard holds (waiting for one, see
+    :func:`read_decided`), since a writer job may have moved on since ``manifest`` was read.
     """
-    deadline = time.monotonic() + READONLY_WAIT_S
-    while True:
-        held = c.all_gather_ints([shard.global_commit])[:, 0]
-        behind_or_far = np.flatnonzero((held < manifest.commit) | (held > manifest.commit + 1))
-        if len(behind_or_far):
-            r = int(behind_or_far[0])
-            raise CorruptionError(f"{path}: the shard of rank {r} holds global commit {int(held[r])}, but the "
-                                  f"manifest is at commit {manifest.commit}; restore the store from a dump")
-        if (held == manifest.commit).all():
-            return manifest
-        if not readonly:
-            _, error = attempt(shard.revert_to, manifest.commit)
-            c.agree(error)
-            log.warning("%s: shard(s) of rank(s) %s had prepared commit %d, which was never decided; returned to "
-                        "commit %d", path, np.flatnonzero(held != manifest.commit).tolist(), manifest.commit + 1,
-                        manifest.commit)
-            return manifest
-        give_up = c.all_gather_ints([time.monotonic() > deadline])[:, 0]  # rank 0's clock decides for all
-        if give_up[0]:
-            raise EmbeddingStoreError(f"{path}: a commit is in progress or was interrupted (shards ahead of the "
-                                      f"manifest's commit {manifest.commit}); open the store writable once to "
-                                      "recover it, or retry")
-        time.sleep(0.2)
-        manifest = read_manifest_on_rank0(c, path)
+    if readonly:
+        _, commit, rows = read_decided(c, path, lambda: shard.store.get_with_state([]))
+        return dataclasses.replace(manifest, commit=commit, rows=rows, shards=list(manifest.shards))
+    held = c.all_gather_ints([shard.global_commit])[:, 0]
+    behind_or_far = np.flatnonzero((held < manifest.commit) | (held > manifest.commit + 1))
+    if len(behind_or_far):
+        r = int(behind_or_far[0])
+        raise CorruptionError(f"{path}: the shard of rank {r} holds global commit {int(held[r])}, but the "
+                              f"manifest is at commit {manifest.commit}; restore the store from a dump")
+    if (held != manifest.commit).any():
+        _, error = attempt(shard.revert_to, manifest.commit)
+        c.agree(error)
+        log.warning("%s: shard(s) of rank(s) %s had prepared commit %d, which was never decided; returned to "
+                    "commit %d", path, np.flatnonzero(held != manifest.commit).tolist(), manifest.commit + 1,
+                    manifest.commit)
+    return manifest
+
+
+def read_decided(c: Collective, path: str, read) -> tuple:
+    """``read()`` -> ``(result, state)`` on every rank's shard, until all served one decided global commit.
+
+    ``state`` is what ``EmbeddingStore.get_with_state`` returns: one LMDB read transaction
+    names the global commit the shard held (its ``dist.commit`` attr) and its rows. Rank 0
+    reads the manifest after its own read; the ranks all-gather ``[status, commit, rows,
+    manifest commit]``. The read stands if every shard served the same commit and the
+    manifest is at least there (so it was decided: a prepared commit may still be undone);
+    else every rank reads again (a writer job is between its phases). Only gathered values
+    decide, so the ranks never part. Returns ``(result, commit, global rows)``.
+
+    Raises (on every rank): the failing rank's error class; EmbeddingStoreError if no read
+    stood within ``READ_RETRIES`` tries (a commit interrupted by a crash: open writable once).
+    """
+    for attempt_no in range(READ_RETRIES):
+        served, error = attempt(read)
+        decided, manifest_error = attempt(read_manifest, path) if c.rank == 0 else (None, None)
+        error = error or manifest_error
+        result, state = served if served is not None else (None, {"attrs": {}, "rows": 0})
+        held = int(state["attrs"].get(COMMIT_ATTR, 0))
+        gathered = c.all_gather_ints([error_code(error), held, state["rows"],
+                                      decided.commit if decided is not None else -1])
+        c.raise_if_failed(gathered[:, 0], error)
+        commits = gathered[:, 1]
+        if (commits == commits[0]).all() and commits[0] <= gathered[0, 3]:
+            return result, int(commits[0]), int(gathered[:, 2].sum())
+        time.sleep(min(0.2, 0.005 * 2 ** attempt_no))
+    raise EmbeddingStoreError(f"{path}: the shards hold global commits {commits.tolist()}, the manifest "
+                              f"{int(gathered[0, 3])}: a commit is in progress or was interrupted; retry, or open "
+                              "the store writable once to recover it")
