@@ -16,6 +16,7 @@ where a check needs them all (as ``verify`` of a plain store).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import time
 
@@ -59,7 +60,8 @@ def sharded_info(path: str) -> dict:
         "chunk_rows": manifest.chunk_rows, "chunks": -(-manifest.rows // manifest.chunk_rows),
         "columns": {n: d for n, d in first["columns"].items() if not n.startswith(RESERVED_PREFIX)},
         "format_version": FORMAT_VERSION, "commit_count": manifest.commit,
-        "last_commit": (time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(when)) if when else None),
+        "last_commit": (datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+                        if isinstance(when, (int, float)) else None),
         "last_commit_unix": when, "attrs": sorted(a for a in first["attrs"] if not a.startswith(RESERVED_PREFIX)),
         **summed, "lmdb": lm, "writer_pid": writers[0] if writers else None, "writer_active": bool(writers),
         "init": manifest.init, "seed": manifest.seed,
