@@ -12,7 +12,7 @@ from cli_helpers import assert_one_line_error, assert_same_store, make_rich_stor
 from conftest import run_cli, run_python
 
 import lmdb_embeddings as le
-from lmdb_embeddings.distributed import owner_of
+from lmdb_embeddings.distributed import offline, owner_of
 from lmdb_embeddings.distributed.manifest import read_manifest
 
 
@@ -122,3 +122,37 @@ def test_the_cli_reads_sharded_directories_without_torch(tmp_path, plain):
                "for args in (['info', sys.argv[1]], ['verify', sys.argv[1]], ['dump', sys.argv[1], sys.argv[2]]):\n"
                "    assert cli.main(['--quiet', *args]) == 0\n"
                "assert 'torch' not in sys.modules, 'torch was imported'\n", sharded, str(tmp_path / "out.lemb"))
+
+
+def test_restore_with_shards_streams_into_the_shards_without_an_intermediate_store(tmp_path, plain, monkeypatch):
+    """While the dump streams in, the staging directory holds the W shard builders and the IDs file, nothing
+    else (no plain copy of the table); the IDs file is gone once the shards are finished."""
+    original, dump, _ = plain
+    seen = {}
+    real_finish = offline.ShardedTableSink.finish
+
+    def finish(sink):
+        seen["during"] = sorted(os.listdir(sink.directory))
+        seen["ids_bytes"] = os.path.getsize(os.path.join(sink.directory, offline._IDS_FILE))
+        real_finish(sink)
+        seen["after"] = sorted(os.listdir(sink.directory))
+
+    monkeypatch.setattr(offline.ShardedTableSink, "finish", finish)
+    target = str(tmp_path / "s2")
+    offline.restore_sharded(dump, target, shards=2)
+    manifest = read_manifest(target)
+    assert seen["during"] == sorted([offline._IDS_FILE, *manifest.shards])
+    assert seen["ids_bytes"] == 8 * len(original["ids"])
+    assert seen["after"] == sorted(["manifest.json", *manifest.shards])
+    assert sorted(os.listdir(target)) == seen["after"]
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".s2.")]  # no staging leftovers
+
+
+def test_the_sharded_classes_are_exported_lazily_from_the_package():
+    proc = run_python("import sys, lmdb_embeddings as le\n"
+                      "assert 'torch' not in sys.modules\n"
+                      "from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler\n"
+                      "assert le.ShardedEmbeddingStore is ShardedEmbeddingStore\n"
+                      "assert le.ShardedSampler is ShardedSampler\n"
+                      "print('ok')")
+    assert proc.stdout.strip() == "ok"
