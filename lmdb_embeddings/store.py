@@ -246,9 +246,8 @@ class EmbeddingStore:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            with session.reading():
-                table = session.table
-                return _column(table, name).cache.gather(table.index.slots(ids))
+            table = session.table
+            return session.read(lambda: _column(table, name).cache.gather(table.index.slots(ids)))
 
     # --------------------------------------------------------------------- writing
     def put(self, ids: IdsLike, values: ValuesLike) -> None:

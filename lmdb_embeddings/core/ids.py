@@ -54,6 +54,12 @@ class IdIndex:
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slots of ``ids``; ``UnknownIdError`` naming some missing IDs if any is absent."""
+        if self._contiguous and len(ids):  # IDs 0..N-1 in order: the slot is the ID (no copy)
+            if len(ids) == 1:
+                if 0 <= int(ids[0]) < self._n:
+                    return ids
+            elif ids.min() >= 0 and ids.max() < self._n:
+                return ids
         slots, found = self.find(ids)
         if not found.all():
             missing = np.unique(ids[~found])

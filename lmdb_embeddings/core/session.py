@@ -8,8 +8,8 @@ latest commit). The store picks one at open; nothing else branches on the mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import lmdb
 import numpy as np
@@ -22,6 +22,8 @@ from ..options import StoreOptions
 from ..processes import environment
 from .cache import CacheStats
 from .table import Table
+
+T = TypeVar("T")
 
 
 class Session:
@@ -98,14 +100,13 @@ class Session:
         return out
 
     # -- what the modes define ---------------------------------------------------------
-    def reading(self) -> AbstractContextManager:
-        """The context one call's reads run in (a reader: one read transaction)."""
+    def read(self, call: Callable[[], T]) -> T:
+        """Run one call's reads (a reader: inside ONE read transaction on the latest commit)."""
         raise NotImplementedError
 
     def refresh(self) -> None:
         """Catch up with the latest commit (a reader), so properties answer for it."""
-        with self.reading():
-            pass
+        self.read(lambda: None)
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
         raise NotImplementedError
