@@ -33,6 +33,7 @@ from .format.layout import ColumnSpec
 from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
+from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 
 log = logging.getLogger(__name__)
@@ -399,7 +400,7 @@ class EmbeddingStore:
 
     # ----------------------------------------------------------------------- stats
     def stats(self) -> dict:
-        """Cache and commit counters of this handle."""
+        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``)."""
         with self._mutex:
             session = self._active()
             table = session.table
@@ -418,6 +419,7 @@ class EmbeddingStore:
                 rows=table.rows,
                 store_commit=table.commit,
                 last_commit_time=table.committed_at,
+                anon_bytes=rss_anon_bytes(),  # the whole process's RssAnon: cache + interpreter + yours
             )
             return out
 

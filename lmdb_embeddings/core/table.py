@@ -97,7 +97,8 @@ class Table:
     def tier_bytes(self) -> tuple[int, int]:
         """This handle's (L1, L2) byte budgets, the default sized from the table now."""
         cache_mb = self._options.resolved_cache_mb(self.row_bytes * self.rows, self._readonly)
-        return self._options.tier_bytes(cache_mb)
+        in_chunks = -(-self.rows // self.chunk_rows) * self.chunk_rows * self.row_bytes  # whole chunks of every column
+        return self._options.tier_bytes(cache_mb, in_chunks)
 
     def split_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""
