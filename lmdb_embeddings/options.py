@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import psutil
+
 from .errors import InvalidInputError, InvalidTypeError
 
 READER_CACHE_MB = 256.0  # readers share the OS page cache; each one's decoded cache is private
@@ -58,8 +60,6 @@ class StoreOptions:
             return float(self.cache_mb)
         if readonly:
             return READER_CACHE_MB
-        import psutil
-
         ram_mb = psutil.virtual_memory().total / (1 << 20)
         # the L1 slab alone must hold the table (L2 copies are no substitute), plus 10 %
         want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16

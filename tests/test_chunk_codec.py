@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from lmdb_embeddings import CorruptionError
-from lmdb_embeddings.chunk_codec import chunk_key, decode_chunk, encode_chunk, key_index, read_header
+from lmdb_embeddings.format.chunks import chunk_key, decode_chunk, encode_chunk, key_index, read_header
 
 
 @pytest.mark.parametrize("dtype", ["<f4", "<f2", "<f8", "<i8"])

@@ -87,6 +87,23 @@ def test_info_json_reports_the_store_and_its_writer(tmp_path):
         assert f"yes (pid {os.getpid()})" in ok("info", path).stdout
 
 
+def test_info_reports_the_format_version_recorded_in_the_store(tmp_path):
+    """The store's own format record, not the library's constant (an older store says so)."""
+    import lmdb
+
+    from lmdb_embeddings.format import records
+
+    path = str(tmp_path / "s")
+    le.EmbeddingStore.create(path, 10, 4).close()
+    env = lmdb.open(path, max_dbs=64)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", records.pack_record({"magic": records.MAGIC, "format_version": 0}),
+                db=env.open_db(b"meta", txn=txn))
+    env.close()
+    assert json.loads(ok("info", path, "--json").stdout)["format_version"] == 0
+    assert "format version:  0" in ok("info", path).stdout
+
+
 def _payload_offset(data_file: str, payload: bytes) -> int:
     with open(data_file, "rb") as f:
         data = f.read()
@@ -199,13 +216,13 @@ def test_a_store_from_a_newer_format_is_refused_by_name(tmp_path):
     import lmdb
     import msgpack
 
-    from lmdb_embeddings import store as store_module
+    from lmdb_embeddings.format import records as store_module
 
     path = str(tmp_path / "s")
     le.EmbeddingStore.create(path, 10, 4).close()
     env = lmdb.open(path, max_dbs=64)
     with env.begin(write=True) as txn:  # a future format, with a checksum scheme we do not know
-        record = {"magic": store_module.MAGIC, "format_version": 99, store_module._RECORD_CHECKSUM: 12345}
+        record = {"magic": store_module.MAGIC, "format_version": 99, store_module.RECORD_CHECKSUM: 12345}
         txn.put(b"format", msgpack.packb(record), db=env.open_db(b"meta", txn=txn))
     env.close()
     for command in (("info", path), ("verify", path), ("dump", path, str(tmp_path / "d")), ("compact", path)):

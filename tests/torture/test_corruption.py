@@ -18,7 +18,7 @@ import pytest
 import torture_lib as tl
 
 import lmdb_embeddings as le
-from lmdb_embeddings import chunk_codec
+from lmdb_embeddings.format import chunks as chunk_codec
 
 pytestmark = pytest.mark.torture
 

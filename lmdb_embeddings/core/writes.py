@@ -1,0 +1,214 @@
+"""The writer's session: the pending write transaction, the one place a commit begins, ends or fails.
+
+``put``/``add`` only change the table's caches. A write transaction is opened when a dirty
+chunk has to leave the cache (it is *spilled* into the transaction) or at ``commit``,
+which writes every dirty chunk of every column, the new ID chunks and the ``state`` record
+in ONE transaction with one synced LMDB commit. Map growth happens only between
+transactions (LMDB cannot resize under an open one), so room is reserved up front and a
+``MapFullError`` is retried once with a bigger map. A failed commit raises
+``CommitError``, keeps the previous commit on disk, and keeps the handle's changes for a
+retry unless some had been spilled into the failed transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import lmdb
+import numpy as np
+
+from ..errors import CommitError, ReadOnlyError
+from ..format.chunks import chunk_key, encode_chunk
+from ..format.layout import ColumnSpec
+from ..format.records import column_db_name, pack_record
+from ..fsutil import free_bytes
+from ..options import StoreOptions
+from ..processes import environment
+from ..processes.writer_lock import WriterLock
+from .cache import CacheStats
+from .session import Session
+
+
+class WriterSession(Session):
+    """The session of the one writable handle of a store (it holds the store's writer lock)."""
+
+    readonly = False
+
+    def __init__(self, path: str, env: environment.SharedEnv, lock: WriterLock, options: StoreOptions,
+                 stats: CacheStats):
+        self.lock = lock
+        self._pending: lmdb.Transaction | None = None
+        self._dbs_in_pending: list[bytes] = []
+        self._since_commit = 0
+        super().__init__(path, env, options, stats)
+
+    @classmethod
+    def open(cls, path: str, options: StoreOptions, stats: CacheStats) -> WriterSession:
+        """Take the writer lock, then the environment; give both back if anything fails."""
+        lock = WriterLock(path)
+        lock.acquire()
+        env = None
+        try:
+            if not os.access(path, os.W_OK):
+                raise ReadOnlyError(f"{path} is not writable by this user; open it with readonly=True")
+            env = environment.acquire(path, write=True, readahead=options.readahead)
+            return cls(path, env, lock, options, stats)
+        except BaseException:
+            if env is not None:
+                environment.release(env)
+            lock.release()
+            raise
+
+    # -- reads: the handle's own state, no snapshot needed --------------------------------
+    def reading(self):
+        return nullcontext()
+
+    def refresh(self) -> None:
+        pass
+
+    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
+        """Chunks as this writer last wrote them: from the pending transaction if one is open."""
+        if self._pending is not None:
+            yield from self.decode_chunks(self._pending, spec, chunks)
+            return
+        with self.env.reading() as txn:
+            yield from self.decode_chunks(txn, spec, chunks)
+
+    def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
+        with self.env.reading() as txn:
+            return self.committed_versions(txn, spec, chunks)
+
+    # -- the pending transaction ---------------------------------------------------------
+    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
+        """Write an evicted dirty chunk into the pending write transaction."""
+        if self._pending is None:
+            # The map cannot grow while this transaction is open, and the caller may keep
+            # adding rows (and spilling) before it commits: reserve room for all the disk
+            # can hold, so the map is never the limit (the mapping is virtual, not disk).
+            self.env.ensure_headroom(free_bytes(self.path) // 2)
+        txn = self._pending_txn()
+        db = self._ensure_db(spec, txn)
+        txn.put(chunk_key(chunk), encode_chunk(rows, chunk, self.table.commit + 1), db=db)
+        self.spilled += 1
+
+    def _ensure_db(self, spec: ColumnSpec, txn: lmdb.Transaction):
+        """The column's database, created inside the pending transaction if new."""
+        db = self.db_of(spec)
+        if db is None:
+            name = column_db_name(spec.name)
+            db = self.env.create_db(name, txn)
+            self._dbs_in_pending.append(name)
+        return db
+
+    def _pending_txn(self) -> lmdb.Transaction:
+        if self._pending is None:
+            rows = max(self.table.rows, 1)
+            self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
+            self._pending = self.env.env.begin(write=True, buffers=True)
+        return self._pending
+
+    def _abort_pending(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.abort()
+            except lmdb.Error:
+                pass
+            self._pending = None
+        for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
+            self.env.forget_db(db_name)
+        self._dbs_in_pending = []
+
+    # -- commit and rollback -------------------------------------------------------------
+    def has_changes(self) -> bool:
+        return self.spilled > 0 or self.table.has_changes()
+
+    def note_update(self) -> bool:
+        """Count a put/add call; True when ``commit_every`` says a commit is due now."""
+        self._since_commit += 1
+        every = self.options.commit_every
+        return every is not None and self._since_commit >= every
+
+    def commit(self) -> None:
+        """Make every change durable in one transaction (see the module docstring)."""
+        self._since_commit = 0
+        if not self.has_changes():
+            return
+        for attempt in (0, 1):
+            try:
+                self._write_commit()
+                return
+            except lmdb.MapFullError:
+                if self.spilled or attempt:
+                    self._fail_commit("the LMDB map is full")
+                self._abort_pending()
+                self.env.ensure_headroom(4 * self._dirty_bytes())
+            except lmdb.Error as exc:
+                self._fail_commit(str(exc))
+
+    def _dirty_bytes(self) -> int:
+        return self.table.dirty_bytes() + (1 << 20)
+
+    def _write_commit(self) -> None:
+        table = self.table
+        version = table.commit + 1
+        if self._pending is None:
+            self.env.ensure_headroom(self._dirty_bytes() + 16 * max(table.rows, 1))
+        txn = self._pending_txn()
+        written = 0
+        for column in table.columns.values():
+            dirty = column.cache.dirty_chunks()
+            db = self._ensure_db(column.spec, txn)  # declared columns get their (maybe empty) DB
+            if not dirty:
+                continue
+            with txn.cursor(db=db) as cursor:
+                for chunk, rows in dirty:
+                    value = encode_chunk(rows, chunk, version)
+                    cursor.put(chunk_key(chunk), value)
+                    written += len(value)
+        for chunk, ids in table.new_id_chunks():
+            value = encode_chunk(ids, chunk, version)
+            txn.put(chunk_key(chunk), value, db=self.ids_db)
+            written += len(value)
+        now = time.time()
+        txn.put(b"state", pack_record(table.state_record(version, now)), db=self.meta_db)
+        self._pending = None
+        try:
+            txn.commit()  # one fsync (sync=True); raises on disk full / I/O error
+        except BaseException:
+            self._pending = txn  # so _fail_commit forgets databases created in it
+            raise
+        self._dbs_in_pending = []
+        table.mark_committed(version, now)
+        self.spilled = 0
+        self.commits += 1
+        self.bytes_committed += written
+
+    def _fail_commit(self, reason: str) -> None:
+        self._abort_pending()
+        self.env.reopen_if_panicked()  # a failed meta-page write leaves the env unusable until reopened
+        commit = self.table.commit
+        if self.spilled:
+            lost = self.spilled
+            self.rollback()
+            raise CommitError(
+                f"commit to {self.path} failed ({reason}); the store keeps commit {commit}. "
+                f"{lost} changed chunk(s) had been spilled from the cache into the failed transaction, "
+                "so this handle was rolled back to the last commit")
+        raise CommitError(
+            f"commit to {self.path} failed ({reason}); the store keeps commit {commit} and this "
+            "handle keeps its uncommitted changes: free space (or fix the error) and call commit() again")
+
+    def rollback(self) -> None:
+        """Discard every change since the last commit."""
+        self._abort_pending()
+        self.spilled = 0
+        self._since_commit = 0
+        self.table.rollback()
+
+    def release(self) -> None:
+        self._abort_pending()
+        super().release()
+        self.lock.release()
