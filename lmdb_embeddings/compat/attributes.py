@@ -18,16 +18,18 @@ from .manager_args import check_sync_batch_size
 from .reports import CacheView, performance_stats
 
 
-def _fixed(name: str, hint: str, doc: str) -> property:
-    """A property of the manager's configuration that cannot be assigned."""
-
-    def get(self):
-        return getattr(self, f"_{name}")
+def _read_only(name: str, get, hint: str, doc: str) -> property:
+    """A property that cannot be assigned: assigning raises, saying what to do instead."""
 
     def refuse(self, value):
         raise ReadOnlyAttributeError(f"TrainableEmbeddingManager.{name} cannot be assigned: {hint}")
 
     return property(get, refuse, doc=doc)
+
+
+def _fixed(name: str, hint: str, doc: str) -> property:
+    """A constructor argument, kept as ``_<name>``, that cannot be assigned."""
+    return _read_only(name, lambda self: getattr(self, f"_{name}"), hint, doc)
 
 
 def _equal_or_refused(name: str, build, hint: str, doc: str) -> property:
@@ -104,36 +106,29 @@ class UpstreamAttributes:
         if value != self._table.chunk_rows:
             raise ReadOnlyAttributeError(f"TrainableEmbeddingManager.chunk_size cannot be changed: {self._REGROUP}")
 
-    @property
-    def mode(self) -> str:
-        """``"ram"`` (memory mode) or ``"mmap"`` (disk mode), the 2026-04 managers' names."""
-        return "ram" if self._table.param is not None else "mmap"
-
-    @property
-    def embeddings(self):
-        """Memory mode: the ``nn.Parameter`` ``(len(sample_ids), dim)`` on ``device`` holding every row (the one to
-        hand to an optimizer; row ``id_to_index[s]`` is sample ``s``). Disk mode: None."""
-        return self._table.param
-
-    @embeddings.setter
-    def embeddings(self, value) -> None:
-        raise ReadOnlyAttributeError("TrainableEmbeddingManager.embeddings cannot be replaced: write rows with "
-                                     "update_embeddings(ids, rows) or into manager.embeddings.data[...]")
-
-    @property
-    def dirty_chunks(self) -> set:
-        """Chunk ids changed since the last sync (through updates; a copy)."""
-        return set(self._table.dirty)
-
-    @property
-    def performance_stats(self) -> dict:
-        """``cache_hits``, ``cache_misses``, ``disk_loads``, ``sync_operations`` (a fresh dict)."""
-        return performance_stats(self._table)
-
-    @property
-    def cache(self) -> CacheView:
-        """The 2025-09 ``MultiTierCache`` calls: ``get_cache_info()``, ``adaptive_eviction()``."""
-        return CacheView(self._table, self._enable_l3_cache)
+    mode = _read_only("mode", lambda self: "ram" if self._table.param is not None else "mmap",
+                      "create a manager with another mode / storage_mode",
+                      '``"ram"`` (memory mode) or ``"mmap"`` (disk mode), the 2026-04 managers\' names.')
+    embeddings = _read_only("embeddings", lambda self: self._table.param,
+                            "write rows with update_embeddings(ids, rows) or into manager.embeddings.data[...]",
+                            "Memory mode: the ``nn.Parameter`` ``(len(sample_ids), dim)`` on ``device`` holding every "
+                            "row (the one to hand to an optimizer; row ``id_to_index[s]`` is sample ``s``). Disk mode: "
+                            "None.")
+    dirty_chunks = _read_only("dirty_chunks", lambda self: set(self._table.dirty),
+                              "it follows the updates; sync_dirty_chunks_to_disk() empties it",
+                              "Chunk ids changed by updates since the last sync (a copy).")
+    performance_stats = _read_only("performance_stats", lambda self: performance_stats(self._table),
+                                   "it is computed from the store's counters",
+                                   "``cache_hits``, ``cache_misses``, ``disk_loads``, ``sync_operations``.")
+    cache = _read_only("cache", lambda self: CacheView(self._table, self._enable_l3_cache),
+                       "the store's caches are configured when the manager is created",
+                       "The 2025-09 ``MultiTierCache`` calls: ``get_cache_info()``, ``adaptive_eviction()``.")
+    store = _read_only("store", lambda self: self._table.store, "create a new manager on another embeddings_dir",
+                       "The underlying :class:`EmbeddingStore` (writable handle).")
+    store_path = _read_only("store_path", lambda self: self._table.store.path,
+                            "create a new manager on another embeddings_dir", "The store's directory.")
+    num_chunks = _read_only("num_chunks", lambda self: self._table.n_chunks, "it follows chunk_size",
+                            "Number of chunks.")
 
     @property
     def auto_sync(self) -> bool:

@@ -116,20 +116,6 @@ class TrainableEmbeddingManager(UpstreamAttributes):
                  "(every %d updates)", store.path, len(self._table.view_ids), a.embedding_dim, store.chunk_rows,
                  a.storage_mode, "caller's" if a.caller_order else "sorted", a.auto_sync, a.sync_batch_size)
 
-    # --------------------------------------------------------------- properties
-    @property
-    def store(self) -> EmbeddingStore:
-        """The underlying :class:`EmbeddingStore` (writable handle)."""
-        return self._table.store
-
-    @property
-    def store_path(self) -> str:
-        return self._table.store.path
-
-    @property
-    def num_chunks(self) -> int:
-        return self._table.n_chunks
-
     def __len__(self) -> int:
         return len(self._table.view_ids)
 
