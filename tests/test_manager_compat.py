@@ -357,3 +357,19 @@ def test_pca_memory_does_not_grow_with_the_feature_table(tmp_path):
     features = 2 * 8000 * 512 * 8  # the float64 img and txt features of the bigger table: 62.5 MiB
     assert peaks[8000] < features / 4, peaks
     assert peaks[8000] < peaks[2000] + (1 << 20), peaks
+
+
+def test_constructor_arguments_are_checked(tmp_path):
+    m = le.TrainableEmbeddingManager([3, 1, 2], DIM, 0 if torch.cuda.is_available() else "cpu",
+                                     embeddings_dir=str(tmp_path / "a"))  # a CUDA index is a device
+    assert m.sample_ids == [1, 2, 3]  # chunk-style: sorted
+    with pytest.raises(ValueError, match="own store"):
+        m.load_phase_1_template(str(tmp_path / "a"))
+    m.close()
+    for args, kwargs, error in (((), {"embeddings_dir": 3.5}, TypeError), (("ram",), {"mode": "ram"}, TypeError),
+                                ((), {"mode": "disk"}, ValueError), ((), {"sync_batch_size": -1}, ValueError),
+                                ((), {"bogus": 1}, TypeError), ((), {"initialization_strategy": "imgtxt"}, ValueError)):
+        with pytest.raises(error) as info:
+            le.TrainableEmbeddingManager([1, 2], DIM, *args, **{"embeddings_dir": str(tmp_path / "b"), **kwargs})
+        assert isinstance(info.value, le.EmbeddingStoreError)
+    assert not (tmp_path / "b").exists()  # a refused call creates nothing

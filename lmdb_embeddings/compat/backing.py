@@ -255,7 +255,7 @@ class ManagedTable:
                 if self.reconcile() or self.updates_since_sync:
                     self.commit()
             elif self.updates_since_sync:
-                log.info("discarding %d uncommitted updates of %s (auto_sync is off; call force_sync_all_chunks() "
+                log.warning("discarding %d uncommitted updates of %s (auto_sync is off; call force_sync_all_chunks() "
                          "to keep them)", self.updates_since_sync, self.store.path)
                 self.store.rollback()
         finally:

@@ -110,7 +110,7 @@ def parse(sample_ids, embedding_dim, args: tuple, kwargs: dict) -> ManagerArgs:
         device=_device(a["device"]),
         strategy=a["initialization_strategy"],
         memory=memory,
-        embeddings_dir=None if a["embeddings_dir"] is None else Path(os.fspath(a["embeddings_dir"])),
+        embeddings_dir=_directory(a["embeddings_dir"]),
         chunk_size=None if chunk_size is None else as_positive_int(chunk_size, "chunk_size"),
         auto_sync=bool(a["auto_sync"]),
         sync_batch_size=check_sync_batch_size(a["sync_batch_size"]),
@@ -122,9 +122,11 @@ def parse(sample_ids, embedding_dim, args: tuple, kwargs: dict) -> ManagerArgs:
 
 
 def is_device(value) -> bool:
-    """True for None, a ``torch.device`` or a device string such as ``"cpu"`` / ``"cuda:1"``."""
+    """True for None, a ``torch.device``, a CUDA index or a device string such as ``"cpu"`` / ``"cuda:1"``."""
     if value is None or isinstance(value, torch.device):
         return True
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return value >= 0
     if not isinstance(value, str):
         return False
     try:
@@ -140,6 +142,15 @@ def _device(value):
     if not is_device(value):
         raise InvalidInputError(f"device {value!r} is not a torch device; use e.g. 'cpu' or 'cuda'")
     return value
+
+
+def _directory(value) -> Path | None:
+    if value is None:
+        return None
+    try:
+        return Path(os.fspath(value))
+    except TypeError:
+        raise InvalidTypeError(f"embeddings_dir must be a path, got {type(value).__name__} {value!r}") from None
 
 
 def _memory_of(style: str, a: dict) -> bool:

@@ -112,6 +112,9 @@ def _store_groups(path: str):
 
 def load_rows(table, directory, what: str) -> None:
     """Overwrite the rows of the sample ids the table in ``directory`` holds (checked first, then written)."""
+    if os.path.realpath(store_path_in(directory)) == os.path.realpath(table.store.path):
+        raise InvalidInputError(f"{what}: {directory} holds this manager's own store, there is nothing to load; "
+                                "pass the directory of another run's result")
     kind, groups = table_groups(directory)
     n = len(table.view_ids)
     covered = np.zeros(n, bool)
