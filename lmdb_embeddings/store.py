@@ -86,11 +86,12 @@ class EmbeddingStore:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
         id_array = _create_ids(ids)
+        n = id_array if isinstance(id_array, int) else len(id_array)
         values = None
         if isinstance(init, str):
-            spec = init_spec(init, len(id_array), dim)
+            spec = init_spec(init, n, dim)
         else:
-            values = as_values(init, len(id_array), dim, dt, "create(init=array)")
+            values = as_values(init, n, dim, dt, "create(init=array)")
             spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
         path = os.path.abspath(os.fspath(path))
         check_replace_target(path, overwrite, "pass overwrite=True")
@@ -190,7 +191,7 @@ class EmbeddingStore:
     def ids(self) -> np.ndarray:
         """The sample IDs in row order (a copy)."""
         with self._mutex:
-            return self._caught_up().index.ids.copy()
+            return self._caught_up().index.ids_copy()
 
     def __len__(self) -> int:
         with self._mutex:
@@ -425,12 +426,12 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
-def _create_ids(ids) -> np.ndarray:
-    """``create``'s ids: an int N (0..N-1) or unique int64 IDs."""
+def _create_ids(ids) -> np.ndarray | int:
+    """``create``'s ids: an int N (IDs 0..N-1, never built as an array) or unique int64 IDs."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         if ids < 0:
             raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
-        return np.arange(int(ids), dtype=np.int64)
+        return int(ids)
     id_array = as_ids(ids, "ids")
     check_unique(id_array, "create")
     return id_array

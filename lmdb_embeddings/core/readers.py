@@ -70,7 +70,7 @@ class ReaderSession(Session):
                    if self.env.cached_db(column_db_name(n)) is None]
         if missing:
             return missing
-        self.table.catch_up(state, lambda start, stop: self.read_ids(txn, start, stop))
+        self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:

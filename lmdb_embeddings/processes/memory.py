@@ -6,6 +6,14 @@ cache's, shared and reclaimable; ``RssAnon`` is what the OOM killer counts again
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
+try:
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
 
 def rss_anon_bytes() -> int | None:
     """This process's resident anonymous memory (Linux ``/proc/self/status``), or None elsewhere."""
@@ -17,3 +25,13 @@ def rss_anon_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def return_free_heap() -> None:
+    """Hand memory freed by a large operation back to the OS (glibc keeps it otherwise).
+
+    Building a store passes its whole table through LMDB's malloc'd write buffers; glibc
+    keeps the freed arenas, so the process's RssAnon would stay tens of MiB higher for good.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
