@@ -33,6 +33,7 @@ from .format.layout import ColumnSpec
 from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
+from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class EmbeddingStore:
     def ids(self) -> np.ndarray:
         """The sample IDs in row order (a copy)."""
         with self._mutex:
-            return self._caught_up().index.ids.copy()
+            return self._caught_up().index.ids_copy()
 
     def __len__(self) -> int:
         with self._mutex:
@@ -238,27 +239,25 @@ class EmbeddingStore:
         return self._gather(name, ids)
 
     def get_with_state(self, ids: IdsLike, column: str = MAIN) -> tuple[np.ndarray, dict]:
-        """Like :meth:`get_column` (default: the embeddings), and the state the rows were read at.
-
-        Returns ``(rows, {"commit", "rows", "attrs"})``, both from the same read (for a reader:
-        the same commit), so a caller can tell which commit it was served (the sharded store
-        checks that every shard served the same global commit).
-        """
+        """``(rows, {"commit", "rows", "attrs"})``: :meth:`get_column` and the state of the SAME read
+        (a reader: the commit that served the rows; the sharded store checks its shards by it)."""
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            with session.reading():
-                table = session.table
+            table = session.table
+
+            def read() -> tuple[np.ndarray, dict]:
                 rows = _column(table, column).cache.gather(table.index.slots(ids))
                 return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
+
+            return session.read(read)
 
     def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            with session.reading():
-                table = session.table
-                return _column(table, name).cache.gather(table.index.slots(ids))
+            table = session.table
+            return session.read(lambda: _column(table, name).cache.gather(table.index.slots(ids)))
 
     # --------------------------------------------------------------------- writing
     def put(self, ids: IdsLike, values: ValuesLike) -> None:
@@ -410,7 +409,7 @@ class EmbeddingStore:
 
     # ----------------------------------------------------------------------- stats
     def stats(self) -> dict:
-        """Cache and commit counters of this handle."""
+        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``)."""
         with self._mutex:
             session = self._active()
             table = session.table
@@ -429,14 +428,16 @@ class EmbeddingStore:
                 rows=table.rows,
                 store_commit=table.commit,
                 last_commit_time=table.committed_at,
+                anon_bytes=rss_anon_bytes(),  # the whole process's RssAnon: cache + interpreter + yours
             )
             return out
 
 
 # ----------------------------------------------------------------------- helpers
 def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
-    """``create``'s arguments, checked: (ids array, dim, dtype, chunk_rows, init spec, seed, init values or None).
+    """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
 
+    ``ids`` comes back as an int N for 0..N-1 (never built as an array) or the unique int64 IDs.
     Shared with ``ShardedEmbeddingStore.create``, which must accept exactly what ``create`` accepts.
     """
     dim = as_positive_int(dim, "dim")
@@ -445,21 +446,22 @@ def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
     id_array = _create_ids(ids)
+    n = id_array if isinstance(id_array, int) else len(id_array)
     values = None
     if isinstance(init, str):
-        spec = init_spec(init, len(id_array), dim)
+        spec = init_spec(init, n, dim)
     else:
-        values = as_values(init, len(id_array), dim, dt, "create(init=array)")
+        values = as_values(init, n, dim, dt, "create(init=array)")
         spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
     return id_array, dim, dt, chunk_rows, spec, int(seed), values
 
 
-def _create_ids(ids) -> np.ndarray:
-    """``create``'s ids: an int N (0..N-1) or unique int64 IDs."""
+def _create_ids(ids) -> np.ndarray | int:
+    """``create``'s ids: an int N (IDs 0..N-1, never built as an array) or unique int64 IDs."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         if ids < 0:
             raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
-        return np.arange(int(ids), dtype=np.int64)
+        return int(ids)
     id_array = as_ids(ids, "ids")
     check_unique(id_array, "create")
     return id_array

@@ -9,7 +9,6 @@ chunks they hold against it before serving: so one call never mixes two commits.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..format.layout import ColumnSpec
 from ..format.records import column_db_name, read_record
@@ -26,6 +25,7 @@ class ReaderSession(Session):
 
     def __init__(self, path: str, env: environment.SharedEnv, options: StoreOptions, stats: CacheStats):
         self._txn = None
+        self._seen_txnid = -1  # LMDB's transaction id of the snapshot the table last caught up with
         super().__init__(path, env, options, stats)
 
     @classmethod
@@ -37,24 +37,29 @@ class ReaderSession(Session):
             environment.release(env)
             raise
 
-    @contextmanager
-    def reading(self):
-        """One read transaction on the latest commit, with the table caught up with it.
+    def read(self, call):
+        """Run ``call`` in one read transaction on the latest commit, the table caught up with it.
 
         A commit may have declared columns whose databases this process has not opened;
         they can only be opened between transactions, so the snapshot is retaken then.
+        When nothing was committed since the last call (LMDB's transaction id is the one the
+        table caught up with), no record is read: the call costs a transaction begin and end.
         """
+        env = self.env
         while True:
-            with self.env.reading() as txn:
-                missing = self._catch_up(txn)
-                if not missing:
-                    self._txn = txn
-                    try:
-                        yield
-                    finally:
-                        self._txn = None
-                    return
-            self.env.open_dbs(missing)
+            with env.lock:
+                txn = env.begin_read()
+                try:
+                    txnid = txn.id()
+                    missing = [] if txnid == self._seen_txnid else self._catch_up(txn)
+                    if not missing:
+                        self._seen_txnid = txnid
+                        self._txn = txn
+                        return call()
+                finally:
+                    self._txn = None
+                    txn.abort()
+            env.open_dbs(missing)
 
     def _catch_up(self, txn) -> list[bytes]:
         """Adopt the commit ``txn`` sees; returns databases to open first (then call again)."""
@@ -65,7 +70,7 @@ class ReaderSession(Session):
                    if self.env.cached_db(column_db_name(n)) is None]
         if missing:
             return missing
-        self.table.catch_up(state, lambda start, stop: self.read_ids(txn, start, stop))
+        self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:

@@ -43,13 +43,14 @@ from .ownership import owner_of
 
 ROW_SPEC = ColumnSpec(ROW_COLUMN, 1, np.dtype("<f8"))
 _BUILD_BLOCK_CHUNKS = 64  # create: global chunks generated (and handed to the shard builder) per step
+_FINGERPRINT_BLOCK = 1 << 20
 
 
 @dataclass
 class TableSpec:
     """The checked arguments of a create: global IDs, shape, dtype, chunking, init and seed."""
 
-    ids: np.ndarray
+    ids: np.ndarray | int  # the global IDs in row order, or N for 0..N-1 (never built as an array)
     dim: int
     dtype: np.dtype
     chunk_rows: int
@@ -62,18 +63,31 @@ class TableSpec:
         """The same checks as ``EmbeddingStore.create`` (the same function)."""
         return cls(*check_create_args(ids, dim, dtype, chunk_rows, init, seed))
 
+    @property
+    def rows(self) -> int:
+        return self.ids if isinstance(self.ids, int) else len(self.ids)
+
+    def ids_at(self, start: int, stop: int) -> np.ndarray:
+        """The IDs of global positions ``start:stop``."""
+        stop = min(stop, self.rows)
+        return np.arange(start, stop, dtype=np.int64) if isinstance(self.ids, int) else self.ids[start:stop]
+
     def fingerprint(self) -> int:
-        """A 63-bit digest of everything, to check that every rank was given the same table."""
+        """A 63-bit digest of everything, to check that every rank was given the same table.
+
+        The IDs are hashed block by block, so ``N`` and ``arange(N)`` are the same table.
+        """
         h = xxhash.xxh3_64()
         h.update(repr((self.dim, self.dtype.name, self.chunk_rows, sorted(self.init.items()), self.seed)).encode())
-        h.update(np.ascontiguousarray(self.ids).tobytes())
+        for start in range(0, self.rows, _FINGERPRINT_BLOCK):
+            h.update(np.ascontiguousarray(self.ids_at(start, start + _FINGERPRINT_BLOCK), np.int64).tobytes())
         if self.values is not None:
             h.update(np.ascontiguousarray(self.values).tobytes())
         return h.intdigest() >> 1
 
     def layout(self) -> TableLayout:
         """The global table as a plain store of it would describe itself."""
-        return TableLayout(chunk_rows=self.chunk_rows, rows=len(self.ids),
+        return TableLayout(chunk_rows=self.chunk_rows, rows=self.rows,
                            columns=(ColumnSpec(MAIN, self.dim, self.dtype),),
                            config={"init": self.init, "seed": self.seed})
 
@@ -145,18 +159,24 @@ class ShardBuilder:
 def build_shard(shard_path: str, table: TableSpec, manifest: Manifest, rank: int) -> None:
     """Write rank ``rank``'s shard of a new table: its owned IDs in global order, their initial rows."""
     os.makedirs(os.path.dirname(shard_path), exist_ok=True)  # on another node, the directory may not exist yet
-    owned = np.flatnonzero(owner_of(table.ids, manifest.world_size, manifest.buckets) == rank)
-    builder = ShardBuilder(shard_path, table.layout(), len(owned), commit=0)
+    block = _BUILD_BLOCK_CHUNKS * table.chunk_rows
+
+    def owned_in(start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global positions, IDs) this rank owns among positions ``start:start+block``."""
+        ids = table.ids_at(start, start + block)
+        mine = np.flatnonzero(owner_of(ids, manifest.world_size, manifest.buckets) == rank)
+        return mine + start, ids[mine]
+
+    count = sum(len(owned_in(start)[0]) for start in range(0, table.rows, block))
+    builder = ShardBuilder(shard_path, table.layout(), count, commit=0)
     try:
-        block = _BUILD_BLOCK_CHUNKS * table.chunk_rows
-        for start in range(0, len(table.ids), block):
-            lo, hi = np.searchsorted(owned, [start, start + block])
-            positions = owned[lo:hi]
+        for start in range(0, table.rows, block):
+            positions, ids = owned_in(start)
             if table.values is not None:
                 values = table.values[positions]
             else:
                 values = initial_rows(table.init, table.seed, table.chunk_rows, table.dim, table.dtype, positions)
-            builder.append(table.ids[positions], [values], positions)
+            builder.append(ids, [values], positions)
         builder.finish()
     finally:
         builder.close()

@@ -53,7 +53,7 @@ def create_shards(c: Collective, path: str, table_args: tuple, overwrite: bool,
     plan = c.broadcast_object(plan, 0)
     manifest = Manifest(commit=0, world_size=c.world_size, buckets=DEFAULT_BUCKETS, token=plan["token"],
                         dim=table.dim, dtype=table.dtype.name, chunk_rows=table.chunk_rows, init=table.init,
-                        seed=table.seed, rows=len(table.ids),
+                        seed=table.seed, rows=table.rows,
                         shards=[shard_name(r, plan["token"]) for r in range(c.world_size)])
     mine = manifest.shard_path(path, c.rank)
     _, error = attempt(build_shard, mine, table, manifest, c.rank)
