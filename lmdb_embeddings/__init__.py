@@ -8,7 +8,8 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
   :func:`import_cosir`, :func:`export_cosir`;
 * what needs torch, imported on first use so the core and the CLI start without it:
-  :class:`EmbeddingDataset`, :class:`TrainableEmbeddingManager`, and the modules
+  :class:`EmbeddingDataset`, :class:`TrainableEmbeddingManager`, :class:`ShardedEmbeddingStore`,
+  :class:`ShardedSampler`, and the modules
   ``lmdb_embeddings.torch`` (StoreEmbedding, Sparse* optimizers) and
   ``lmdb_embeddings.distributed`` (the sharded store).
 
@@ -54,6 +55,8 @@ _LAZY = {
     "export_cosir": "lmdb_embeddings.compat.cosir_files",
     "CosirImportError": "lmdb_embeddings.compat.cosir_files",
     "CosirExportError": "lmdb_embeddings.compat.cosir_files",
+    "ShardedEmbeddingStore": "lmdb_embeddings.distributed.store",
+    "ShardedSampler": "lmdb_embeddings.distributed.sampler",
 }
 
 __all__ = [
@@ -61,6 +64,8 @@ __all__ = [
     "StoreOptions",
     "EmbeddingDataset",
     "TrainableEmbeddingManager",
+    "ShardedEmbeddingStore",
+    "ShardedSampler",
     # errors
     "EmbeddingStoreError",
     "ClosedError",

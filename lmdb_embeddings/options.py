@@ -30,6 +30,9 @@ class StoreOptions:
         cache however much changes between commits, and commits copy each byte once. Disk
         blocks are reserved before anything is written, so a full disk is a clean
         ``CommitError``. Turn it off only on a filesystem that cannot ``posix_fallocate``.
+    undo_log: every commit of this handle also keeps, in the same LMDB transaction, the values
+        it overwrote, so :func:`~lmdb_embeddings.core.undo.revert_last_commit` can undo it (the
+        sharded store's two-phase commit; docs/ARCHITECTURE.md, "Scale-out").
     """
 
     cache_mb: float | None = None
@@ -39,6 +42,7 @@ class StoreOptions:
     commit_every: int | None = None
     readahead: bool = True
     writemap: bool = True
+    undo_log: bool = False
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> StoreOptions:
@@ -58,7 +62,7 @@ class StoreOptions:
         ce = opts.commit_every
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
             raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
-        for name in ("readahead", "writemap"):
+        for name in ("readahead", "writemap", "undo_log"):
             if not isinstance(getattr(opts, name), bool):
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
         return opts

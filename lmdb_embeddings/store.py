@@ -80,23 +80,11 @@ class EmbeddingStore:
             ValueError: bad ids, dim, dtype, chunk_rows or init.
         """
         options = StoreOptions.from_kwargs(open_options)
-        dim = as_positive_int(dim, "dim")
-        chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
-        dt = as_dtype(dtype)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
-        id_array = _create_ids(ids)
-        n = id_array if isinstance(id_array, int) else len(id_array)
-        values = None
-        if isinstance(init, str):
-            spec = init_spec(init, n, dim)
-        else:
-            values = as_values(init, n, dim, dt, "create(init=array)")
-            spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
+        id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
         path = os.path.abspath(os.fspath(path))
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage:
-            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, int(seed), values)
+            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values)
             stage.swap_in()
         return cls.open(path, **options.as_kwargs())
 
@@ -206,6 +194,12 @@ class EmbeddingStore:
                 return False
             return len(ids) == 1 and bool(table.index.contains(ids)[0])
 
+    def contains(self, ids: IdsLike) -> np.ndarray:
+        """A bool array: which of ``ids`` are in the store (this handle's view, uncommitted adds included)."""
+        ids = as_ids(ids)
+        with self._mutex:
+            return self._caught_up().index.contains(ids)
+
     @property
     def commit_count(self) -> int:
         """Number of commits the store has received since it was created."""
@@ -243,6 +237,20 @@ class EmbeddingStore:
     def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
         """Rows of an auxiliary column for ``ids`` (same rules as :meth:`get`)."""
         return self._gather(name, ids)
+
+    def get_with_state(self, ids: IdsLike, column: str = MAIN) -> tuple[np.ndarray, dict]:
+        """``(rows, {"commit", "rows", "attrs"})``: :meth:`get_column` and the state of the SAME read
+        (a reader: the commit that served the rows; the sharded store checks its shards by it)."""
+        ids = as_ids(ids)
+        with self._mutex:
+            session = self._active()
+            table = session.table
+
+            def read() -> tuple[np.ndarray, dict]:
+                rows = _column(table, column).cache.gather(table.index.slots(ids))
+                return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
+
+            return session.read(read)
 
     def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
         ids = as_ids(ids)
@@ -426,6 +434,28 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
+    """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
+
+    ``ids`` comes back as an int N for 0..N-1 (never built as an array) or the unique int64 IDs.
+    Shared with ``ShardedEmbeddingStore.create``, which must accept exactly what ``create`` accepts.
+    """
+    dim = as_positive_int(dim, "dim")
+    chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
+    dt = as_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+    id_array = _create_ids(ids)
+    n = id_array if isinstance(id_array, int) else len(id_array)
+    values = None
+    if isinstance(init, str):
+        spec = init_spec(init, n, dim)
+    else:
+        values = as_values(init, n, dim, dt, "create(init=array)")
+        spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
+    return id_array, dim, dt, chunk_rows, spec, int(seed), values
+
+
 def _create_ids(ids) -> np.ndarray | int:
     """``create``'s ids: an int N (IDs 0..N-1, never built as an array) or unique int64 IDs."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from dist_harness import launch
 
 import lmdb_embeddings as le
 
@@ -16,6 +17,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def store_path(tmp_path):
     return str(tmp_path / "store")
+
+
+DIST_TRAINING = {2: ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"], 4: ["SparseAdam", "SparseAdagrad"]}
+
+
+@pytest.fixture(scope="session", params=[2, 4], ids=lambda w: f"{w}ranks")
+def dist_suite(request, tmp_path_factory):
+    """ONE launch of W real gloo ranks (tests/dist_scenarios.py ``suite``) shared by the distributed tests:
+    (world, every rank's report, workdir). A process start per rank costs seconds on 2 cores: start once."""
+    world = request.param
+    workdir = str(tmp_path_factory.mktemp(f"dist{world}"))
+    results = launch("suite", world, workdir, timeout=300, optimizers=DIST_TRAINING[world], two_groups=world == 4)
+    return world, results, workdir
 
 
 @pytest.fixture

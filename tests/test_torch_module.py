@@ -54,6 +54,18 @@ def test_forward_returns_store_rows_in_id_shape(store):
         assert not emb(ids).requires_grad
 
 
+def test_an_empty_batch_serves_no_rows_and_counts_a_step_as_torch_does(store):
+    before = store.get(np.arange(N))
+    emb = StoreEmbedding(store)
+    opt = SparseAdam(emb)
+    out = emb(torch.tensor([], dtype=torch.int64))
+    assert out.shape == (0, D) and emb(torch.empty((2, 0), dtype=torch.int64)).shape == (2, 0, D)
+    out.sum().backward()
+    opt.step()
+    assert np.array_equal(store.get(np.arange(N)), before)
+    assert opt.step_count == 1  # as torch: an empty sparse gradient is still a gradient, its step is counted
+
+
 def test_step_touches_exactly_the_rows_with_gradients(store):
     before = store.get(np.arange(N))
     emb = StoreEmbedding(store)

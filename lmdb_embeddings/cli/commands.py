@@ -16,6 +16,9 @@ import logging
 import os
 import sys
 
+from ..distributed.manifest import is_sharded
+from ..distributed.offline import restore_sharded, sharded_info, verify_sharded
+from ..distributed.snapshot import ShardedSnapshot
 from ..errors import CorruptionError, EmbeddingStoreError
 from ..ops import compact_store, dump_store, restore_store, store_info, verify_store
 
@@ -40,7 +43,7 @@ def progress_wanted(quiet: bool) -> bool:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = store_info(args.path)
+    info = (sharded_info if is_sharded(args.path) else store_info)(args.path)
     if args.json:
         _print_json(info)
         return EXIT_OK
@@ -62,12 +65,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"lmdb map size:   {lm['map_size']} ({_human_bytes(lm['map_size'])})",
         f"writer active:   {writer}",
     ]
+    if "sharded" in info:  # a sharded store: the figures above are summed over its shards
+        lines.append(f"shards:          {info['sharded']['world_size']} (rows per shard: "
+                     f"{', '.join(str(s['rows']) for s in info['sharded']['shards'])})")
     print("\n".join(lines))
     return EXIT_OK
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet))
+    source = ShardedSnapshot if is_sharded(args.path) else None
+    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet),
+                        open_source=source)
     if not args.quiet:
         print(f"dumped {result['rows']} rows ({', '.join(result['columns'])}) of commit {result['commit']} "
               f"to {result['out']} ({_human_bytes(result['bytes'])}, {result['seconds']:.2f} s)")
@@ -76,17 +84,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     fmt = None if args.format == "auto" else args.format
-    result = restore_store(args.input, args.path, force=args.force, fmt=fmt, chunk_rows=args.chunk_rows,
-                           progress=progress_wanted(args.quiet))
+    restore, extra = (restore_sharded, {"shards": args.shards}) if args.shards else (restore_store, {})
+    result = restore(args.input, args.path, force=args.force, fmt=fmt, chunk_rows=args.chunk_rows,
+                     progress=progress_wanted(args.quiet), **extra)
     if not args.quiet:
         action = "replaced" if result["replaced"] else "created"
+        sharded = f", sharded for {result['shards']} ranks" if args.shards else ""
         print(f"{action} {result['path']}: {result['rows']} x {result['dim']} {result['dtype']} "
-              f"({', '.join(result['columns'])}) from {result['source']} in {result['seconds']:.2f} s")
+              f"({', '.join(result['columns'])}{sharded}) from {result['source']} in {result['seconds']:.2f} s")
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_store(args.path, progress=progress_wanted(args.quiet))
+    verify = verify_sharded if is_sharded(args.path) else verify_store
+    report = verify(args.path, progress=progress_wanted(args.quiet))
     if args.json:
         _print_json(report)
     elif report["ok"]:
@@ -166,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="input format (default: a directory is npy, a file native)")
     restore.add_argument("--chunk-rows", type=_positive_int, default=None,
                          help="rows per chunk for an npy input without table.json (default 1024)")
+    restore.add_argument("--shards", type=_positive_int, default=None, metavar="W",
+                         help="build a store sharded for W ranks (ShardedEmbeddingStore); default: a plain store")
 
     verify = command("verify", cmd_verify, "check every chunk's checksum, the row counts, IDs and metadata")
     verify.add_argument("path", metavar="PATH")

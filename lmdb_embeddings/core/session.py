@@ -49,7 +49,8 @@ class Session:
                 index = IdIndex.from_chunks(self.id_chunks(txn, 0, layout.rows, layout.chunk_rows))
         except lmdb.Error as exc:
             raise CorruptionError(f"{self.path}: cannot read the metadata: {exc}") from exc
-        return Table(layout, index, self.stats, self._column_io, self.options, self.readonly, self.path)
+        return Table(layout, index, self.stats, self._column_io, self.options, self.readonly, self.path,
+                     state.get("reverts"))
 
     def _column_io(self, spec: ColumnSpec) -> _ColumnIO:
         return _ColumnIO(self, spec)

@@ -21,6 +21,7 @@ from . import init
 from .cache import CacheStats, ChunkIO, ColumnCache
 from .ids import IdIndex
 from .inputs import as_dtype
+from .undo import rows_kept_after
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Table:
     """The in-memory state of one open table (see the module docstring)."""
 
     def __init__(self, layout: TableLayout, index: IdIndex, stats: CacheStats,
-                 io_for: Callable[[ColumnSpec], ChunkIO], options: StoreOptions, readonly: bool, path: str):
+                 io_for: Callable[[ColumnSpec], ChunkIO], options: StoreOptions, readonly: bool, path: str,
+                 reverts: list | None = None):
         self.dim, self.dtype, self.chunk_rows = layout.dim, layout.dtype, layout.chunk_rows
         try:
             self.init_spec = dict(layout.config["init"])
@@ -54,6 +56,7 @@ class Table:
         self.rows = self.committed_rows = layout.rows
         self.commit, self.committed_at = layout.commit, layout.committed_at
         self.attrs, self._committed_attrs = dict(layout.attrs), dict(layout.attrs)
+        self.reverts = list(reverts or [])  # the state record's history of undone commits (core.undo)
         self.validate_against: int | None = layout.commit if readonly else None
         self._stats, self._io_for, self._options, self._readonly = stats, io_for, options, readonly
         self.columns: dict[str, Column] = {}
@@ -149,7 +152,7 @@ class Table:
         return sum(c.cache.n_dirty * c.cache.chunk_bytes for c in self.columns.values())
 
     def state_record(self, version: int, now: float) -> dict:
-        return state_record(version, self.rows, now, self.attrs, self.describe_columns())
+        return state_record(version, self.rows, now, self.attrs, self.describe_columns(), self.reverts)
 
     def new_id_chunks(self):
         """(chunk, (n, 1) int64 IDs) of every ID chunk that rows added since the last commit changed."""
@@ -189,6 +192,10 @@ class Table:
             attrs = dict(state.get("attrs", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptionError(f"the store state record is damaged ({exc!r})") from None
+        reverts = list(state.get("reverts") or [])
+        kept = rows_kept_after(reverts, self.commit)
+        if kept is not None and kept < self.rows:  # a commit was undone since: its rows are gone
+            self._forget_rows_from(kept)
         if rows < self.rows:
             raise EmbeddingStoreError(f"the store went from {self.rows} to {rows} rows; it was replaced by "
                                       "another table: open it again")
@@ -201,7 +208,15 @@ class Table:
         self.attrs = self._committed_attrs = attrs
         self.adopt_columns(columns)
         self.commit, self.committed_at = commit, state.get("committed_at")
+        self.reverts = reverts
         self.validate_against = commit
+
+    def _forget_rows_from(self, rows: int) -> None:
+        """Reader: forget IDs and cached chunks from row slot ``rows`` on (an undone commit had added them)."""
+        self.index.truncate(rows)
+        for column in self.columns.values():
+            column.cache.drop_from(rows // self.chunk_rows)
+        self.rows = self.committed_rows = rows
 
     def clear_caches(self) -> None:
         for column in self.columns.values():

@@ -29,13 +29,14 @@ import numpy as np
 from ..errors import CommitError, ReadOnlyError
 from ..format.chunks import ChunkEncoder, chunk_key
 from ..format.layout import ColumnSpec
-from ..format.records import column_db_name, pack_record
+from ..format.records import IDS_DB, META_DB, column_db_name, pack_record
 from ..fsutil import free_bytes
 from ..options import StoreOptions
 from ..processes import environment
 from ..processes.writer_lock import WriterLock
 from .cache import CacheStats
 from .session import Session
+from .undo import STATE_KEY, UndoLog
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class WriterSession(Session):
         self._txn_bytes = 0  # bytes written into the pending transaction so far
         self._reserved_ahead = 0  # of which the disk holds this many (writemap)
         self._encoder = ChunkEncoder()
+        self._undo = UndoLog(env) if options.undo_log else None  # keeps what each commit overwrites
         super().__init__(path, env, options, stats)
 
     @classmethod
@@ -102,11 +104,13 @@ class WriterSession(Session):
             # can hold, so the map is never the limit (the mapping is virtual, not disk).
             self.env.ensure_headroom(free_bytes(self.path) // 2)
         value = self._encoder.encode(rows, chunk, self.table.commit + 1)
-        # reserve well ahead: one fallocate serves many spills
-        stored = self._pages(len(value))
+        # reserve well ahead: one fallocate serves many spills (and the pre-image the undo log keeps)
+        stored = self._pages(len(value), 2 if self._undo is not None else 1)
         self._reserve(stored, ahead=max(8 << 20, self.table.row_bytes * self.table.rows // 16))
         txn = self._pending_txn()
         db = self._ensure_db(spec, txn)
+        if self._undo is not None:
+            self._undo.capture(txn, column_db_name(spec.name), db, chunk_key(chunk))
         txn.put(chunk_key(chunk), value, db=db)
         self._txn_bytes += stored
         self.spilled += 1
@@ -126,6 +130,8 @@ class WriterSession(Session):
             self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
             self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
             self._pending = self.env.env.begin(write=True, buffers=True)
+            if self._undo is not None:
+                self._undo.start(self._pending, self._dbs_in_pending)
         return self._pending
 
     def _pages(self, value_bytes: int, count: int = 1) -> int:
@@ -197,14 +203,16 @@ class WriterSession(Session):
                 self._fail_commit(str(exc))
 
     def _dirty_bytes(self) -> int:
-        return self.table.dirty_bytes() + (1 << 20)
+        return self.table.dirty_bytes() * (2 if self._undo is not None else 1) + (1 << 20)  # + pre-images
 
     def _commit_bytes(self) -> int:
         """Disk a commit may take for its dirty chunks, its new ID chunks and its records."""
         table, cr = self.table, self.table.chunk_rows
         new_id_chunks = max(0, -(-table.rows // cr) - table.committed_rows // cr)
         chunks = sum(self._pages(c.cache.chunk_bytes, c.cache.n_dirty) for c in table.columns.values())
-        return chunks + self._pages(8 * cr, new_id_chunks) + (1 << 20)
+        ids = self._pages(8 * cr, new_id_chunks)
+        copies = 2 if self._undo is not None else 1  # the undo log keeps a pre-image of each value written
+        return copies * (chunks + ids) + (1 << 20)
 
     def _write_commit(self) -> None:
         table = self.table
@@ -221,15 +229,23 @@ class WriterSession(Session):
                 continue
             with txn.cursor(db=db) as cursor:
                 for chunk, rows in dirty:
+                    if self._undo is not None:  # before the encoder's buffer is filled for this chunk
+                        self._undo.capture(txn, column.db_name, db, chunk_key(chunk))
                     value = self._encoder.encode(rows, chunk, version)
                     cursor.put(chunk_key(chunk), value)
                     written += len(value)
         for chunk, ids in table.new_id_chunks():
+            if self._undo is not None:
+                self._undo.capture(txn, IDS_DB, self.ids_db, chunk_key(chunk))
             value = self._encoder.encode(ids, chunk, version)
             txn.put(chunk_key(chunk), value, db=self.ids_db)
             written += len(value)
         now = time.time()
-        txn.put(b"state", pack_record(table.state_record(version, now)), db=self.meta_db)
+        if self._undo is not None:
+            self._undo.capture(txn, META_DB, self.meta_db, STATE_KEY)
+        txn.put(STATE_KEY, pack_record(table.state_record(version, now)), db=self.meta_db)
+        if self._undo is not None:
+            self._undo.mark(txn, undoes=version, restores=table.commit)
         self._pending = None
         meta = self.env.data_file.save_meta() if self.env.writemap else None
         try:

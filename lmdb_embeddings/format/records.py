@@ -112,6 +112,13 @@ def format_record() -> dict:
     return {"magic": MAGIC, "format_version": FORMAT_VERSION}
 
 
-def state_record(commit: int, rows: int, committed_at: float, attrs: dict, columns: dict) -> dict:
-    """The ``state`` record a commit writes: what a reader needs to catch up with it."""
-    return {"commit": commit, "rows": rows, "committed_at": committed_at, "attrs": attrs, "columns": columns}
+def state_record(commit: int, rows: int, committed_at: float, attrs: dict, columns: dict,
+                 reverts: list | None = None) -> dict:
+    """The ``state`` record a commit writes: what a reader needs to catch up with it.
+
+    ``reverts``: the store's history of undone commits (``core.undo``), carried forward; absent if none.
+    """
+    record = {"commit": commit, "rows": rows, "committed_at": committed_at, "attrs": attrs, "columns": columns}
+    if reverts:
+        record["reverts"] = reverts
+    return record

@@ -30,7 +30,7 @@ from .verify import verify_store
 FORMATS = ("native", "npy")
 
 
-def _source(path: str, snap: Snapshot) -> dict:
+def _source(path: str, snap: TableSource) -> dict:
     return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
 
 
@@ -41,17 +41,23 @@ def _check_parent(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ dump
-def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False) -> dict:
-    """Write the committed state of the store at ``path`` to ``out``; returns a summary."""
+def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False, open_source=None) -> dict:
+    """Write the committed state of the store at ``path`` to ``out``; returns a summary.
+
+    ``open_source(path)``: the consistent view to dump, a context-managed ``TableSource``
+    (default: a plain store's ``Snapshot``; a sharded directory: ``distributed.offline.ShardedSnapshot``).
+    """
     path, out = os.path.abspath(path), os.path.abspath(out)
-    check_store_dir(path)
+    if open_source is None:
+        check_store_dir(path)
+        open_source = Snapshot
     _check_parent(out)
     if fmt == "native" and os.path.isdir(out):
         raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
     if fmt == "npy" and os.path.exists(out) and not os.path.isdir(out):
         raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
     started = time.perf_counter()
-    with Snapshot(path) as snap:
+    with open_source(path) as snap:
         layout = snap.layout
         if fmt == "native":
             size = _dump_native(snap, out, _source(path, snap), progress)
@@ -62,7 +68,7 @@ def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = Fal
             "seconds": time.perf_counter() - started}
 
 
-def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+def _dump_native(snap: TableSource, out: str, source: dict, progress: bool) -> int:
     remove_stale_temps(out, "dumping")
     tmp = sibling_temp(out, "dumping")
     try:
@@ -78,7 +84,7 @@ def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
     return os.path.getsize(out)
 
 
-def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+def _dump_npy(snap: TableSource, out: str, source: dict, progress: bool) -> int:
     sink = npy_dir.NpyTableWriter(out, snap.layout, source)
     _copy(snap, sink, "dump", progress)
     return sink.bytes
@@ -103,6 +109,18 @@ def detect_format(src: str) -> str:
     raise InvalidInputError(f"no dump at {src} (no such file or directory)")
 
 
+def open_dump(src: str, fmt: str, chunk_rows: int | None = None) -> TableSource:
+    """A reader of the dump ``src`` (``fmt`` "native" or "npy"); its header is checked, nothing else read yet."""
+    if fmt == "native":
+        if not os.path.isfile(src):
+            raise InvalidInputError(f"{src} is not a dump file")
+        return dump_file.DumpReader(src)
+    if not os.path.isdir(src):
+        raise InvalidInputError(f"{src} is not a directory of .npy files")
+    layout, checksums = npy_dir.read_layout(src, chunk_rows)
+    return npy_dir.NpyTableReader(src, layout, checksums)
+
+
 def check_restore_target(path: str, force: bool) -> bool:
     """Raise unless a store may be written at ``path``; True if an old store will be replaced."""
     _check_parent(path)
@@ -116,15 +134,7 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
     fmt = fmt or detect_format(src)
     replacing = check_restore_target(path, force)
     started = time.perf_counter()
-    if fmt == "native":
-        if not os.path.isfile(src):
-            raise InvalidInputError(f"{src} is not a dump file")
-        reader = dump_file.DumpReader(src)
-    else:
-        if not os.path.isdir(src):
-            raise InvalidInputError(f"{src} is not a directory of .npy files")
-        layout, checksums = npy_dir.read_layout(src, chunk_rows)
-        reader = npy_dir.NpyTableReader(src, layout, checksums)
+    reader = open_dump(src, fmt, chunk_rows)
     layout = reader.layout
     try:
         with StagedStore(path, "restoring") as stage:

@@ -72,7 +72,7 @@ class StoreEmbedding(nn.Module):
 
     def __init__(self, store: EmbeddingStore):
         super().__init__()
-        if not isinstance(store, EmbeddingStore):
+        if not isinstance(store, EmbeddingStore) and not hasattr(store, "optimizer_step"):  # or a sharded store
             raise InvalidTypeError(
                 f"StoreEmbedding needs an lmdb_embeddings.EmbeddingStore, got {type(store).__name__}; "
                 "open one with EmbeddingStore.open(path)")
@@ -102,12 +102,12 @@ class StoreEmbedding(nn.Module):
     def forward(self, ids) -> torch.Tensor:
         flat, shape = _flat_ids(ids)
         if not torch.is_grad_enabled():
-            return self.store.get_tensor(flat, device=self.device).reshape(*shape, -1)
+            return self.store.get_tensor(flat, device=self.device).reshape(*shape, self.store.dim)
         anchor = self._grad_anchor
         if anchor.device != self.device:
             anchor = self._grad_anchor = torch.empty(0, device=self.device, requires_grad=True)
         out = _Lookup.apply(anchor, self, flat, self._generation)
-        return out.reshape(*shape, -1)
+        return out.reshape(*shape, self.store.dim)
 
     def _receive(self, flat_ids: np.ndarray, grad: torch.Tensor, generation: int) -> None:
         with self._lock:

@@ -101,6 +101,9 @@ class StoreOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Apply the gradients received since the last step to exactly those rows; write rows and state.
 
+        A store with an ``optimizer_step`` method (``ShardedEmbeddingStore``) runs the step
+        itself, at the rows' owners: ``step`` is then a collective call.
+
         Raises (before anything is written; the step's gradients are dropped):
             ValueError: the update is NaN/inf (a NaN/inf gradient, or an overflow of the store dtype).
         """
@@ -109,32 +112,43 @@ class StoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.embedding.take_gradients()
-        if grads is None:
-            return loss
+        owner_step = getattr(self.store, "optimizer_step", None)
+        if owner_step is not None:
+            owner_step(self, grads)
+        elif grads is not None:
+            self.write_update(self.store, *self.compute_update(self.store, grads))
+        return loss
+
+    def compute_update(self, store, grads: RowGradients) -> tuple:
+        """``(ids, rows, state, step)``: the updated rows and state of ``grads``' rows, read from ``store``.
+
+        Writes nothing; raises ValueError if an update is NaN/inf.
+        """
         group = self.param_groups[0]
         ids = grads.ids
         grad = grads.grad.to(_torch_dtype(self.compute_dtype))
         if group.get("maximize", False):
             grad = -grad
-        rows = torch.from_numpy(self.store.get(ids).astype(self.compute_dtype, copy=False))
-        state = {s: torch.from_numpy(self.store.get_column(c, ids)) for s, c in self.state_columns.items()}
-        step = self.step_count + 1 if self.counts_steps else 0
+        rows = torch.from_numpy(store.get(ids).astype(self.compute_dtype, copy=False))
+        state = {s: torch.from_numpy(store.get_column(c, ids)) for s, c in self.state_columns.items()}
+        step = int(store.attrs.get(self.step_attr, 0)) + 1 if self.counts_steps else 0
         self._update(rows, grad, state, step, group)
-        self._write(ids, rows, state, step)
-        return loss
+        name = type(self).__name__
+        out_rows = _checked(rows.numpy(), store.dtype, name, "rows")
+        out_state = {s: _checked(t.numpy(), self.compute_dtype, name, s) for s, t in state.items()}
+        return ids, out_rows, out_state, step
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict, step: int, group: dict) -> None:
         """Update ``rows`` and ``state`` (dense (n, dim) CPU tensors) in place from sparse ``grad``."""
         raise NotImplementedError
 
-    def _write(self, ids: np.ndarray, rows: torch.Tensor, state: dict, step: int) -> None:
-        out_rows = _checked(rows.numpy(), self.store.dtype, type(self).__name__, "rows")
-        out_state = {s: _checked(t.numpy(), self.compute_dtype, type(self).__name__, s) for s, t in state.items()}
+    def write_update(self, store, ids: np.ndarray, rows: np.ndarray, state: dict, step: int) -> None:
+        """Write what :meth:`compute_update` returned: step count, state, then the rows."""
         if self.counts_steps:
-            self.store.set_attr(self.step_attr, step)
+            store.set_attr(self.step_attr, step)
         for s, column in self.state_columns.items():
-            self.store.put_column(column, ids, out_state[s])
-        self.store.put(ids, out_rows)  # last: an auto-commit here includes this step's state
+            store.put_column(column, ids, state[s])
+        store.put(ids, rows)  # last: an auto-commit here includes this step's state
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.param_groups[0].items() if k != "params")

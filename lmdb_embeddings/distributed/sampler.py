@@ -1,0 +1,68 @@
+"""ShardedSampler: batches of the IDs this rank owns, so per-sample lookups never leave the rank.
+
+Per-sample tables have a property shared features lack: the sample decides the row. A
+sampler that gives rank r only the samples r owns makes every ``StoreEmbedding`` lookup
+local (the exchange moves nothing but counts), leaving DDP's dense all-reduce as the only
+traffic. Every rank yields the same number of batches of the same sizes (a rank owning
+fewer IDs repeats its own, as ``DistributedSampler`` pads), so collective calls stay in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from ..errors import InvalidInputError, InvalidTypeError
+
+
+class ShardedSampler(Sampler):
+    """A batch sampler over the IDs this rank owns in ``store`` (a ``ShardedEmbeddingStore``).
+
+    Yields lists of sample IDs (not positions): ``batch_size`` per batch, the last batch of
+    an epoch possibly shorter, the same count and sizes on every rank. Every ID this rank
+    owns appears at least once per epoch. With ``shuffle``, the order is a permutation seeded
+    by ``(seed, epoch, rank)``: call :meth:`set_epoch` before each epoch to reshuffle,
+    reproducibly. The IDs are read when the sampler is made (a collective call: every rank
+    constructs it); make a new one after ``add``.
+    """
+
+    def __init__(self, store, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        if not hasattr(store, "local") or not hasattr(store, "collective"):
+            raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
+                                   "for a plain store use torch's BatchSampler")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.rank = store.rank
+        self.epoch = 0
+        self._ids = store.local.ids
+        counts = store.collective.all_gather_ints([len(self._ids)])[:, 0]
+        self.samples_per_rank = int(counts.max()) if len(counts) else 0  # after padding, on every rank
+        self.num_batches = -(-self.samples_per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of epoch ``epoch`` (reproducible: the same epoch gives the same batches)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise InvalidInputError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def epoch_ids(self) -> np.ndarray:
+        """This epoch's IDs in order, padded to ``samples_per_rank`` by repeating the start."""
+        ids = self._ids
+        if self.shuffle and len(ids):
+            ids = ids[np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(len(ids))]
+        if 0 < len(ids) < self.samples_per_rank:
+            ids = np.resize(ids, self.samples_per_rank)  # cycles through ids, as DistributedSampler pads
+        return ids
+
+    def __iter__(self) -> Iterator[list[int]]:
+        ids, size = self.epoch_ids(), self.batch_size
+        for b in range(self.num_batches):
+            yield ids[b * size : (b + 1) * size].tolist()
