@@ -137,7 +137,7 @@ def role_forkbusy(args) -> None:
             outcome = _fork_and_read(store, args.child_timeout)
             forks += 1
             hung += outcome == "hung"
-            failed += outcome == "failed"
+            failed += outcome != "ok"
             if hung and args.stop_at_first:
                 break
     finally:
@@ -148,12 +148,16 @@ def role_forkbusy(args) -> None:
 
 
 def _fork_and_read(store: le.EmbeddingStore, timeout: float) -> str:
-    """Fork a child that reads through the inherited handle: 'ok', 'failed' or 'hung' (then killed)."""
+    """Fork a child that reads through the inherited handle: 'ok', 'refused' (a one-line
+    EmbeddingStoreError), 'failed' or 'hung' (then killed)."""
     pid = os.fork()
     if pid == 0:
         try:
             rows = store.get(np.arange(8))
             os._exit(0 if rows.shape == (8, store.dim) else 3)
+        except le.EmbeddingStoreError as exc:  # a clear refusal (one line)
+            os.write(2, f"child refused: {type(exc).__name__}: {exc}\n".encode())
+            os._exit(5 if "\n" not in str(exc).strip() else 4)
         except BaseException as exc:
             os.write(2, f"child error: {type(exc).__name__}: {exc}\n".encode())
             os._exit(4)
@@ -161,7 +165,7 @@ def _fork_and_read(store: le.EmbeddingStore, timeout: float) -> str:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return "ok" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+            return {0: "ok", 5: "refused"}.get(os.waitstatus_to_exitcode(status), "failed")
         if time.monotonic() > deadline:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
