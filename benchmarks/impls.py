@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 
 import lmdb_embeddings as le
-from lmdb_embeddings import chunk_codec
+from lmdb_embeddings.format import chunks as chunk_codec
 
 _INIT_BLOCK = 1 << 16  # rows initialized at a time by the baselines (bounded setup memory)
 

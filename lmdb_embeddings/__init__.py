@@ -1,44 +1,95 @@
 """lmdb_embeddings: per-sample trainable embedding tables in LMDB, for PyTorch training.
 
-The public surface is small: :class:`EmbeddingStore` (create/open/get/put/add/commit),
-the error classes, the drop-in :class:`TrainableEmbeddingManager`, and the training
-module ``lmdb_embeddings.torch`` (imported on demand, so the core starts without torch).
+The public surface, all importable from here (``import lmdb_embeddings as le``):
+
+* :class:`EmbeddingStore` and its :class:`StoreOptions`;
+* every error class (all derive from :class:`EmbeddingStoreError`);
+* the operations the CLI runs, as library functions: :func:`dump_store`,
+  :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
+  :func:`import_cosir`;
+* what needs torch, imported on first use so the core and the CLI start without it:
+  :class:`EmbeddingDataset`, :class:`TrainableEmbeddingManager`, and the modules
+  ``lmdb_embeddings.torch`` (StoreEmbedding, Sparse* optimizers) and
+  ``lmdb_embeddings.distributed`` (the sharded store).
+
+Folders name concepts (docs/ARCHITECTURE.md): ``core`` (the in-process table and its
+sessions), ``format`` (bytes on disk and in dump files), ``processes`` (environments,
+the writer lock, fork), ``ops`` (dump/restore/verify/info/compact), ``cli``, ``compat``
+(the CoSiR drop-in), ``torch``, ``distributed``, ``testing`` (reusable contract suites).
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-from .errors import (  # noqa: E402
+from .errors import (
     ClosedError,
     CommitError,
     CorruptionError,
     EmbeddingStoreError,
     FormatVersionError,
+    InvalidInputError,
+    InvalidTypeError,
     NotAStoreError,
+    ReadOnlyError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnknownIdError,
     WriterLockedError,
 )
-from .store import FORMAT_VERSION, EmbeddingStore  # noqa: E402
+from .format.dump_file import DumpFileError
+from .format.npy_dir import NpyInputError
+from .format.records import FORMAT_VERSION
+from .ops import compact_store, dump_store, restore_store, store_info, verify_store
+from .options import StoreOptions
+from .store import EmbeddingStore
+from .version import __version__
+
+# name -> module that defines it; these need torch, so they are imported on first use
+_LAZY = {
+    "EmbeddingDataset": "lmdb_embeddings.torch.dataset",
+    "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
+    "import_cosir": "lmdb_embeddings.compat.cosir_files",
+    "CosirImportError": "lmdb_embeddings.compat.cosir_files",
+}
 
 __all__ = [
     "EmbeddingStore",
-    "EmbeddingStoreError",
-    "CorruptionError",
-    "CommitError",
-    "ClosedError",
-    "FormatVersionError",
-    "NotAStoreError",
-    "WriterLockedError",
-    "FORMAT_VERSION",
+    "StoreOptions",
+    "EmbeddingDataset",
     "TrainableEmbeddingManager",
+    # errors
+    "EmbeddingStoreError",
+    "ClosedError",
+    "CommitError",
+    "CorruptionError",
+    "CosirImportError",
+    "DumpFileError",
+    "FormatVersionError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "NotAStoreError",
+    "NpyInputError",
+    "ReadOnlyError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "UnknownIdError",
+    "WriterLockedError",
+    # operations
+    "dump_store",
+    "restore_store",
+    "verify_store",
+    "store_info",
+    "compact_store",
+    "import_cosir",
+    "FORMAT_VERSION",
     "__version__",
 ]
 
 
-def __getattr__(name):
-    """Lazy attributes: the drop-in manager needs torch, which the core does not import."""
-    if name == "TrainableEmbeddingManager":
-        from .manager import TrainableEmbeddingManager
-
-        return TrainableEmbeddingManager
-    raise AttributeError(f"module 'lmdb_embeddings' has no attribute {name!r}")
+def __getattr__(name: str):
+    """The torch-dependent names, imported on first use (the core never imports torch)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmdb_embeddings' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

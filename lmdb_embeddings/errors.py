@@ -25,7 +25,14 @@ class NotAStoreError(EmbeddingStoreError):
 
 
 class WriterLockedError(EmbeddingStoreError):
-    """Another writable handle (in this or another process) holds the store."""
+    """Another writable handle (in this or another process) holds the store.
+
+    ``holder_pid`` is the pid of the holder as it recorded itself (None if unknown).
+    """
+
+    def __init__(self, message: str, holder_pid: int | None = None):
+        super().__init__(message)
+        self.holder_pid = holder_pid
 
 
 class CommitError(EmbeddingStoreError, OSError):

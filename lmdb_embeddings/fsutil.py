@@ -89,8 +89,14 @@ def replace_dir(new: str, target: str) -> None:
     fsync_dir(parent)
 
 
+def allocated_bytes(path: str) -> int:
+    """Bytes of disk a file really takes (its blocks), not its apparent size (a writemap store is sparse)."""
+    return os.stat(path).st_blocks * 512
+
+
 def dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+    """Disk taken (allocated blocks) by the files of a directory."""
+    return sum(allocated_bytes(os.path.join(path, f)) for f in os.listdir(path)
                if os.path.isfile(os.path.join(path, f)))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import psutil
+
 from .errors import InvalidInputError, InvalidTypeError
 
 READER_CACHE_MB = 256.0  # readers share the OS page cache; each one's decoded cache is private
@@ -23,6 +25,11 @@ class StoreOptions:
     l1_mb / l2_mb: explicit tier budgets (override ``cache_mb`` / ``l1_fraction``).
     commit_every: commit after every K put/add calls (None: only explicit commits).
     readahead: let the OS read ahead in the data file (off helps random access beyond RAM).
+    writemap: the writer stores pages straight into LMDB's shared map of the data file
+        (default): no private copy of the pending transaction, so memory stays bounded by the
+        cache however much changes between commits, and commits copy each byte once. Disk
+        blocks are reserved before anything is written, so a full disk is a clean
+        ``CommitError``. Turn it off only on a filesystem that cannot ``posix_fallocate``.
     """
 
     cache_mb: float | None = None
@@ -31,6 +38,7 @@ class StoreOptions:
     l2_mb: float | None = None
     commit_every: int | None = None
     readahead: bool = True
+    writemap: bool = True
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> StoreOptions:
@@ -50,6 +58,9 @@ class StoreOptions:
         ce = opts.commit_every
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
             raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
+        for name in ("readahead", "writemap"):
+            if not isinstance(getattr(opts, name), bool):
+                raise InvalidTypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
         return opts
 
     def resolved_cache_mb(self, table_bytes: int, readonly: bool) -> float:
@@ -58,8 +69,6 @@ class StoreOptions:
             return float(self.cache_mb)
         if readonly:
             return READER_CACHE_MB
-        import psutil
-
         ram_mb = psutil.virtual_memory().total / (1 << 20)
         # the L1 slab alone must hold the table (L2 copies are no substitute), plus 10 %
         want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16

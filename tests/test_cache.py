@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmdb_embeddings import EmbeddingStore, environment
-from lmdb_embeddings.column_cache import CacheStats, ColumnCache
+from lmdb_embeddings import EmbeddingStore
+from lmdb_embeddings.core.cache import CacheStats, ColumnCache
+from lmdb_embeddings.processes import environment
 
 MIB = 1 << 20
 
@@ -111,17 +112,16 @@ def test_spill_then_commit_then_keep_training(store_path):
 def small_map(monkeypatch):
     """Start every environment at an 8 MiB map, so growth is exercised with little data."""
     monkeypatch.setattr(environment, "MIN_MAP_SIZE", 8 * MIB)
-    monkeypatch.setattr(environment._open, "__defaults__", (8 * MIB,))
 
 
 def test_map_grows_for_commits(store_path, small_map):
     with EmbeddingStore.create(store_path, 100, 256, chunk_rows=64, init="zeros") as store:
-        start = store._env.env.info()["map_size"]
+        start = store._session.env.env.info()["map_size"]
         assert start == 8 * MIB
         for i in range(8):  # 8 x 4 MiB of new rows, committed each time
             store.add(np.arange(100 + i * 4096, 100 + (i + 1) * 4096), np.full((4096, 256), float(i)))
             store.commit()
-        assert store._env.env.info()["map_size"] > 32 * MIB
+        assert store._session.env.env.info()["map_size"] > 32 * MIB
     with EmbeddingStore.open(store_path, readonly=True) as reader:
         assert len(reader) == 100 + 8 * 4096
         assert np.array_equal(reader.get([100 + 7 * 4096]), np.full((1, 256), 7.0, np.float32))
@@ -151,52 +151,80 @@ def test_reader_adopts_a_map_grown_by_the_writer(store_path, small_map):
 
 
 # ----------------------------------------------------------------- ColumnCache on its own
-def _cache(capacity_chunks: int, l2_chunks: int, chunk_rows: int = 4, width: int = 2):
-    chunk_bytes = chunk_rows * width * 4
-    stats = CacheStats()
-    return ColumnCache(width, np.float32, chunk_rows, capacity_chunks * chunk_bytes, l2_chunks * chunk_bytes,
-                       stats), stats
+class _FakeIO:
+    """A ChunkIO over an in-memory dict: chunk c holds the value c (version 1) unless overwritten."""
 
+    def __init__(self):
+        self.loads: list[int] = []
+        self.spilled: list[tuple[int, np.ndarray]] = []
+        self.version = {}
 
-def _loader(log):
-    def load(chunks):
+    def load(self, chunks):
         for chunk in chunks:
-            log.append(chunk)
-            yield chunk, np.full((4, 2), float(chunk), np.float32), 1
-    return load
+            self.loads.append(chunk)
+            yield chunk, np.full((4, 2), float(chunk), np.float32), self.version.get(chunk, 1)
+
+    def versions(self, chunks):
+        return [self.version.get(c, 1) for c in chunks]
+
+    def spill(self, chunk, rows):
+        self.spilled.append((chunk, rows.copy()))
+
+
+class _Table:
+    def __init__(self, rows=400, validate_against=None):
+        self.rows, self.validate_against = rows, validate_against
+
+
+def _cache(capacity_chunks: int, l2_chunks: int, table=None):
+    chunk_bytes = 4 * 2 * 4
+    stats, io = CacheStats(), _FakeIO()
+    cache = ColumnCache(2, np.float32, 4, 0.0, stats, io, table or _Table())
+    cache.set_budget(capacity_chunks * chunk_bytes, l2_chunks * chunk_bytes)
+    return cache, stats, io
+
+
+def _rows_of(chunk):
+    return np.array([chunk * 4 + 1])  # a row slot inside the chunk
 
 
 def test_column_cache_lru_eviction_to_l2_and_back():
-    cache, stats = _cache(capacity_chunks=2, l2_chunks=2)
-    loads: list[int] = []
+    cache, stats, io = _cache(capacity_chunks=2, l2_chunks=2)
     for chunk in (0, 1, 0, 2):  # 1 is least recently used when 2 arrives
-        cache.ensure(np.array([chunk]), _loader(loads))
-    assert loads == [0, 1, 2] and list(cache.l2) == [1]
-    cache.ensure(np.array([1]), _loader(loads))  # from L2, not reloaded
-    assert loads == [0, 1, 2] and stats.l2_hits == 1 and list(cache.l2) == [0]
-    slots = cache.ensure(np.array([0, 1]), _loader(loads))
-    assert np.array_equal(cache.slab[slots[1] * 4], [1.0, 1.0])
+        cache.gather(_rows_of(chunk))
+    assert io.loads == [0, 1, 2] and list(cache.l2) == [1]
+    assert np.array_equal(cache.gather(_rows_of(1)), [[1.0, 1.0]])  # from L2, not reloaded
+    assert io.loads == [0, 1, 2] and stats.l2_hits == 1 and list(cache.l2) == [0]
+    assert np.array_equal(cache.gather(np.array([1, 5])), [[0.0, 0.0], [1.0, 1.0]])
 
 
 def test_column_cache_spills_dirty_victims_and_never_drops_them():
-    cache, _ = _cache(capacity_chunks=2, l2_chunks=4)
-    spilled = []
-    cache.spill = lambda chunk, rows: spilled.append((chunk, rows.copy()))
-    loads: list[int] = []
-    slot = cache.ensure(np.array([5]), _loader(loads))[0]
-    cache.slab[slot * 4 : slot * 4 + 4] = 99.0
-    cache.mark_dirty(np.array([slot]))
-    cache.ensure(np.array([6]), _loader(loads))
-    cache.ensure(np.array([7]), _loader(loads))  # evicts dirty chunk 5
-    assert [c for c, _ in spilled] == [5] and np.all(spilled[0][1] == 99.0)
+    cache, _, io = _cache(capacity_chunks=2, l2_chunks=4)
+    cache.scatter(np.arange(20, 24), np.full((4, 2), 99.0, np.float32))  # chunk 5, dirty
+    cache.gather(_rows_of(6))
+    cache.gather(_rows_of(7))  # evicts dirty chunk 5
+    assert [c for c, _ in io.spilled] == [5] and np.all(io.spilled[0][1] == 99.0)
     assert 5 not in cache.l2  # a spilled chunk is not kept as a clean copy
     assert cache.n_dirty == 0
 
 
-def test_column_cache_without_spill_target_refuses_to_drop_dirty():
-    cache, _ = _cache(capacity_chunks=2, l2_chunks=0)
-    slot = cache.ensure(np.array([0]), _loader([]))[0]
-    cache.mark_dirty(np.array([slot]))
-    cache.ensure(np.array([1]), _loader([]))
-    with pytest.raises(RuntimeError, match="dirty"):
-        cache.ensure(np.array([2]), _loader([]))
+def test_column_cache_serves_more_chunks_than_it_holds_in_groups():
+    cache, _, io = _cache(capacity_chunks=2, l2_chunks=0)
+    slots = np.array([37, 1, 13, 5, 9, 2])  # chunks 9, 0, 3, 1, 2, 0: more than the 2 L1 slots
+    assert np.array_equal(cache.gather(slots)[:, 0], slots // 4)
+    cache.scatter(np.array([3, 7, 11]), np.full((3, 2), -1.0, np.float32))  # chunks 0, 1, 2
+    assert sorted(c for c, _ in io.spilled) == [0]  # dirty chunks leave L1 only through spill
+
+
+def test_column_cache_reader_drops_chunks_rewritten_by_a_newer_commit():
+    table = _Table(validate_against=1)
+    cache, stats, io = _cache(capacity_chunks=4, l2_chunks=4, table=table)
+    cache.gather(np.array([1, 5]))
+    assert io.loads == [0, 1]
+    table.validate_against = 2  # a commit happened; it rewrote chunk 1 only
+    io.version[1] = 2
+    cache.gather(np.array([1, 5]))
+    assert io.loads == [0, 1, 1]  # chunk 0 was re-checked (same version) and kept, chunk 1 reloaded
+    loaded = stats.chunks_loaded
+    cache.gather(np.array([1, 5]))  # both checked at commit 2 now: the hot path, no reload
+    assert stats.chunks_loaded == loaded

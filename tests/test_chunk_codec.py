@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from lmdb_embeddings import CorruptionError
-from lmdb_embeddings.chunk_codec import chunk_key, decode_chunk, encode_chunk, key_index, read_header
+from lmdb_embeddings.format.chunks import chunk_key, decode_chunk, encode_chunk, key_index, read_header
 
 
 @pytest.mark.parametrize("dtype", ["<f4", "<f2", "<f8", "<i8"])
@@ -85,3 +85,13 @@ def test_large_chunk_uses_bin32():
     value = encode_chunk(rows, 0, 0)
     header = read_header(value, 0)
     assert value[header.payload_offset - 5] == 0xC6 and header.payload_len == rows.nbytes
+
+
+def test_the_reusing_encoder_gives_the_bytes_of_encode_chunk():
+    from lmdb_embeddings.format.chunks import ChunkEncoder
+
+    encoder = ChunkEncoder()
+    for rows in (np.ones((300, 8), np.float32), np.empty((0, 3), np.float16), np.arange(7, dtype="<i8").reshape(-1, 1),
+                 np.random.default_rng(1).standard_normal((1024, 16)), np.ones((2, 2), np.float32)):
+        for index, version in ((0, 0), (7, 3), (2**40, 2**33)):
+            assert bytes(encoder.encode(rows, index, version)) == encode_chunk(rows, index, version)

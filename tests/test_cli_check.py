@@ -17,11 +17,13 @@ from cli_helpers import assert_one_line_error, assert_same_store, make_rich_stor
 from conftest import ROOT, run_cli, subprocess_env
 
 import lmdb_embeddings as le
+from lmdb_embeddings.fsutil import allocated_bytes
 
 WRITER = r"""
 import sys, time
 import numpy as np
 import lmdb_embeddings as le
+from lmdb_embeddings.fsutil import allocated_bytes
 store = le.EmbeddingStore.open(sys.argv[1])
 ids = store.ids
 k = 0
@@ -87,6 +89,23 @@ def test_info_json_reports_the_store_and_its_writer(tmp_path):
         assert f"yes (pid {os.getpid()})" in ok("info", path).stdout
 
 
+def test_info_reports_the_format_version_recorded_in_the_store(tmp_path):
+    """The store's own format record, not the library's constant (an older store says so)."""
+    import lmdb
+
+    from lmdb_embeddings.format import records
+
+    path = str(tmp_path / "s")
+    le.EmbeddingStore.create(path, 10, 4).close()
+    env = lmdb.open(path, max_dbs=64)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", records.pack_record({"magic": records.MAGIC, "format_version": 0}),
+                db=env.open_db(b"meta", txn=txn))
+    env.close()
+    assert json.loads(ok("info", path, "--json").stdout)["format_version"] == 0
+    assert "format version:  0" in ok("info", path).stdout
+
+
 def _payload_offset(data_file: str, payload: bytes) -> int:
     with open(data_file, "rb") as f:
         data = f.read()
@@ -131,15 +150,15 @@ def test_compact_keeps_data_and_never_grows(tmp_path):
         s.put(s.ids, original["rows"])
     original = read_store(path)
     data_file = os.path.join(path, "data.mdb")
-    before = os.path.getsize(data_file)
+    before = allocated_bytes(data_file)
     free_before = json.loads(ok("info", path, "--json").stdout)["lmdb"]["free_pages"]
     assert free_before > 0
     ok("compact", path)
-    after = os.path.getsize(data_file)
+    after = allocated_bytes(data_file)
     assert after < before
     assert_same_store(original, read_store(path))
     ok("compact", path)  # already compact: unchanged, never larger
-    assert os.path.getsize(data_file) <= after
+    assert allocated_bytes(data_file) <= after
     assert_same_store(original, read_store(path))
     assert json.loads(ok("verify", path, "--json").stdout)["ok"]
     with le.EmbeddingStore.open(path):
@@ -199,13 +218,13 @@ def test_a_store_from_a_newer_format_is_refused_by_name(tmp_path):
     import lmdb
     import msgpack
 
-    from lmdb_embeddings import store as store_module
+    from lmdb_embeddings.format import records as store_module
 
     path = str(tmp_path / "s")
     le.EmbeddingStore.create(path, 10, 4).close()
     env = lmdb.open(path, max_dbs=64)
     with env.begin(write=True) as txn:  # a future format, with a checksum scheme we do not know
-        record = {"magic": store_module.MAGIC, "format_version": 99, store_module._RECORD_CHECKSUM: 12345}
+        record = {"magic": store_module.MAGIC, "format_version": 99, store_module.RECORD_CHECKSUM: 12345}
         txn.put(b"format", msgpack.packb(record), db=env.open_db(b"meta", txn=txn))
     env.close()
     for command in (("info", path), ("verify", path), ("dump", path, str(tmp_path / "d")), ("compact", path)):

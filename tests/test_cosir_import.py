@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 from conftest import run_cli  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings import cosir_import  # noqa: E402
-from lmdb_embeddings.cosir_import import CosirImportError, import_cosir  # noqa: E402
+from lmdb_embeddings.compat import cosir_files as cosir_import  # noqa: E402
+from lmdb_embeddings.compat.cosir_files import CosirImportError, import_cosir  # noqa: E402
 
 
 def write_original(directory, ids, rows, chunk_size) -> list[str]:

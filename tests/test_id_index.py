@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmdb_embeddings.id_index import IdIndex
+from lmdb_embeddings.core.ids import IdIndex
 
 
 def _reference(ids):

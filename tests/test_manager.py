@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from conftest import ROOT, subprocess_env  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings.manager import UnknownChunkError  # noqa: E402
+from lmdb_embeddings.compat.manager import UnknownChunkError  # noqa: E402
 
 DIM = 128
 N = 1000

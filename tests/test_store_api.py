@@ -1,4 +1,4 @@
-"""EmbeddingStore's Python API as SPEC.md states it: create/open, get/put/add, commit and
+"""EmbeddingStore's Python API as ../shared/SPEC.md states it: create/open, get/put/add, commit and
 rollback, lifecycle, properties, stats, auxiliary columns and attrs."""
 
 from __future__ import annotations

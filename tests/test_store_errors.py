@@ -1,4 +1,4 @@
-"""Every error SPEC.md names: raised with a clear message, before anything changes, from
+"""Every error ../shared/SPEC.md names: raised with a clear message, before anything changes, from
 classes deriving from EmbeddingStoreError and the fitting builtin."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from conftest import run_python
 
 import lmdb_embeddings as le
-from lmdb_embeddings import EmbeddingStore, chunk_codec, errors
+from lmdb_embeddings import EmbeddingStore, errors
+from lmdb_embeddings.format import chunks as chunk_codec
 
 
 def test_error_classes_derive_from_base_and_builtins():
@@ -209,7 +210,7 @@ def test_open_a_directory_that_is_not_ours(tmp_path):
 
 def _rewrite_meta(path: str, key: bytes, change) -> None:
     """Change a metadata record and re-checksum it, as a buggy or newer writer would."""
-    from lmdb_embeddings.store import pack_record, unpack_record
+    from lmdb_embeddings.format.records import pack_record, unpack_record
 
     env = lmdb.open(path, max_dbs=64)
     meta = env.open_db(b"meta")

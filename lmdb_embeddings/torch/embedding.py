@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.inputs import as_ids, to_numpy
 from ..errors import InvalidInputError, InvalidTypeError
-from ..inputs import as_ids, to_numpy
 from ..store import EmbeddingStore
 
 

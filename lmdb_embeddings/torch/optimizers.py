@@ -24,7 +24,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError, InvalidTypeError, ReadOnlyError
+from ..errors import EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .embedding import RowGradients, StoreEmbedding
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,8 @@ def _row_values(grad: torch.Tensor) -> torch.Tensor:
     """Dense (n, dim) values of a gradient over n touched rows, row i for index i (duplicates summed)."""
     grad = grad.coalesce()
     if grad._nnz() != grad.shape[0]:  # every row of the slice was served, so this cannot happen
-        raise AssertionError(f"gradient covers {grad._nnz()} of {grad.shape[0]} rows")
+        raise EmbeddingStoreError(f"internal error: a gradient covers {grad._nnz()} of its {grad.shape[0]} rows "
+                                  "(every row of the step's slice should have been served); please report it")
     return grad._values()
 
 

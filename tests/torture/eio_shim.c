@@ -1,14 +1,16 @@
 /* LD_PRELOAD shim that makes LMDB's writes to data.mdb fail with EIO, on demand.
  *
- * py-lmdb's LMDB calls libc's write/pwrite/pwritev/fdatasync through the dynamic linker,
- * so a preloaded library sees them before libc does: a real I/O error at the syscall
- * boundary under LMDB, no FUSE or device mapper needed.
+ * py-lmdb's LMDB calls libc's write/pwrite/pwritev/fdatasync/msync through the dynamic
+ * linker, so a preloaded library sees them before libc does: a real I/O error at the
+ * syscall boundary under LMDB, no FUSE or device mapper needed.
  *
  * Armed when the file named by $TORTURE_EIO_FLAG exists and holds a mode:
- *   data  - writes of data pages (file offset >= 2 pages) fail
- *   meta  - writes of the two meta pages (offset < 2 pages) fail
- *   sync  - fsync/fdatasync of data.mdb fail
- * Only descriptors whose path ends in "data.mdb" are affected.
+ *   data  - writes of data pages (file offset >= 2 pages) fail; with writemap, the msync
+ *           of the data pages (a range reaching past the meta pages) fails
+ *   meta  - writes of the two meta pages (offset < 2 pages) fail; with writemap, the
+ *           msync of a meta page (a range inside the first two pages) fails
+ *   sync  - fsync/fdatasync of data.mdb fail; with writemap, the data msync fails
+ * Only descriptors whose path ends in "data.mdb" (and mappings of that file) are affected.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -17,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -100,4 +104,37 @@ int fsync(int fd) {
     REAL(fsync, int, (int));
     if (is_data_file(fd) && mode_is("sync")) { errno = EIO; return -1; }
     return real_fsync(fd);
+}
+
+/* The file offset of ``addr`` if it lies in a mapping of a file named data.mdb, else -1. */
+static long long data_file_offset(const void *addr) {
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[4608];
+    long long found = -1;
+    if (!maps) return -1;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long long lo, hi, off;
+        char path[4096] = {0};
+        if (sscanf(line, "%llx-%llx %*s %llx %*s %*s %4095s", &lo, &hi, &off, path) < 3) continue;
+        size_t n = strlen(path);
+        if ((uintptr_t)addr >= lo && (uintptr_t)addr < hi && n >= 8 && strcmp(path + n - 8, "data.mdb") == 0) {
+            found = (long long)(off + ((uintptr_t)addr - lo));
+            break;
+        }
+    }
+    fclose(maps);
+    return found;
+}
+
+int msync(void *addr, size_t length, int flags) {
+    REAL(msync, int, (void *, size_t, int));
+    long long offset = data_file_offset(addr);
+    if (offset >= 0) {
+        int meta_only = offset + (long long)length <= META_BYTES;
+        if ((meta_only && mode_is("meta")) || (!meta_only && (mode_is("data") || mode_is("sync")))) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    return real_msync(addr, length, flags);
 }

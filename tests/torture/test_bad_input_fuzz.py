@@ -28,8 +28,10 @@ DIM = 3
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 INITIAL_IDS = [0, 5, -7, 3, 10**12, I64_MIN + 1, 42, -1, 99, 1000, 7, 8]
 EXAMPLES = tl.knob("fuzz_examples", 60, 600)
+# L1 holds 2 of the table's 3+ chunks and there is no L2: calls over more chunks evict, puts spill
+TINY_CACHE = {"cache_mb": 1e-4}
 STEPS = tl.knob("fuzz_steps", 25, 50)
-_tally = {"calls": 0, "rejected": 0, "applied": 0}
+_tally = {"calls": 0, "rejected": 0, "applied": 0, "spilled": 0}
 
 # one ID "token": (kind, value); the kind decides which error the model expects
 unknown_ints = st.integers(I64_MIN, I64_MAX)
@@ -53,7 +55,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="torture-fuzz-")
         self.path = self.dir + "/store"
         init = np.arange(len(INITIAL_IDS) * DIM, dtype=np.float32).reshape(-1, DIM)
-        self.store = le.EmbeddingStore.create(self.path, INITIAL_IDS, DIM, init=init, chunk_rows=4)
+        self.store = le.EmbeddingStore.create(self.path, INITIAL_IDS, DIM, init=init, chunk_rows=4, **TINY_CACHE)
         self.order = list(INITIAL_IDS)  # the model: IDs in row order and their rows
         self.rows = {i: init[k].copy() for k, i in enumerate(INITIAL_IDS)}
         self.committed = (list(self.order), {k: v.copy() for k, v in self.rows.items()})
@@ -182,12 +184,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         self.committed = (list(self.order), {k: v.copy() for k, v in self.rows.items()})
         if readonly_check:
-            with le.EmbeddingStore.open(self.path, readonly=True) as reader:
+            with le.EmbeddingStore.open(self.path, readonly=True, **TINY_CACHE) as reader:
                 assert reader.ids.tolist() == self.order
-        self.store = le.EmbeddingStore.open(self.path)
+        self.store = le.EmbeddingStore.open(self.path, **TINY_CACHE)
 
     @invariant()
     def table_matches_model(self):
+        _tally["spilled"] += self.store.stats()["spilled_chunks"]
         self.check_table()
 
 
@@ -196,9 +199,10 @@ StoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_c
 
 
 def test_store_against_model():
-    _tally.update(calls=0, rejected=0, applied=0)
+    _tally.update(calls=0, rejected=0, applied=0, spilled=0)
     try:
         StoreMachine.TestCase().runTest()
+        assert _tally["spilled"] > 0, "the tiny cache never spilled: the machine did not exercise the spill path"
     finally:
         tl.record("fuzz: get/put/add against a model", fuzz_cases=_tally["calls"], clean_errors=_tally["rejected"],
                   applied_exactly=_tally["applied"])

@@ -1,0 +1,218 @@
+"""The sub-commands of ``lmdb-embeddings``: parse, call the library function, print.
+
+Each sub-command lives in a function ``cmd_<name>`` that prints the result; the work is
+done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import). Exit
+codes: 0 ok, 1 a check failed (verify found problems, a store is corrupt), 2 usage or
+input error. Errors print ONE line to stderr, never a traceback; ``--traceback`` shows it
+for unexpected errors when debugging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from ..errors import CorruptionError, EmbeddingStoreError
+from ..ops import compact_store, dump_store, restore_store, store_info, verify_store
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+def progress_wanted(quiet: bool) -> bool:
+    """A bar is shown only on a terminal and without ``--quiet``."""
+    return not quiet and sys.stderr.isatty()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = store_info(args.path)
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    lm = info["lmdb"]
+    writer = f"yes (pid {info['writer_pid']})" if info["writer_active"] else "no"
+    lines = [
+        f"path:            {info['path']}",
+        f"rows:            {info['rows']}",
+        f"dim:             {info['dim']}",
+        f"dtype:           {info['dtype']}",
+        f"chunk_rows:      {info['chunk_rows']}",
+        f"chunks:          {info['chunks']}",
+        f"columns:         {', '.join(info['columns']) or '(embeddings only)'}",
+        f"format version:  {info['format_version']}",
+        f"commits:         {info['commit_count']}",
+        f"last commit:     {info['last_commit']}",
+        f"bytes on disk:   {info['bytes_on_disk']} ({_human_bytes(info['bytes_on_disk'])})",
+        f"lmdb pages:      {lm['pages_in_use']} in use, {lm['free_pages']} free, {lm['page_size']} bytes each",
+        f"lmdb map size:   {lm['map_size']} ({_human_bytes(lm['map_size'])})",
+        f"writer active:   {writer}",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet))
+    if not args.quiet:
+        print(f"dumped {result['rows']} rows ({', '.join(result['columns'])}) of commit {result['commit']} "
+              f"to {result['out']} ({_human_bytes(result['bytes'])}, {result['seconds']:.2f} s)")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    fmt = None if args.format == "auto" else args.format
+    result = restore_store(args.input, args.path, force=args.force, fmt=fmt, chunk_rows=args.chunk_rows,
+                           progress=progress_wanted(args.quiet))
+    if not args.quiet:
+        action = "replaced" if result["replaced"] else "created"
+        print(f"{action} {result['path']}: {result['rows']} x {result['dim']} {result['dtype']} "
+              f"({', '.join(result['columns'])}) from {result['source']} in {result['seconds']:.2f} s")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify_store(args.path, progress=progress_wanted(args.quiet))
+    if args.json:
+        _print_json(report)
+    elif report["ok"]:
+        print(f"OK: {report['path']}: {report['chunks_checked']} chunks of {report['rows']} rows "
+              f"({', '.join(report['columns'])}) are sound")
+    else:
+        print(f"FAILED: {report['path']}: {len(report['problems'])} problem(s); bad chunks: "
+              f"{', '.join(map(str, report['bad_chunks'])) or 'none (metadata/ids)'}")
+        for p in report["problems"]:
+            chunk = f"chunk {p['chunk']}: " if p["chunk"] is not None else ""
+            print(f"  {p['part']}: {chunk}{p['error']}")
+    return EXIT_OK if report["ok"] else EXIT_CHECK_FAILED
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    result = compact_store(args.path, progress=progress_wanted(args.quiet))
+    if not args.quiet:
+        if result["compacted"]:
+            print(f"compacted {result['path']}: {_human_bytes(result['bytes_before'])} -> "
+                  f"{_human_bytes(result['bytes_after'])}")
+        else:
+            print(f"{result['path']} is already compact ({_human_bytes(result['bytes_before'])}); left unchanged")
+    return EXIT_OK
+
+
+def cmd_import_cosir(args: argparse.Namespace) -> int:
+    # the .pt reader needs torch, which the rest of the CLI never imports: load it only for this command
+    import_cosir = importlib.import_module("lmdb_embeddings.compat.cosir_files").import_cosir
+    result = import_cosir(args.dir, args.path, progress=progress_wanted(args.quiet), overwrite=args.force,
+                          chunk_rows=args.chunk_rows)
+    if not args.quiet:
+        print(f"imported {result['rows']} rows x {result['dim']} ({result['dtype']}) from {result['files']} "
+              f"chunk files into {result['path']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdb-embeddings",
+                                     description="Inspect, dump, restore and verify lmdb_embeddings stores.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars and no summary lines")
+    parser.add_argument("--traceback", action="store_true", help="show the traceback of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars and no summary lines")
+        p.set_defaults(func=func)
+        return p
+
+    info = command("info", cmd_info, "describe a store: rows, dim, dtype, chunks, disk use, last commit, writer")
+    info.add_argument("path", metavar="PATH")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    dump = command("dump", cmd_dump, "write a consistent snapshot of the committed state to a file")
+    dump.add_argument("path", metavar="PATH")
+    dump.add_argument("out", metavar="OUT", help="dump file (native) or directory (npy)")
+    dump.add_argument("--format", choices=("native", "npy"), default="native",
+                      help="native: one checksummed file (default); npy: OUT/ids.npy + OUT/embeddings.npy")
+
+    restore = command("restore", cmd_restore, "build a store from a dump (native file or npy directory)")
+    restore.add_argument("input", metavar="IN")
+    restore.add_argument("path", metavar="PATH")
+    restore.add_argument("--force", action="store_true", help="replace an existing store at PATH (atomically)")
+    restore.add_argument("--format", choices=("auto", "native", "npy"), default="auto",
+                         help="input format (default: a directory is npy, a file native)")
+    restore.add_argument("--chunk-rows", type=_positive_int, default=None,
+                         help="rows per chunk for an npy input without table.json (default 1024)")
+
+    verify = command("verify", cmd_verify, "check every chunk's checksum, the row counts, IDs and metadata")
+    verify.add_argument("path", metavar="PATH")
+    verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    compact = command("compact", cmd_compact, "rewrite the store without free pages, atomically")
+    compact.add_argument("path", metavar="PATH")
+
+    cosir = command("import-cosir", cmd_import_cosir,
+                    "convert a directory of original CoSiR embeddings_chunk_*.pt files into a store")
+    cosir.add_argument("dir", metavar="DIR", help="directory holding embeddings_chunk_<i>.pt files")
+    cosir.add_argument("path", metavar="PATH", help="store directory to create")
+    cosir.add_argument("--force", action="store_true", help="replace an existing store at PATH")
+    cosir.add_argument("--chunk-rows", type=_positive_int, default=None,
+                       help="rows per store chunk (default: the rows of the first file, the original chunk_size)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prefix = f"lmdb-embeddings {args.command}"
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except CorruptionError as exc:  # a store failed a check (bad dump files raise input errors)
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (EmbeddingStoreError, OSError) as exc:  # bad input, missing path, refused operation
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"{prefix}: unexpected error: {type(exc).__name__}: {_one_line(exc)} (rerun with --traceback "
+              "and report it)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())

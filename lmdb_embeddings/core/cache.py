@@ -1,0 +1,398 @@
+"""In-process cache of decoded chunks for one column of the store.
+
+L1 is one preallocated slab: ``capacity`` chunk-sized slots in a single 2-D array.
+Gathering or scattering rows that live in L1 is then ONE numpy fancy-index over the slab
+(``slab[slot * chunk_rows + offset]``), with no per-chunk Python work: that is what makes
+small random batches fast. Dirty (written, uncommitted) chunks live only in L1.
+
+L2 is a victim cache: clean chunks pushed out of L1 are kept, decoded, in an LRU dict
+with its own byte budget, so a chunk that comes back soon costs a copy instead of an
+LMDB read + checksum. Below both sits the OS page cache under LMDB's memory map.
+
+The cache answers "the rows of these slots" itself: it finds the chunks, brings missing
+ones in through its :class:`ChunkIO` (the handle's session, which knows the transaction),
+and, in a reader, re-checks chunks cached before the latest commit. A dirty chunk is never
+dropped: when L1 must evict one, it goes to ``ChunkIO.spill`` before its slot is reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import numpy as np
+
+_NO_SLOT = -1
+
+
+class ChunkIO(Protocol):
+    """Where a column's chunks come from and go to (implemented by the sessions)."""
+
+    def load(self, chunks: list[int]) -> Iterator[tuple[int, np.ndarray, int]]:
+        """(chunk, rows view, version) of each chunk, read while a transaction is open."""
+
+    def versions(self, chunks: list[int]) -> list[int]:
+        """The committed version of each chunk (0: never written)."""
+
+    def spill(self, chunk: int, rows: np.ndarray) -> None:
+        """Keep a dirty chunk that leaves L1 (written into the pending transaction)."""
+
+
+class TableView(Protocol):
+    """What the cache needs to know of its table."""
+
+    rows: int  # row slots in the table now (a chunk may have grown since it was loaded)
+    validate_against: int | None  # reader: chunks must have been checked at this commit; writer: None
+
+
+def _reservable_slots(chunk_bytes: int) -> int:
+    """Slots worth reserving up front: at most half the physical memory (overcommit-safe)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        physical = 1 << 30
+    return max(1, physical // 2 // max(chunk_bytes, 1))
+
+
+class CacheStats:
+    """Counters shared by the caches of all columns of one handle."""
+
+    def __init__(self) -> None:
+        self.l1_hits = self.l1_misses = self.l2_hits = self.l2_misses = self.chunks_loaded = 0
+
+    def as_dict(self) -> dict:
+        lookups = self.l1_hits + self.l1_misses
+        return {
+            "l1_hits": self.l1_hits,
+            "l1_misses": self.l1_misses,
+            "l2_hits": self.l2_hits,
+            "l2_misses": self.l2_misses,
+            "hit_rate": (self.l1_hits + self.l2_hits) / lookups if lookups else 0.0,
+            "chunks_loaded": self.chunks_loaded,
+        }
+
+
+class ColumnCache:
+    def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, fill: float, stats: CacheStats,
+                 io: ChunkIO, table: TableView):
+        self.width, self.dtype, self.chunk_rows, self.fill = width, np.dtype(dtype), chunk_rows, fill
+        self.chunk_bytes = chunk_rows * width * self.dtype.itemsize
+        self.capacity = 2
+        self.l2_budget = 0
+        self.stats, self.io, self.table = stats, io, table
+        self._n_slots = 0
+        self.slab = np.empty((0, width), self.dtype)
+        self._buffer = self.slab  # backing store of ``slab`` (see _grow_slab)
+        self.slot_chunk = np.empty(0, np.int64)
+        self.slot_rows = np.empty(0, np.int64)
+        self.slot_version = np.empty(0, np.int64)
+        self.slot_validated = np.empty(0, np.int64)
+        self.last_used = np.empty(0, np.int64)
+        self.dirty = np.empty(0, bool)
+        self.chunk_slot = np.full(0, _NO_SLOT, np.int64)
+        self._free: list[int] = []
+        self._tick = 0
+        # chunk -> (rows, version, commit at which a reader last checked the version)
+        self.l2: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
+        self.l2_bytes = 0
+
+    # -- sizing ------------------------------------------------------------------------
+    def set_budget(self, l1_bytes: int, l2_bytes: int) -> None:
+        self.capacity = max(2, l1_bytes // max(self.chunk_bytes, 1))
+        self.l2_budget = max(0, l2_bytes)
+
+    @property
+    def bytes(self) -> int:
+        return self.slab.nbytes + self.l2_bytes
+
+    @property
+    def resident_chunks(self) -> int:
+        return int((self.slot_chunk >= 0).sum())
+
+    @property
+    def _chunk_limit(self) -> int:
+        """Chunks in the table: the slab never needs more slots."""
+        return max(1, -(-self.table.rows // self.chunk_rows))
+
+    def _grow_index(self, n_chunks: int) -> None:
+        if n_chunks > len(self.chunk_slot):
+            grown = np.full(max(n_chunks, 2 * len(self.chunk_slot), 16), _NO_SLOT, np.int64)
+            grown[: len(self.chunk_slot)] = self.chunk_slot
+            self.chunk_slot = grown
+
+    def _grow_slab(self, want_slots: int) -> None:
+        limit = self._chunk_limit
+        new = min(self.capacity, max(want_slots, min(2 * self._n_slots, limit), 4))
+        if new <= self._n_slots:
+            return
+        if self._buffer.shape[0] < new * self.chunk_rows:
+            # Reserve every slot the slab may ever need at once: np.empty of a large array
+            # is mapped lazily by the OS (untouched slots cost no memory), so later growth
+            # is a re-slice instead of a copy of the whole slab.
+            reserve = max(new, min(self.capacity, limit, _reservable_slots(self.chunk_bytes)))
+            buffer = np.empty((reserve * self.chunk_rows, self.width), self.dtype)
+            buffer[: self.slab.shape[0]] = self.slab
+            self._buffer = buffer
+        self.slab = self._buffer[: new * self.chunk_rows]
+
+        def grow(arr, fill):
+            out = np.full(new, fill, arr.dtype)
+            out[: len(arr)] = arr
+            return out
+
+        self.slot_chunk = grow(self.slot_chunk, _NO_SLOT)
+        self.slot_rows = grow(self.slot_rows, 0)
+        self.slot_version = grow(self.slot_version, 0)
+        self.slot_validated = grow(self.slot_validated, 0)
+        self.last_used = grow(self.last_used, 0)
+        self.dirty = grow(self.dirty, False)
+        self._free.extend(range(new - 1, self._n_slots - 1, -1))
+        self._n_slots = new
+
+    # -- rows in, rows out ---------------------------------------------------------------
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """The rows of row slots ``slots`` (any order, duplicates allowed), as a fresh array."""
+        out = np.empty((len(slots), self.width), self.dtype)
+        for positions, rows, _ in self._locate(slots):
+            out[positions] = self.slab[rows]
+        return out
+
+    def scatter(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (checked, cast) into row slots ``slots`` (unique), marking their chunks dirty."""
+        for positions, rows, cache_slots in self._locate(slots):
+            self.slab[rows] = values[positions]
+            self.dirty[cache_slots] = True  # every located chunk receives rows
+
+    def _locate(self, slots: np.ndarray) -> Iterator[tuple]:
+        """Yield (positions in ``slots``, rows in the slab, cache slots of the chunks).
+
+        All chunks of a call are made resident at once when they fit in L1 (the common
+        case: one fancy index); otherwise in groups that fit, one group at a time.
+        """
+        if len(slots) == 0:
+            return
+        cr = self.chunk_rows
+        chunk_of = slots // cr
+        offset = slots - chunk_of * cr
+        hot = self._hot_slots(chunk_of, offset)
+        if hot is not None:
+            yield slice(None), hot * cr + offset, hot
+            return
+        unique, inverse = _unique_inverse(chunk_of)
+        if len(unique) <= self.capacity:
+            cache_slots = self._resident(unique)
+            yield slice(None), cache_slots[inverse] * cr + offset, cache_slots
+            return
+        group = max(1, self.capacity // 2)
+        for start in range(0, len(unique), group):
+            part = unique[start : start + group]
+            cache_slots = self._resident(part)
+            positions = np.flatnonzero((inverse >= start) & (inverse < start + len(part)))
+            yield positions, cache_slots[inverse[positions] - start] * cr + offset[positions], cache_slots
+
+    def _hot_slots(self, chunk_of: np.ndarray, offset: np.ndarray):
+        """Slab slot of every row's chunk if all are resident and usable as they are, else None.
+
+        The steady state of training: no unique/inverse and no per-chunk work, so a small
+        batch costs a handful of numpy calls. Any miss, a row added since its chunk was
+        loaded, or (reader) a chunk not yet checked against the latest commit takes the
+        general path.
+        """
+        if int(chunk_of.max()) >= len(self.chunk_slot):
+            return None
+        hot = self.chunk_slot[chunk_of]
+        if hot.min() < 0 or not (offset < self.slot_rows[hot]).all():
+            return None
+        commit = self.table.validate_against
+        if commit is not None and (self.slot_validated[hot] < commit).any():
+            return None
+        self._tick += 1
+        self.last_used[hot] = self._tick
+        self.stats.l1_hits += int(np.count_nonzero(self.last_used[: self._n_slots] == self._tick))
+        return hot
+
+    def _resident(self, chunks: np.ndarray) -> np.ndarray:
+        """Slots of ``chunks`` (unique, <= capacity) after making them resident and current."""
+        commit = self.table.validate_against
+        if commit is not None:
+            self._revalidate(chunks, commit)
+        slots = self._ensure(chunks)
+        if commit is not None:
+            self.slot_validated[slots] = commit
+        held = self.slot_rows[slots]
+        cr = self.chunk_rows
+        if held.min() >= cr:  # every chunk full: none can lack rows
+            return slots
+        expected = np.minimum(self.table.rows - chunks * cr, cr)
+        for i in np.flatnonzero(held < expected).tolist():  # chunks grown by add since loaded: pad with fill
+            slot = int(slots[i])
+            self.slab[slot * cr + int(self.slot_rows[slot]) : slot * cr + int(expected[i])] = self.fill
+            self.slot_rows[slot] = expected[i]
+        return slots
+
+    def _revalidate(self, chunks: np.ndarray, commit: int) -> None:
+        """Reader: forget cached chunks rewritten by commits made since they were checked."""
+        slots = self.slots_of(chunks)
+        resident = slots >= 0
+        check = np.zeros(len(chunks), bool)
+        check[resident] = self.slot_validated[slots[resident]] < commit
+        in_l2 = [c for c in chunks[~resident].tolist() if c in self.l2 and self.l2[c][2] < commit]
+        to_check = chunks[check].tolist()
+        if not to_check and not in_l2:
+            return
+        versions = self.io.versions(to_check + in_l2)
+        stale = []
+        for chunk, slot, version in zip(to_check, slots[check].tolist(), versions[: len(to_check)], strict=True):
+            if version != self.slot_version[slot]:
+                stale.append(chunk)
+            else:
+                self.slot_validated[slot] = commit
+        for chunk, version in zip(in_l2, versions[len(to_check) :], strict=True):
+            rows, held_version, _ = self.l2[chunk]
+            if version != held_version:
+                stale.append(chunk)
+            else:
+                self.l2[chunk] = (rows, held_version, commit)
+        self.drop(stale)
+
+    # -- residency -----------------------------------------------------------------------
+    def slots_of(self, chunks: np.ndarray) -> np.ndarray:
+        self._grow_index(int(chunks.max()) + 1 if len(chunks) else 0)
+        return self.chunk_slot[chunks]
+
+    def _ensure(self, chunks: np.ndarray) -> np.ndarray:
+        """Make every chunk in ``chunks`` (unique, <= capacity) resident; return their slots."""
+        slots = self.slots_of(chunks)
+        present = slots != _NO_SLOT
+        n_hit = int(np.count_nonzero(present))
+        self.stats.l1_hits += n_hit
+        self.stats.l1_misses += len(chunks) - n_hit
+        if n_hit < len(chunks):
+            missing = chunks[~present]
+            self._reserve(len(missing), pinned=slots[present])
+            from_lmdb = []
+            for chunk in missing.tolist():
+                entry = self.l2.pop(chunk, None)
+                if entry is None:
+                    from_lmdb.append(chunk)
+                    continue
+                self.stats.l2_hits += 1
+                self.l2_bytes -= entry[0].nbytes
+                self._install(chunk, entry[0], entry[1])
+            self.stats.l2_misses += len(from_lmdb)
+            if from_lmdb:
+                for chunk, rows, version in self.io.load(from_lmdb):
+                    self._install(chunk, rows, version)
+                    self.stats.chunks_loaded += 1
+            slots = self.chunk_slot[chunks]
+        self._tick += 1
+        self.last_used[slots] = self._tick
+        return slots
+
+    def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
+        slot = self._free.pop()
+        n = len(rows)
+        base = slot * self.chunk_rows
+        self.slab[base : base + n] = rows
+        self.slot_chunk[slot], self.slot_rows[slot] = chunk, n
+        self.slot_version[slot] = self.slot_validated[slot] = version
+        self.dirty[slot] = False
+        self.chunk_slot[chunk] = slot
+
+    def _reserve(self, n: int, pinned: np.ndarray) -> None:
+        """Free ``n`` slots, growing the slab or evicting least recently used chunks."""
+        if len(self._free) < n:
+            self._grow_slab(self._n_slots + n - len(self._free))
+        short = n - len(self._free)
+        if short <= 0:
+            return
+        used = np.flatnonzero(self.slot_chunk != _NO_SLOT)
+        used = used[~np.isin(used, pinned)]
+        victims = used[np.argsort(self.last_used[used], kind="stable")[:short]]
+        for slot in victims.tolist():
+            self._evict(slot)
+
+    def _evict(self, slot: int) -> None:
+        chunk = int(self.slot_chunk[slot])
+        rows = self.rows_in_slot(slot)
+        if self.dirty[slot]:
+            self.io.spill(chunk, rows)
+        elif self.l2_budget >= self.chunk_bytes:
+            while self.l2 and self.l2_bytes + rows.nbytes > self.l2_budget:
+                _, (old, _, _) = self.l2.popitem(last=False)
+                self.l2_bytes -= old.nbytes
+            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]), int(self.slot_validated[slot]))
+            self.l2_bytes += rows.nbytes
+        self.chunk_slot[chunk] = _NO_SLOT
+        self.slot_chunk[slot] = _NO_SLOT
+        self.dirty[slot] = False
+        self._free.append(slot)
+
+    def rows_in_slot(self, slot: int) -> np.ndarray:
+        base = slot * self.chunk_rows
+        return self.slab[base : base + int(self.slot_rows[slot])]
+
+    # -- changes -----------------------------------------------------------------------
+    def dirty_chunks(self) -> list[tuple[int, np.ndarray]]:
+        """(chunk, rows view) of every dirty chunk, in key order."""
+        slots = np.flatnonzero(self.dirty[: self._n_slots])
+        slots = slots[np.argsort(self.slot_chunk[slots])]
+        return [(int(self.slot_chunk[s]), self.rows_in_slot(int(s))) for s in slots.tolist()]
+
+    @property
+    def n_dirty(self) -> int:
+        return int(self.dirty.sum())
+
+    def mark_clean(self, version: int) -> None:
+        self.slot_version[self.dirty] = version
+        self.slot_validated[self.dirty] = version
+        self.dirty[:] = False
+
+    def drop(self, chunks: Iterable[int]) -> None:
+        """Forget chunks (stale in a reader, or discarded by rollback)."""
+        for chunk in chunks:
+            entry = self.l2.pop(chunk, None)
+            if entry is not None:
+                self.l2_bytes -= entry[0].nbytes
+            if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
+                slot = int(self.chunk_slot[chunk])
+                self.chunk_slot[chunk] = _NO_SLOT
+                self.slot_chunk[slot] = _NO_SLOT
+                self.dirty[slot] = False
+                self._free.append(slot)
+
+    def drop_dirty(self) -> None:
+        self.drop(self.slot_chunk[np.flatnonzero(self.dirty[: self._n_slots])].tolist())
+
+    def drop_from(self, first_chunk: int) -> None:
+        resident = self.slot_chunk[self.slot_chunk >= first_chunk].tolist()
+        self.drop(resident + [c for c in list(self.l2) if c >= first_chunk])
+
+    def clear(self) -> None:
+        self.drop(self.slot_chunk[self.slot_chunk != _NO_SLOT].tolist())
+        self.drop(list(self.l2))
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` without a sort when the span is small.
+
+    A batch's chunk numbers usually lie in a narrow range (sequential passes, or a
+    table of few chunks): a presence bitmap over the range is then O(n) instead of a sort.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:  # one chunk (small tables, sequential batches within a chunk)
+        return np.array([lo], values.dtype), np.zeros(len(values), np.intp)
+    span = hi - lo + 1
+    if span > 4 * len(values) + 64:
+        return np.unique(values, return_inverse=True)
+    present = np.zeros(span, bool)
+    shifted = values - lo
+    present[shifted] = True
+    unique = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return unique + lo, rank[shifted]
+
+
+__all__ = ["CacheStats", "ChunkIO", "ColumnCache", "TableView"]

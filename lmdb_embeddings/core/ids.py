@@ -1,0 +1,108 @@
+"""Sample ID -> row slot mapping, vectorized.
+
+Row slot ``s`` is the position of an ID in ``ids`` (row order). Lookups use a sorted copy
+of the IDs and ``np.searchsorted``; when the IDs are exactly ``0..N-1`` in order (the
+common case) the slot *is* the ID and no search is needed. No Python dict of millions of
+entries, no per-row loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidInputError, UnknownIdError
+
+_SHOWN_MISSING = 10
+
+
+class IdIndex:
+    def __init__(self, ids: np.ndarray):
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._buf = ids.copy()
+        self._n = len(ids)
+        self._rebuild()
+
+    # -- views -------------------------------------------------------------------------
+    @property
+    def ids(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _rebuild(self) -> None:
+        ids = self.ids
+        self._contiguous = bool(self._n == 0 or (ids[0] == 0 and ids[-1] == self._n - 1 and _is_arange(ids)))
+        if self._contiguous:
+            self._sorted = self._order = None
+        else:
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted = ids[self._order]
+
+    # -- lookups -----------------------------------------------------------------------
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (slots, found-mask); slots of missing IDs are undefined."""
+        if self._contiguous:
+            found = (ids >= 0) & (ids < self._n)
+            return np.where(found, ids, 0), found
+        if self._n == 0:
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        pos = np.searchsorted(self._sorted, ids)
+        pos_clipped = np.minimum(pos, self._n - 1)
+        found = self._sorted[pos_clipped] == ids
+        return self._order[pos_clipped], found
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of ``ids``; ``UnknownIdError`` naming some missing IDs if any is absent."""
+        slots, found = self.find(ids)
+        if not found.all():
+            missing = np.unique(ids[~found])
+            shown = ", ".join(str(int(x)) for x in missing[:_SHOWN_MISSING])
+            more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
+            raise UnknownIdError(f"{len(missing)} unknown sample id(s): {shown}{more}")
+        return slots
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        return self.find(ids)[1]
+
+    # -- growth ------------------------------------------------------------------------
+    def check_new(self, new_ids: np.ndarray) -> None:
+        """Raise (changing nothing) unless ``new_ids`` are unique and all absent."""
+        if len(np.unique(new_ids)) != len(new_ids):
+            raise InvalidInputError("add: the ids contain duplicates; each id may be added once")
+        present = self.contains(new_ids)
+        if present.any():
+            shown = ", ".join(str(int(x)) for x in new_ids[present][:_SHOWN_MISSING])
+            raise InvalidInputError(f"add: {int(present.sum())} id(s) already in the store: {shown}")
+
+    def append(self, new_ids: np.ndarray) -> None:
+        new_ids = np.asarray(new_ids, dtype=np.int64)
+        need = self._n + len(new_ids)
+        if need > len(self._buf):
+            grown = np.empty(max(need, 2 * len(self._buf), 1024), np.int64)
+            grown[: self._n] = self.ids
+            self._buf = grown
+        self._buf[self._n : need] = new_ids
+        old_n, self._n = self._n, need
+        if self._contiguous and _is_arange(new_ids, start=old_n):
+            return
+        if self._contiguous:
+            self._rebuild()
+            return
+        # merge the new (sorted) ids into the sorted index: O(N), no full re-sort
+        order = np.argsort(new_ids, kind="stable")
+        pos = np.searchsorted(self._sorted, new_ids[order])
+        self._sorted = np.insert(self._sorted, pos, new_ids[order])
+        self._order = np.insert(self._order, pos, order + old_n)
+
+    def truncate(self, n: int) -> None:
+        """Forget the IDs after the first ``n`` (rollback of uncommitted adds)."""
+        if n < self._n:
+            self._n = n
+            self._rebuild()
+
+
+def _is_arange(ids: np.ndarray, start: int = 0) -> bool:
+    if len(ids) == 0:
+        return True
+    return bool(ids[0] == start and np.array_equal(ids, np.arange(start, start + len(ids), dtype=np.int64)))

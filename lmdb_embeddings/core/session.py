@@ -1,0 +1,143 @@
+"""What both kinds of session do: open the table from the metadata, and read chunks for its caches.
+
+A handle holds exactly one session on its LMDB environment: a :class:`WriterSession`
+(``writes.py``: the pending write transaction, commits, rollbacks) or a
+:class:`ReaderSession` (``readers.py``: one read transaction per call, caught up with the
+latest commit). The store picks one at open; nothing else branches on the mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+import lmdb
+import numpy as np
+
+from ..errors import CorruptionError, EmbeddingStoreError, NotAStoreError
+from ..format.chunks import chunk_key, read_chunk, read_header, read_id_chunk
+from ..format.layout import ColumnSpec, TableLayout
+from ..format.records import IDS_DB, MAIN, META_DB, column_db_name, read_metadata
+from ..options import StoreOptions
+from ..processes import environment
+from .cache import CacheStats
+from .table import Table
+
+
+class Session:
+    """Base of the writer and reader sessions (see the module docstring)."""
+
+    readonly: bool
+
+    def __init__(self, path: str, env: environment.SharedEnv, options: StoreOptions, stats: CacheStats):
+        self.path, self.env, self.options, self.stats = path, env, options, stats
+        self.commits = self.bytes_committed = self.spilled = 0
+        self.table = self._load_table()
+
+    # -- opening -----------------------------------------------------------------------
+    def _load_table(self) -> Table:
+        env = self.env
+        try:
+            if env.cached_db(META_DB) is None or env.cached_db(IDS_DB) is None:
+                raise NotAStoreError(f"{self.path} is an LMDB environment but not an lmdb_embeddings store")
+            with env.reading() as txn:
+                config, state = read_metadata(txn, self.meta_db, self.path)
+                layout = TableLayout.from_metadata(config, state, self.path)
+                ids = self.read_ids(txn, 0, layout.rows, layout.chunk_rows)
+        except lmdb.Error as exc:
+            raise CorruptionError(f"{self.path}: cannot read the metadata: {exc}") from exc
+        return Table(layout, ids, self.stats, self._column_io, self.options, self.readonly, self.path)
+
+    def _column_io(self, spec: ColumnSpec) -> _ColumnIO:
+        return _ColumnIO(self, spec)
+
+    @property
+    def meta_db(self):
+        return self.env.cached_db(META_DB)
+
+    @property
+    def ids_db(self):
+        return self.env.cached_db(IDS_DB)
+
+    def db_of(self, spec: ColumnSpec):
+        """The column's database, or None while it has never been committed."""
+        return self.env.cached_db(column_db_name(spec.name))
+
+    # -- reading chunks ------------------------------------------------------------------
+    def read_ids(self, txn, start_row: int, stop_row: int, chunk_rows: int | None = None) -> np.ndarray:
+        """IDs of row slots ``start_row:stop_row`` as committed in ``txn`` (a copy)."""
+        if stop_row <= start_row:
+            return np.empty(0, np.int64)
+        cr = chunk_rows or self.table.chunk_rows
+        first = start_row // cr
+        parts = [read_id_chunk(txn, self.ids_db, c, min(cr, stop_row - c * cr), self.path).copy()
+                 for c in range(first, (stop_row - 1) // cr + 1)]
+        return np.concatenate(parts)[start_row - first * cr : stop_row - first * cr]
+
+    def decode_chunks(self, txn, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
+        """(chunk, row view, version) of each chunk as of ``txn``; fresh (empty) for chunks never written."""
+        where = "" if spec.name == MAIN else f" of column {spec.name!r}"
+        db = self.db_of(spec)
+        for chunk in chunks:
+            found = read_chunk(txn, db, chunk, spec.width, spec.dtype, where)
+            if found is None:
+                if spec.name == MAIN and chunk * self.table.chunk_rows < self.table.committed_rows:
+                    raise CorruptionError(f"{self.path}: chunk {chunk} is missing from the store")
+                yield chunk, np.empty((0, spec.width), spec.dtype), 0
+                continue
+            header, rows = found
+            yield chunk, rows, header.version
+
+    def committed_versions(self, txn, spec: ColumnSpec, chunks: list) -> list[int]:
+        """The version in each chunk's header as of ``txn`` (0: never written); no payload decoded."""
+        db = self.db_of(spec)
+        out = []
+        for chunk in chunks:
+            value = txn.get(chunk_key(chunk), db=db) if db is not None else None
+            out.append(read_header(value, chunk).version if value is not None else 0)
+        return out
+
+    # -- what the modes define ---------------------------------------------------------
+    def reading(self) -> AbstractContextManager:
+        """The context one call's reads run in (a reader: one read transaction)."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Catch up with the latest commit (a reader), so properties answer for it."""
+        with self.reading():
+            pass
+
+    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
+        raise NotImplementedError
+
+    def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
+        raise NotImplementedError
+
+    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
+        raise EmbeddingStoreError(f"{self.path}: a read-only handle has no changes to spill")
+
+    def has_changes(self) -> bool:
+        return False
+
+    def release(self) -> None:
+        """Give the environment (and a writer's lock) back; the session is unusable afterwards."""
+        self.table.clear_caches()
+        if self.env is not None:
+            environment.release(self.env)
+            self.env = None
+
+
+class _ColumnIO:
+    """One column's :class:`~lmdb_embeddings.core.cache.ChunkIO`: its cache's way to the session."""
+
+    def __init__(self, session: Session, spec: ColumnSpec):
+        self.session, self.spec = session, spec
+
+    def load(self, chunks: list) -> Iterator[tuple]:
+        return self.session.load(self.spec, chunks)
+
+    def versions(self, chunks: list) -> list[int]:
+        return self.session.versions(self.spec, chunks)
+
+    def spill(self, chunk: int, rows: np.ndarray) -> None:
+        self.session.spill(self.spec, chunk, rows)

@@ -1,0 +1,133 @@
+"""Building a complete store from a stream of chunks (create, restore, imports).
+
+The store is written into a directory that is not yet visible at its final path (the
+caller swaps it in with ``processes.staging`` once it is complete and verified). Chunks
+arrive in order and are appended in write transactions of bounded size, so memory stays
+bounded whatever the table size; the metadata records go last, so a directory without
+them is never mistaken for a store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lmdb
+import numpy as np
+
+from ..core import init
+from ..errors import EmbeddingStoreError
+from ..fsutil import fsync_dir
+from ..processes import environment
+from ..version import __version__
+from .chunks import ID_DTYPE, ChunkEncoder, chunk_key
+from .layout import ColumnSpec, TableLayout
+from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
+
+_TXN_BYTES = 64 << 20
+
+
+class StoreBuilder:
+    def __init__(self, directory: str, layout: TableLayout):
+        self.directory, self.layout = directory, layout
+        table_bytes = layout.rows * (layout.row_bytes + ID_DTYPE.itemsize)
+        # Not synced per transaction: nothing here is visible until finish() has synced the
+        # whole environment and the caller has swapped the directory in; the kernel writes
+        # back in the background while we encode, instead of one fsync per transaction.
+        self._env = lmdb.open(directory, subdir=True, map_size=max(2 * table_bytes + (64 << 20),
+                                                                    environment.MIN_MAP_SIZE),
+                              max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
+                              metasync=False, writemap=False, meminit=False, max_spare_txns=0)
+        self._meta_db = self._env.open_db(META_DB)
+        self._ids_db = self._env.open_db(IDS_DB)
+        self._column_dbs = [self._env.open_db(column_db_name(c.name)) for c in layout.columns]
+        self._txn = None
+        self._txn_bytes = 0
+        self._next_ids = self._next_chunk = 0
+        self._encoder = ChunkEncoder()
+
+    def _put(self, db, chunk: int, rows: np.ndarray) -> None:
+        if self._txn is None:
+            self._txn = self._env.begin(write=True)
+        value = self._encoder.encode(rows, chunk, 0)
+        self._txn.put(chunk_key(chunk), value, db=db, append=True)
+        self._txn_bytes += len(value)
+        if self._txn_bytes >= _TXN_BYTES:
+            self._txn.commit()
+            self._txn, self._txn_bytes = None, 0
+
+    def add_ids(self, chunk: int, ids: np.ndarray) -> None:
+        """The IDs of chunk ``chunk`` (chunks in order)."""
+        if chunk != self._next_ids or len(ids) != self.layout.chunk_len(chunk):
+            raise EmbeddingStoreError(f"store builder: id chunk {chunk} out of order or of the wrong length")
+        self._put(self._ids_db, chunk, np.ascontiguousarray(ids, ID_DTYPE).reshape(-1, 1))
+        self._next_ids += 1
+
+    def add_chunk(self, chunk: int, parts: list[np.ndarray]) -> None:
+        """The rows of chunk ``chunk``: one array per column, in the layout's order (chunks in order)."""
+        n = self.layout.chunk_len(chunk)
+        if chunk != self._next_chunk:
+            raise EmbeddingStoreError(f"store builder: chunk {chunk} out of order")
+        for column, db, part in zip(self.layout.columns, self._column_dbs, parts, strict=True):
+            if part.shape != (n, column.width):
+                raise EmbeddingStoreError(f"store builder: chunk {chunk} of column {column.name!r} has shape "
+                                          f"{part.shape}, expected ({n}, {column.width})")
+            self._put(db, chunk, np.ascontiguousarray(part, column.dtype))
+        self._next_chunk += 1
+
+    def finish(self) -> None:
+        """Write the metadata, flush everything to disk and close the environment."""
+        layout = self.layout
+        if (self._next_ids, self._next_chunk) != (layout.n_chunks, layout.n_chunks):
+            raise EmbeddingStoreError(f"store builder: only {self._next_chunk} of {layout.n_chunks} chunks given")
+        config = dict(layout.config)
+        config.update(dim=layout.dim, dtype=layout.dtype.name, chunk_rows=layout.chunk_rows)
+        config.setdefault("init", {"kind": "normal", "std": init.NORMAL_STD, "name": "array"})
+        config.setdefault("seed", 0)
+        config.setdefault("library_version", __version__)
+        config.setdefault("created_at", time.time())
+        state = {"commit": layout.commit, "rows": layout.rows,
+                 "committed_at": layout.committed_at if layout.committed_at is not None else time.time(),
+                 "attrs": layout.attrs, "columns": {c.name: c.describe() for c in layout.columns}}
+        txn = self._txn or self._env.begin(write=True)
+        self._txn = None
+        with txn:
+            txn.put(b"format", pack_record(format_record()), db=self._meta_db)
+            txn.put(b"config", pack_record(config), db=self._meta_db)
+            txn.put(b"state", pack_record(state), db=self._meta_db)
+        self._env.sync(True)
+        self.close()
+        fsync_dir(self.directory)
+
+    def close(self) -> None:
+        """Abandon (if not finished) and close; the caller removes the directory."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+def build_new_table(directory: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
+                    seed: int, values: np.ndarray | None) -> None:
+    """Write ``create``'s new store into the (empty) ``directory``, one chunk at a time.
+
+    The initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
+    ``values`` (row i of ``ids[i]``), so memory stays bounded whatever the table size.
+    """
+    n = len(ids)
+    layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
+                         config={"init": spec, "seed": seed})
+    builder = StoreBuilder(directory, layout)
+    try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            if values is None:
+                rows = init.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
+            else:
+                rows = values[lo:hi]
+            builder.add_ids(chunk, ids[lo:hi])
+            builder.add_chunk(chunk, [rows])
+        builder.finish()
+    finally:
+        builder.close()

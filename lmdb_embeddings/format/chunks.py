@@ -1,0 +1,161 @@
+"""Chunk values: how one chunk of rows is laid out as one LMDB value.
+
+A chunk value is the msgpack array ``[n_rows, version, checksum, payload]`` where
+``payload`` is a msgpack *bin* holding the rows' raw little-endian bytes, ``version`` is
+the commit number that wrote the chunk (readers use it to revalidate their caches
+without decoding), and ``checksum`` is xxh3-64 of the payload seeded with the chunk
+index (so a value copied under the wrong key fails too). The payload sits at the end of
+the value, so decoding is a header parse plus a zero-copy view; see docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+import msgpack
+import numpy as np
+import xxhash
+
+from ..errors import CorruptionError
+
+_KEY = struct.Struct(">Q")
+ID_DTYPE = np.dtype("<i8")
+
+
+def chunk_key(index: int) -> bytes:
+    """Big-endian fixed-width key, so LMDB's byte order is numeric order."""
+    return _KEY.pack(index)
+
+
+def key_index(key: bytes) -> int:
+    return _KEY.unpack(bytes(key))[0]
+
+
+def checksum(payload, index: int) -> int:
+    return xxhash.xxh3_64_intdigest(payload, seed=index)
+
+
+def _header(payload: memoryview, n_rows: int, index: int, version: int) -> bytes:
+    """msgpack ``[n_rows, version, checksum, <bin header>`` for ``payload`` (the bytes that precede it)."""
+    size = payload.nbytes
+    if size < 0x100:
+        bin_header = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 0x10000:
+        bin_header = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        bin_header = b"\xc6" + size.to_bytes(4, "big")
+    return (b"\x94" + msgpack.packb(int(n_rows)) + msgpack.packb(int(version))
+            + msgpack.packb(checksum(payload, index)) + bin_header)
+
+
+def _payload(rows: np.ndarray) -> memoryview:
+    # a flat uint8 view: zero-copy, and unlike memoryview.cast it accepts 0-row chunks
+    return memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
+def encode_chunk(rows: np.ndarray, index: int, version: int) -> bytes:
+    """Serialize a 2-D little-endian C-contiguous array as one chunk value.
+
+    Byte-identical to ``msgpack.packb([n_rows, version, checksum, payload])``, but the
+    small header is packed apart and joined to the payload in ONE copy (packb copies the
+    payload into its growing buffer, then again into the result).
+    """
+    payload = _payload(rows)
+    return b"".join((_header(payload, rows.shape[0], index, version), payload))
+
+
+class ChunkEncoder:
+    """Encodes chunk values into ONE reused buffer: the bytes :func:`encode_chunk` gives, without a fresh
+    allocation per chunk (a new 512 KB ``bytes`` costs a page fault per 4 KiB; measured 10x the copy).
+
+    The returned view is valid until the next :meth:`encode`: hand it to LMDB (which copies it) at once.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+
+    def encode(self, rows: np.ndarray, index: int, version: int) -> memoryview:
+        payload = _payload(rows)
+        head = _header(payload, rows.shape[0], index, version)
+        end = len(head) + payload.nbytes
+        if len(self._buffer) < end:
+            self._buffer = bytearray(end)
+        view = memoryview(self._buffer)
+        view[: len(head)] = head
+        view[len(head) : end] = payload
+        return view[:end]
+
+
+class ChunkHeader(NamedTuple):
+    n_rows: int
+    version: int
+    checksum: int
+    payload_offset: int
+    payload_len: int
+
+
+def read_header(value, index: int, where: str = "") -> ChunkHeader:
+    """Parse the small header of a chunk value without touching the payload."""
+    try:
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(bytes(value[:40]))
+        if unpacker.read_array_header() != 4:
+            raise ValueError("not a 4-element array")
+        n_rows, version, crc = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+        if not all(isinstance(x, int) for x in (n_rows, version, crc)):
+            raise ValueError("header fields are not integers")
+        offset = unpacker.tell()
+        marker = value[offset]
+        width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(marker)
+        if width is None:
+            raise ValueError("payload is not a msgpack bin")
+        length = int.from_bytes(bytes(value[offset + 1 : offset + 1 + width]), "big")
+        start = offset + 1 + width
+        if start + length != len(value):
+            raise ValueError(f"payload length {length} does not match value size {len(value)}")
+    except (ValueError, IndexError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CorruptionError(f"chunk {index}{where}: malformed value ({exc})") from None
+    return ChunkHeader(n_rows, version, crc, start, length)
+
+
+def decode_chunk(value, index: int, width: int, dtype: np.dtype, where: str = ""):
+    """Check a chunk value and return (header, read-only row view into ``value``).
+
+    The view borrows ``value``'s memory: copy it before the LMDB transaction ends.
+    """
+    header = read_header(value, index, where)
+    row_bytes = width * dtype.itemsize
+    if header.n_rows * row_bytes != header.payload_len:
+        raise CorruptionError(
+            f"chunk {index}{where}: {header.payload_len} payload bytes for {header.n_rows} rows "
+            f"of {row_bytes} bytes"
+        )
+    payload = memoryview(value)[header.payload_offset :]
+    if checksum(payload, index) != header.checksum:
+        raise CorruptionError(f"chunk {index}{where}: checksum mismatch (stored data is corrupt)")
+    rows = np.frombuffer(payload, dtype=dtype).reshape(header.n_rows, width)
+    return header, rows
+
+
+def read_chunk(txn, db, index: int, width: int, dtype: np.dtype, where: str = ""):
+    """The checked ``(header, row view)`` of chunk ``index`` in ``db`` as of ``txn``, or None if never written.
+
+    The one reader of chunk values: the store's caches, the snapshot and ``verify`` all
+    come through here. The view borrows LMDB's memory: copy it before ``txn`` ends.
+    """
+    value = txn.get(chunk_key(index), db=db) if db is not None else None
+    if value is None:
+        return None
+    return decode_chunk(value, index, width, dtype, where)
+
+
+def read_id_chunk(txn, ids_db, index: int, n_rows: int, path: str) -> np.ndarray:
+    """The ``n_rows`` sample IDs of chunk ``index`` (a view into the map, valid while ``txn`` is open)."""
+    found = read_chunk(txn, ids_db, index, 1, ID_DTYPE, " (ids)")
+    if found is None:
+        raise CorruptionError(f"{path}: id chunk {index} is missing")
+    rows = found[1]
+    if len(rows) != n_rows:
+        raise CorruptionError(f"{path}: id chunk {index} holds {len(rows)} ids, expected {n_rows}")
+    return rows[:, 0]

@@ -1,0 +1,157 @@
+"""dump and restore: moving a table between a store and a file, in bounded memory.
+
+``dump`` reads one snapshot (one read transaction, safe while a writer trains) and
+streams it into a temporary file next to the output, renamed into place when complete.
+``restore`` checks the input's header before creating anything, streams it into a new
+store in a hidden sibling of the target, verifies that store, and only then swaps it in
+(atomically replacing an old store with ``force``). Any failure removes the temporary
+directory, so nothing (and no half store) is left at the target.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lmdb
+
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from ..format import dump_file, npy_dir
+from ..format.builder import StoreBuilder
+from ..format.layout import TableSink, TableSource, copy_table
+from ..format.records import check_store_dir
+from ..format.snapshot import Snapshot
+from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
+from ..processes.staging import StagedStore, check_replace_target
+from ..version import __version__
+from .progress import bar
+from .verify import verify_store
+
+FORMATS = ("native", "npy")
+
+
+def _source(path: str, snap: Snapshot) -> dict:
+    return {"path": path, "commit": snap.layout.commit, "dumped_at": time.time(), "library_version": __version__}
+
+
+def _check_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"the parent directory {parent} does not exist; create it first")
+
+
+# ------------------------------------------------------------------------------ dump
+def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False) -> dict:
+    """Write the committed state of the store at ``path`` to ``out``; returns a summary."""
+    path, out = os.path.abspath(path), os.path.abspath(out)
+    check_store_dir(path)
+    _check_parent(out)
+    if fmt == "native" and os.path.isdir(out):
+        raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
+    if fmt == "npy" and os.path.exists(out) and not os.path.isdir(out):
+        raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
+    started = time.perf_counter()
+    with Snapshot(path) as snap:
+        layout = snap.layout
+        if fmt == "native":
+            size = _dump_native(snap, out, _source(path, snap), progress)
+        else:
+            size = _dump_npy(snap, out, _source(path, snap), progress)
+    return {"path": path, "out": out, "format": fmt, "rows": layout.rows, "chunks": layout.n_chunks,
+            "columns": [c.name for c in layout.columns], "commit": layout.commit, "bytes": size,
+            "seconds": time.perf_counter() - started}
+
+
+def _dump_native(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+    remove_stale_temps(out, "dumping")
+    tmp = sibling_temp(out, "dumping")
+    try:
+        with open(tmp, "wb") as f:
+            _copy(snap, dump_file.DumpWriter(f, snap.layout, source), "dump", progress)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(os.path.dirname(out))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return os.path.getsize(out)
+
+
+def _dump_npy(snap: Snapshot, out: str, source: dict, progress: bool) -> int:
+    sink = npy_dir.NpyTableWriter(out, snap.layout, source)
+    _copy(snap, sink, "dump", progress)
+    return sink.bytes
+
+
+def _copy(source: TableSource, sink: TableSink, what: str, progress: bool) -> None:
+    """``copy_table`` with a progress bar; an unfinished sink is closed (it removes what it wrote)."""
+    layout = source.layout
+    try:
+        with bar(layout.rows * layout.row_bytes, what, progress) as pbar:
+            copy_table(source, sink, lambda rows: pbar.update(rows * layout.row_bytes))
+    finally:
+        sink.close()
+
+
+# --------------------------------------------------------------------------- restore
+def detect_format(src: str) -> str:
+    if os.path.isdir(src):
+        return "npy"
+    if os.path.isfile(src):
+        return "native"
+    raise InvalidInputError(f"no dump at {src} (no such file or directory)")
+
+
+def check_restore_target(path: str, force: bool) -> bool:
+    """Raise unless a store may be written at ``path``; True if an old store will be replaced."""
+    _check_parent(path)
+    return check_replace_target(path, force, "pass --force")
+
+
+def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
+                  chunk_rows: int | None = None, progress: bool = False) -> dict:
+    """Build the store at ``path`` from the dump ``src`` (native file or npy directory)."""
+    src, path = os.path.abspath(src), os.path.abspath(path)
+    fmt = fmt or detect_format(src)
+    replacing = check_restore_target(path, force)
+    started = time.perf_counter()
+    if fmt == "native":
+        if not os.path.isfile(src):
+            raise InvalidInputError(f"{src} is not a dump file")
+        reader = dump_file.DumpReader(src)
+    else:
+        if not os.path.isdir(src):
+            raise InvalidInputError(f"{src} is not a directory of .npy files")
+        layout, checksums = npy_dir.read_layout(src, chunk_rows)
+        reader = npy_dir.NpyTableReader(src, layout, checksums)
+    layout = reader.layout
+    try:
+        with StagedStore(path, "restoring") as stage:
+            _build_from(reader, stage.tmp, path, progress)
+            report = verify_store(stage.tmp, progress=progress)
+            if not report["ok"]:
+                first = report["problems"][0]
+                where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
+                raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
+                                      f"({where}{first['part']}: {first['error']})")
+            if not replacing and os.path.exists(path) and os.listdir(path):
+                raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
+            stage.swap_in()
+    except WriterLockedError as exc:
+        raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced",
+                                holder_pid=exc.holder_pid) from None
+    finally:
+        reader.close()
+    return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
+            "dtype": layout.dtype.name, "columns": [c.name for c in layout.columns], "replaced": replacing,
+            "seconds": time.perf_counter() - started}
+
+
+def _build_from(source: TableSource, tmp: str, path: str, progress: bool) -> None:
+    """Stream a dump into a new store in ``tmp``."""
+    try:
+        _copy(source, StoreBuilder(tmp, source.layout), "restore", progress)
+    except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
+        raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
+                                  "changed at the target") from None

@@ -1,0 +1,71 @@
+"""``compact``: rewrite a store's environment without free pages, atomically.
+
+LMDB never shrinks its data file; pages freed by old commits are only reused (and a
+writer's file is sized to its map, sparse). A compacting copy (``env.copy(compact=True)``,
+a consistent snapshot) writes just the live pages into a hidden sibling directory, which
+is verified and then swapped in. The writer lock is held throughout so no writer can
+commit to the old copy meanwhile. If the copy does not take less disk (allocated blocks),
+the original is kept: compaction never takes more disk. Readers that still have the old
+store open keep reading the old (now unlinked) files until they reopen, so run it while
+no training reads the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lmdb
+
+from ..errors import CorruptionError, EmbeddingStoreError, WriterLockedError
+from ..format.records import DATA_FILE
+from ..format.snapshot import Snapshot
+from ..fsutil import allocated_bytes
+from ..processes import environment
+from ..processes.staging import StagedStore
+from .progress import bar
+from .verify import verify_store
+
+
+def compact_store(path: str, *, progress: bool = False) -> dict:
+    """Compact the store at ``path`` in place; returns the disk it took before and after (allocated bytes).
+
+    Raises:
+        WriterLockedError: a writer holds the store. CorruptionError: the copy fails verification
+        (the store is left unchanged).
+    """
+    path = os.path.abspath(path)
+    with Snapshot(path):  # a store we can read (not a newer format, metadata intact) before copying it
+        pass
+    before = allocated_bytes(os.path.join(path, DATA_FILE))
+    started = time.perf_counter()
+    try:
+        with StagedStore(path, "compacting", hold_lock=True) as stage:
+            after = _copy_compacted(path, stage.tmp, progress)
+            swapped = after < before
+            if swapped:
+                stage.swap_in()
+    except WriterLockedError as exc:
+        raise WriterLockedError(f"cannot compact while a writer holds the store: {exc}",
+                                holder_pid=exc.holder_pid) from None
+    return {"path": path, "bytes_before": before, "bytes_after": after if swapped else before,
+            "compacted": swapped, "seconds": time.perf_counter() - started}
+
+
+def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
+    """LMDB's compacting copy of ``path`` into ``tmp``, verified; returns the disk its data file takes."""
+    shared = environment.acquire(path, write=False)
+    try:
+        with bar(1, "compact", progress, unit="copy") as pbar:
+            shared.env.copy(tmp, compact=True)
+            pbar.update(1)
+    except lmdb.Error as exc:
+        raise EmbeddingStoreError(f"{path}: the compacting copy failed ({exc})") from None
+    finally:
+        environment.release(shared)
+    report = verify_store(tmp, progress=progress)
+    if not report["ok"]:
+        first = report["problems"][0]
+        raise CorruptionError(f"{path}: the compacted copy fails verification ({first['part']} chunk "
+                              f"{first['chunk']}: {first['error']}); the store was left unchanged")
+    return allocated_bytes(os.path.join(tmp, DATA_FILE))

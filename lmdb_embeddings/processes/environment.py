@@ -1,0 +1,258 @@
+"""One LMDB environment per (process, store directory), shared by every handle.
+
+LMDB allows an environment to be opened once per process and never used after fork
+(../shared/FIELD_NOTES.md). This module keeps a registry keyed by (pid, realpath): handles in the
+same process share one environment and one lock that serializes the moments when a
+transaction is open; a forked child finds its parent's entries (different pid), closes
+them without touching the parent's state, and opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import lmdb
+
+from ..errors import CorruptionError, EmbeddingStoreError
+from ..format.records import DATA_FILE
+from . import fork
+from .data_file import DataFile
+
+MAX_DBS = 64
+MAX_READERS = 2048
+MIN_MAP_SIZE = 256 << 20
+_registry: dict[str, SharedEnv] = {}
+_registry_lock = threading.Lock()
+
+
+class SharedEnv:
+    """A process's environment for one store, shared by all its handles there.
+
+    The environment is opened read-only while the process has only readers: py-lmdb
+    opens a named database of a writable environment with a WRITE transaction, which
+    would block a DataLoader worker while the trainer holds a long write transaction.
+    When a writable handle arrives, the environment is reopened writable in place
+    (database handles are looked up through ``db()``, never cached by the stores).
+    """
+
+    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool, writemap: bool):
+        self.path, self.env, self.writable, self.readahead = path, env, writable, readahead
+        self.writemap = writemap and writable
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.users = 0
+        self._dbs: dict[bytes, object] = {}
+        self.data_file = DataFile(path, env.stat()["psize"])
+
+    def cached_db(self, name: bytes):
+        """The handle of a named database opened earlier, or None.
+
+        Handles are only ever opened outside transactions (``open_dbs``) or inside the
+        writer's own transaction (``create_db``): LMDB fixes the set of databases a
+        transaction can see when it begins.
+        """
+        return self._dbs.get(name)
+
+    def open_dbs(self, names=None) -> None:
+        """Open the given named databases (default: all that exist); no txn may be open."""
+        with self.lock:
+            if names is None:
+                txn = self.env.begin()
+                try:
+                    names = [bytes(key) for key in txn.cursor().iternext(keys=True, values=False)]
+                finally:
+                    txn.abort()
+            for name in names:
+                if name not in self._dbs:
+                    try:
+                        self._dbs[name] = self.env.open_db(name, create=False)
+                    except lmdb.IncompatibleError:
+                        pass  # a plain key, not a named database (a foreign environment)
+
+    def create_db(self, name: bytes, txn: lmdb.Transaction):
+        """Create a database inside the caller's write transaction; see ``forget_db``."""
+        handle = self._dbs.get(name)
+        if handle is None:
+            handle = self._dbs[name] = self.env.open_db(name, txn=txn, create=True)
+        return handle
+
+    def forget_db(self, name: bytes) -> None:
+        """Drop a handle created in a transaction that was aborted (it is invalid now)."""
+        self._dbs.pop(name, None)
+
+    def make_writable(self, writemap: bool) -> None:
+        """Reopen a read-only environment writable, in place (no transaction may be open)."""
+        with self.lock:
+            if self.writable:
+                return
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=False, readahead=self.readahead, writemap=writemap)
+            self.writable, self.writemap = True, writemap
+            self.open_dbs()
+
+    def begin_read(self) -> lmdb.Transaction:
+        """A short read transaction; adopts a map size grown by the writer process."""
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=True)
+
+    @contextmanager
+    def reading(self):
+        with self.lock:
+            txn = self.begin_read()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def reopen_if_panicked(self) -> bool:
+        """Reopen an environment LMDB has marked unusable; True if it was.
+
+        When writing a meta page fails (an I/O error at the very end of a commit) LMDB sets
+        MDB_FATAL_ERROR and refuses every later transaction with MDB_PANIC until the
+        environment is closed. The file still holds the previous commit (the failed meta
+        page is the only thing written over live data), so reopening is safe. Database
+        handles of the old environment become invalid: they are reopened here.
+        """
+        with self.lock:
+            try:
+                self.begin_read().abort()
+                return False
+            except lmdb.PanicError:
+                pass
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self._dbs.clear()
+            self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size,
+                             writemap=self.writemap)
+            self.open_dbs()
+            return True
+
+    def used_bytes(self) -> int:
+        """Bytes up to the last committed page (the rest of a writemap file is sparse or free)."""
+        return (self.env.info()["last_pgno"] + 1) * self.data_file.page_size
+
+    def ensure_headroom(self, needed: int) -> None:
+        """Grow the map (geometrically) so ``needed`` more bytes fit; no txn may be open."""
+        with self.lock:
+            info = self.env.info()
+            want = self.used_bytes() + 2 * needed + (64 << 20)
+            size = max(info["map_size"], MIN_MAP_SIZE)
+            if want > size:
+                while size < want:
+                    size *= 2
+                self.env.set_mapsize(size)
+
+
+def _realpath(path: str) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _drop_inherited() -> None:
+    """Called in a child process: close (without using) environments of the parent."""
+    pid = os.getpid()
+    with _registry_lock:
+        for key, shared in list(_registry.items()):
+            if shared.pid != pid:
+                try:
+                    shared.env.close()  # py-lmdb skips LMDB cleanup after fork
+                except Exception:
+                    pass
+                del _registry[key]
+
+
+def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = None,
+          writemap: bool = False) -> lmdb.Environment:
+    """Open the environment (``sync`` + ``metasync``: a commit is durable when it returns).
+
+    With ``writemap`` LMDB sizes the file to the map as it opens it, which would hide a
+    truncated file (extended, sparse): the truncation check runs on a plain read-only open
+    first. The map is never smaller than the file, so LMDB never cuts reserved blocks off.
+    """
+    map_size = map_size or MIN_MAP_SIZE
+    if writemap:
+        _open(path, readonly=True, readahead=readahead).close()
+        map_size = max(map_size, os.path.getsize(os.path.join(path, DATA_FILE)))
+    try:
+        env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, max_readers=MAX_READERS,
+                        readonly=readonly, create=False, sync=True, metasync=True, writemap=writemap,
+                        readahead=readahead, meminit=False, max_spare_txns=0, lock=True)
+    except lmdb.Error as exc:
+        raise EmbeddingStoreError(f"cannot open the LMDB environment in {path}: {exc}") from exc
+    try:
+        if not writemap:
+            _check_not_truncated(path, env)
+    except BaseException:
+        env.close()
+        raise
+    try:
+        env.reader_check()  # clear slots of readers killed earlier
+    except lmdb.Error:
+        pass
+    return env
+
+
+def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
+    """Refuse a data file shorter than its last committed page.
+
+    LMDB maps the file and would die with SIGBUS on the first page past its end; the
+    meta pages (read at open) say where the committed data ends, so compare first.
+    """
+    size = os.path.getsize(os.path.join(path, DATA_FILE))
+    psize = env.stat()["psize"]
+    needed = (env.info()["last_pgno"] + 1) * psize
+    if size < max(needed, 2 * psize):
+        raise CorruptionError(
+            f"{os.path.join(path, DATA_FILE)} is truncated: {size} bytes, but its last committed page "
+            f"ends at byte {needed}; restore the store from a dump or backup")
+
+
+def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = False) -> SharedEnv:
+    """The process's environment for the store at ``path`` (opened on first use).
+
+    ``writemap`` (writers only) applies when this call opens or reopens it writable.
+    """
+    real = _realpath(path)
+    _drop_inherited()
+    with _registry_lock:
+        shared = _registry.get(real)
+        if shared is None:
+            if not os.path.exists(os.path.join(real, DATA_FILE)):
+                raise EmbeddingStoreError(f"no LMDB data file in {real}")
+            env = _open(real, readonly=not write, readahead=readahead, writemap=write and writemap)
+            shared = SharedEnv(real, env, write, readahead, write and writemap)
+            try:
+                shared.open_dbs()
+            except lmdb.Error as exc:
+                env.close()
+                raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
+            _registry[real] = shared
+        elif write:
+            shared.make_writable(writemap)
+        shared.users += 1
+        return shared
+
+
+def release(shared: SharedEnv) -> None:
+    with _registry_lock:
+        shared.users -= 1
+        if shared.users <= 0 and _registry.get(shared.path) is shared and shared.pid == os.getpid():
+            del _registry[shared.path]
+            shared.env.close()
+
+
+def is_open_here(path: str) -> bool:
+    _drop_inherited()
+    return _realpath(path) in _registry
+
+
+@fork.in_child
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()  # the parent may have held it while forking
+    _drop_inherited()

@@ -1,0 +1,149 @@
+"""The house rules of the package layout (docs/ARCHITECTURE.md), checked on the source itself.
+
+No import cycle between modules; imports at module top level (the only exception: ``torch``,
+imported where the tensor API needs it, so the core and the CLI start without it); no class
+over 400 lines and no module over 700; ``format/`` never imports the store; the core, the
+formats, the processes and the ops never import torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = "lmdb_embeddings"
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+MAX_CLASS_LINES, MAX_MODULE_LINES = 400, 700
+TORCH_FREE = ("core", "format", "processes", "ops", "cli")
+
+
+def _modules() -> dict[str, str]:
+    """Dotted module name -> path, for every module of the package."""
+    found = {}
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                found[".".join(rel)] = path
+    return found
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str, path: str, modules: dict) -> tuple[set[str], list[tuple[int, str]]]:
+    """(package modules imported at top level, [(line, name)] of imports inside functions)."""
+    tree = ast.parse(open(path).read())
+    is_package = path.endswith("__init__.py")
+    top, nested = set(), []
+
+    def targets(node) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        base = _resolve(module, is_package, node)
+        names = [f"{base}.{alias.name}" for alias in node.names]
+        return [n if n in modules else base for n in names]
+
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            top.update(t for t in targets(node) if t.split(".")[0] == PACKAGE)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    nested.extend((inner.lineno, t) for t in targets(inner))
+    return top, nested
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for module, path in modules.items():
+        top, _ = _imports(module, path, modules)
+        deps = set()
+        for target in top:  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            parts = target.split(".")
+            deps.update(".".join(parts[:i]) for i in range(2, len(parts) + 1) if ".".join(parts[:i]) in modules)
+        own_packages = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+        graph[module] = deps - own_packages  # a module's own packages are being imported already
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_are_at_module_top_level_except_torch():
+    modules = _modules()
+    offenders = []
+    for module, path in modules.items():
+        for line, target in _imports(module, path, modules)[1]:
+            if target.split(".")[0] != "torch":
+                offenders.append(f"{path}:{line} imports {target} inside a function")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_class_over_400_lines_and_no_module_over_700():
+    too_long = []
+    for path in _modules().values():
+        source = open(path).read()
+        if source.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{path}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_long.append(f"{path}: class {node.name} has {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_format_never_imports_the_store_and_the_core_never_imports_torch():
+    graph = _graph()
+    modules = _modules()
+    for module, deps in graph.items():
+        if module.startswith(f"{PACKAGE}.format"):
+            assert not any(d == f"{PACKAGE}.store" or d.startswith(f"{PACKAGE}.core.") and d.endswith(
+                ("writes", "readers", "session", "table")) for d in deps), (module, deps)
+    for module, path in modules.items():
+        if module.split(".")[1:2] and module.split(".")[1] in TORCH_FREE:
+            top, _ = _imports(module, path, modules)
+            source = open(path).read()
+            assert "\nimport torch" not in source and "\nfrom torch" not in source, module
+
+
+@pytest.mark.parametrize("command", [
+    "import lmdb_embeddings",
+    "import lmdb_embeddings.cli; lmdb_embeddings.cli.build_parser()",
+    "import lmdb_embeddings.ops",
+])
+def test_the_core_and_the_cli_start_without_torch(command):
+    code = f"import sys; {command}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(ROOT))
+    assert proc.returncode == 0, proc.stderr
