@@ -27,9 +27,9 @@ from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
 from .core.writes import WriterSession
-from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, ReadOnlyError
+from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .format.builder import build_new_table
-from .format.layout import ColumnSpec
+from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
@@ -79,11 +79,15 @@ class EmbeddingStore:
             ValueError: bad ids, dim, dtype, chunk_rows or init.
         """
         options = StoreOptions.from_kwargs(open_options)
+        path = _as_path(path)
         dim = as_positive_int(dim, "dim")
         chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
         dt = as_dtype(dtype)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+        too_big = chunk_size_problem(chunk_rows, dim * dt.itemsize)
+        if too_big:
+            raise InvalidInputError(f"create: {too_big}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+            raise InvalidInputError(f"seed must be an int in [0, 2**64), got {seed!r}")
         id_array = _create_ids(ids)
         values = None
         if isinstance(init, str):
@@ -91,7 +95,6 @@ class EmbeddingStore:
         else:
             values = as_values(init, len(id_array), dim, dt, "create(init=array)")
             spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
-        path = os.path.abspath(os.fspath(path))
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage:
             build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, int(seed), values)
@@ -109,7 +112,7 @@ class EmbeddingStore:
         """
         options = StoreOptions.from_kwargs(open_options)
         store = cls.__new__(cls)
-        store._setup(os.path.abspath(os.fspath(path)), bool(readonly), options)
+        store._setup(_as_path(path), bool(readonly), options)
         store._session = store._open_session()
         return store
 
@@ -424,6 +427,21 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
+def _as_path(path) -> str:
+    """An absolute str path from a str, bytes or ``os.PathLike`` (a clear error for anything else)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InvalidTypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(path, bytes):  # a PathLike whose __fspath__ gives bytes
+        path = os.fsdecode(path)
+    if not path:
+        raise InvalidInputError("path is empty; give the store's directory")
+    return os.path.abspath(path)
+
+
 def _create_ids(ids) -> np.ndarray:
     """``create``'s ids: an int N (0..N-1) or unique int64 IDs."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
