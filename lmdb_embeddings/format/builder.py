@@ -10,6 +10,7 @@ them is never mistaken for a store.
 from __future__ import annotations
 
 import time
+import uuid
 
 import lmdb
 import numpy as np
@@ -85,6 +86,9 @@ class StoreBuilder:
         config.setdefault("seed", 0)
         config.setdefault("library_version", __version__)
         config.setdefault("created_at", time.time())
+        # a new store is a new table, even when restored from a dump of another: readers that had
+        # the store replaced at this path open tell the two apart by it (compact copies it as it is)
+        config["store_uuid"] = uuid.uuid4().hex
         state = {"commit": layout.commit, "rows": layout.rows,
                  "committed_at": layout.committed_at if layout.committed_at is not None else time.time(),
                  "attrs": layout.attrs, "columns": {c.name: c.describe() for c in layout.columns}}
