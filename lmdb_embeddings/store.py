@@ -34,6 +34,7 @@ from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
 from .processes.staging import StagedStore, check_replace_target
+from .processes.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,12 @@ class EmbeddingStore:
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage:
             build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, int(seed), values)
-            stage.swap_in()
-        return cls.open(path, **options.as_kwargs())
+            lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
+            stage.swap_in(replace=bool(overwrite))
+        store = cls.__new__(cls)
+        store._setup(path, False, options)
+        store._session = store._open_session(lock)
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, readonly: bool = False, **open_options) -> EmbeddingStore:
@@ -125,11 +130,19 @@ class EmbeddingStore:
         self._stats = CacheStats()
         fork.track(self)
 
-    def _open_session(self) -> Session:
-        """Open the environment and the table in the current process (the lock too, for a writer)."""
-        check_store_dir(self._path)
-        kind = ReaderSession if self._readonly else WriterSession
-        return kind.open(self._path, self._options, self._stats)
+    def _open_session(self, lock: WriterLock | None = None) -> Session:
+        """Open the environment and the table in the current process (the lock too, for a writer,
+        unless ``create`` hands over the one it took)."""
+        if self._readonly:
+            check_store_dir(self._path)
+            return ReaderSession.open(self._path, self._options, self._stats)
+        try:
+            check_store_dir(self._path)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return WriterSession.open(self._path, self._options, self._stats, lock)
 
     # --------------------------------------------------------------- process safety
     def _active(self) -> Session:

@@ -147,7 +147,7 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
     with StagedStore(dst_path, "importing") as stage:
         summary = _import_into(stage.tmp, files, src_dir, dtype, chunk_rows, progress)
         summary["path"] = dst_path
-        stage.swap_in()
+        stage.swap_in(replace=overwrite)
     log.info("imported %d rows x %d from %d chunk files of %s into %s", summary["rows"], summary["dim"],
              len(files), src_dir, dst_path)
     return summary

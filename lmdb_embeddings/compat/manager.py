@@ -488,4 +488,4 @@ def _copy_committed_store(src: str, target: str) -> None:
         finally:
             os.close(fd)
         fsync_dir(stage.tmp)
-        stage.swap_in()
+        stage.swap_in(replace=True)

@@ -59,10 +59,11 @@ class WriterSession(Session):
         super().__init__(path, env, options, stats)
 
     @classmethod
-    def open(cls, path: str, options: StoreOptions, stats: CacheStats) -> WriterSession:
-        """Take the writer lock, then the environment; give both back if anything fails."""
-        lock = WriterLock(path)
-        lock.acquire()
+    def open(cls, path: str, options: StoreOptions, stats: CacheStats, lock: WriterLock | None = None) -> WriterSession:
+        """Take the writer lock (unless given, held), then the environment; give both back if anything fails."""
+        if lock is None:
+            lock = WriterLock(path)
+            lock.acquire()
         env = None
         try:
             if not os.access(path, os.W_OK):

@@ -15,7 +15,7 @@ import time
 
 import lmdb
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, WriterLockedError
 from ..format import dump_file, npy_dir
 from ..format.builder import StoreBuilder
 from ..format.layout import TableSink, TableSource, copy_table
@@ -135,9 +135,7 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
                 where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
                 raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
                                       f"({where}{first['part']}: {first['error']})")
-            if not replacing and os.path.exists(path) and os.listdir(path):
-                raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
-            stage.swap_in()
+            stage.swap_in(replace=force)
     except WriterLockedError as exc:
         raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced",
                                 holder_pid=exc.holder_pid) from None
