@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -128,6 +129,7 @@ class WriterSession(Session):
             self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
             self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
             self._pending = self.env.env.begin(write=True, buffers=True)
+            self.env.write_owner = threading.get_ident()  # only this thread can end it (see processes/fork.py)
         return self._pending
 
     def _pages(self, value_bytes: int, count: int = 1) -> int:
@@ -167,6 +169,7 @@ class WriterSession(Session):
             except lmdb.Error:
                 pass
             self._pending = None
+            self.env.write_owner = None
         for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
             self.env.forget_db(db_name)
         self._dbs_in_pending = []
@@ -242,6 +245,7 @@ class WriterSession(Session):
                 log.warning("%s: the failed commit had written its meta page; the previous one was put back",
                             self.path)
             raise
+        self.env.write_owner = None
         self._dbs_in_pending = []
         table.mark_committed(version, now)
         self.spilled = 0

@@ -40,6 +40,8 @@ MAX_READERS = 2048
 MIN_MAP_SIZE = 256 << 20
 _registry: dict[str, SharedEnv] = {}
 _registry_lock = threading.Lock()
+_stranded: dict[str, SharedEnv] = {}  # a forked child's inherited environments that cannot be closed
+_held_for_fork: list[SharedEnv] = []
 
 
 class SharedEnv:
@@ -217,16 +219,25 @@ def data_file_identity(directory: str) -> tuple[int, int] | None:
 
 
 def _drop_inherited() -> None:
-    """Called in a child process: close (without using) environments of the parent."""
-    pid = os.getpid()
+    """Called in a child process: close (without using) environments of the parent.
+
+    An environment with a write transaction that another thread of the parent began (to
+    spill changes) cannot be closed here: py-lmdb would wait for that thread, which does
+    not exist in the child. It is left as it is (its memory is the child's copy; nothing
+    is written), and the child refuses to open that store (``acquire``).
+    """
+    pid, me = os.getpid(), threading.get_ident()
     with _registry_lock:
         for key, shared in list(_registry.items()):
             if shared.pid != pid:
+                del _registry[key]
+                if shared.write_owner is not None and shared.write_owner != me:
+                    _stranded[key] = shared  # kept referenced: never closed in this process
+                    continue
                 try:
                     shared.env.close()  # py-lmdb skips LMDB cleanup after fork
                 except Exception:
                     pass
-                del _registry[key]
 
 
 def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = None,
@@ -284,6 +295,11 @@ def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = Fal
     real = _realpath(path)
     _drop_inherited()
     with _registry_lock:
+        if real in _stranded:
+            raise EmbeddingStoreError(
+                f"{real}: this process was forked while another thread of its parent had a write transaction open "
+                "on this store (changes spilled from its cache), which cannot be released here; commit before "
+                "forking, or start workers with spawn/forkserver")
         shared = _registry.get(real)
         if shared is not None and not shared.is_current():
             _retire(shared)
@@ -347,8 +363,28 @@ def is_open_here(path: str) -> bool:
     return shared is not None and shared.is_current()
 
 
+def _hold_for_fork() -> None:
+    """Before a fork: no thread may be inside the registry or inside a transaction (see ``fork``)."""
+    _registry_lock.acquire()
+    for shared in list(_registry.values()):
+        shared.lock.acquire()
+        _held_for_fork.append(shared)
+
+
+def _give_back_after_fork() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().lock.release()
+    _registry_lock.release()
+
+
+fork.holding(_hold_for_fork, _give_back_after_fork)
+
+
 @fork.in_child
 def _after_fork_in_child() -> None:
     global _registry_lock
-    _registry_lock = threading.Lock()  # the parent may have held it while forking
+    _registry_lock = threading.Lock()  # held by the forking thread: this process's one is new
+    for shared in _held_for_fork:
+        shared.lock = threading.RLock()
+    _held_for_fork.clear()
     _drop_inherited()
