@@ -128,6 +128,7 @@ class WriterSession(Session):
             rows = max(self.table.rows, 1)
             self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
             self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
+            self.env.clear_stale_readers()  # a killed reader's slot would pin its snapshot's pages for good
             self._pending = self.env.env.begin(write=True, buffers=True)
             self.env.write_owner = threading.get_ident()  # only this thread can end it (see processes/fork.py)
         return self._pending
