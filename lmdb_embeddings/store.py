@@ -27,7 +27,7 @@ from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
 from .core.writes import WriterSession
-from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
+from .errors import ClosedError, CommitError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .format.builder import build_new_table
 from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
@@ -279,23 +279,14 @@ class EmbeddingStore:
         """
         with self._mutex:
             session = self._writer("put")
-            self._scatter(session, MAIN, ids, values, "put")
+            _scatter(session, MAIN, ids, values, "put")
             if session.note_update():
                 session.commit()
 
     def put_column(self, name: str, ids: IdsLike, values: ValuesLike) -> None:
         """Overwrite rows of an auxiliary column (same rules as :meth:`put`, not counted by ``commit_every``)."""
         with self._mutex:
-            self._scatter(self._writer("put_column"), name, ids, values, "put_column")
-
-    @staticmethod
-    def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
-        table = session.table
-        column = _column(table, name)
-        ids = as_ids(ids)
-        check_unique(ids, call)
-        vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
-        column.cache.scatter(table.index.slots(ids), vals)
+            _scatter(self._writer("put_column"), name, ids, values, "put_column")
 
     def add(self, ids: IdsLike, values: ValuesLike | None = None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -312,7 +303,7 @@ class EmbeddingStore:
                 vals = table.init_values(table.rows, len(new_ids))
             else:
                 vals = as_values(values, len(new_ids), table.dim, table.dtype, "add")
-            table.append(new_ids, vals)
+            _append(session, new_ids, vals)
             if session.note_update():
                 session.commit()
 
@@ -437,6 +428,66 @@ class EmbeddingStore:
                 last_commit_time=table.committed_at,
             )
             return out
+
+
+# ------------------------------------------------------ writes: all or nothing
+def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
+    """``put``/``put_column``: every check first, then the rows, all or nothing.
+
+    A call over more chunks than L1 holds is served in groups (``core/cache.py``). Such a
+    call first reads (and checksums) every chunk it will overwrite, so a damaged chunk fails
+    it before anything is written; if a later group still fails (a spill refused for disk
+    space), the rows the earlier groups overwrote are put back. It costs one extra gather,
+    only for calls larger than the cache.
+    """
+    table = session.table
+    column = _column(table, name)
+    ids = as_ids(ids)
+    check_unique(ids, call)
+    vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
+    slots = table.index.slots(ids)
+    cache = column.cache
+    if len(slots) <= cache.capacity or len(np.unique(slots // table.chunk_rows)) <= cache.capacity:
+        cache.scatter(slots, vals)  # one group: every chunk is made resident before any row is written
+        return
+    before = cache.gather(slots)
+    try:
+        cache.scatter(slots, vals)
+    except BaseException as exc:
+        try:
+            cache.scatter(slots, before)
+        except BaseException:
+            _roll_back_after(session, call, exc)
+        if session.lost_spills:
+            _roll_back_after(session, call, exc)
+        raise
+
+
+def _append(session: WriterSession, new_ids: np.ndarray, values: np.ndarray) -> None:
+    """``add``: the new IDs and rows, or (if writing them fails) none of them."""
+    table, spilled = session.table, session.spilled
+    start = table.rows
+    try:
+        table.append(new_ids, values)
+    except BaseException as exc:
+        if session.spilled != spilled or session.lost_spills:  # rows of this call went into the transaction
+            _roll_back_after(session, "add", exc)
+        table.forget_rows_from(start)
+        raise
+
+
+def _roll_back_after(session: WriterSession, call: str, exc: BaseException):
+    """The failed call cannot be undone alone (its rows reached the pending transaction): roll back."""
+    commit = session.table.commit
+    session.rollback()
+    reason = getattr(exc, "reason", None) or _one_line(exc)
+    raise CommitError(f"{call} failed ({reason}) after changed chunks had been spilled from the cache "
+                      f"into the pending transaction, so this handle was rolled back to the last commit ({commit})"
+                      ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 # ----------------------------------------------------------------------- helpers

@@ -110,9 +110,18 @@ class WriterSession(Session):
         self._reserve(stored, ahead=max(8 << 20, self.table.row_bytes * self.table.rows // 16))
         txn = self._pending_txn()
         db = self._ensure_db(spec, txn)
-        txn.put(chunk_key(chunk), value, db=db)
+        try:
+            txn.put(chunk_key(chunk), value, db=db)
+        except lmdb.Error as exc:  # LMDB gives up on a transaction that failed a put: it is gone
+            self._abort_pending()
+            raise CommitError(f"spilling changes from the cache into {self.path} failed ({exc})") from None
         self._txn_bytes += stored
         self.spilled += 1
+
+    @property
+    def lost_spills(self) -> bool:
+        """True once the pending transaction was lost with spilled changes in it (roll back)."""
+        return self.spilled > 0 and self._pending is None
 
     def _ensure_db(self, spec: ColumnSpec, txn: lmdb.Transaction):
         """The column's database, created inside the pending transaction if new."""
@@ -157,10 +166,12 @@ class WriterSession(Session):
         except OSError as exc:
             what = "commit" if not ahead else "spilling changes that no longer fit in the cache"
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            raise CommitError(
+            error = CommitError(
                 f"{what} to {self.path} failed ({reason}: {need:,} bytes of disk needed); nothing was written, the "
                 f"store keeps commit {self.table.commit} and this handle keeps its uncommitted changes: free space "
-                "and call commit() again") from None
+                "and call commit() again")
+            error.reason = f"{reason}: {need:,} bytes of disk needed"  # for a caller that says more (store.py)
+            raise error from None
         self._reserved_ahead = reserved
 
     def _abort_pending(self) -> None:
