@@ -16,7 +16,7 @@ import lmdb
 import numpy as np
 
 from ..core import init
-from ..errors import EmbeddingStoreError
+from ..errors import EmbeddingStoreError, StorageError
 from ..fsutil import fsync_dir
 from ..processes import environment
 from ..version import __version__
@@ -31,6 +31,7 @@ class StoreBuilder:
     def __init__(self, directory: str, layout: TableLayout):
         self.directory, self.layout = directory, layout
         table_bytes = layout.rows * (layout.row_bytes + ID_DTYPE.itemsize)
+        environment.preallocate_lock_file(directory)  # a sparse one is SIGBUS on a full disk
         # Not synced per transaction: nothing here is visible until finish() has synced the
         # whole environment and the caller has swapped the directory in; the kernel writes
         # back in the background while we encode, instead of one fsync per transaction.
@@ -122,6 +123,15 @@ def build_new_table(directory: str, ids: np.ndarray, dim: int, dtype: np.dtype, 
     n = len(ids)
     layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
                          config={"init": spec, "seed": seed})
+    try:
+        _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values)
+    except lmdb.Error as exc:  # e.g. the disk filled up: the caller removes the directory
+        raise StorageError(f"writing the new store in {directory} failed ({exc}); nothing was changed at the "
+                           "target") from None
+
+
+def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values) -> None:
+    n = len(ids)
     builder = StoreBuilder(directory, layout)
     try:
         for chunk in range(layout.n_chunks):

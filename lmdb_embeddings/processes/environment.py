@@ -20,6 +20,7 @@ store at the path, see ``core/readers.py``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -28,12 +29,13 @@ from contextlib import contextmanager
 
 import lmdb
 
-from ..errors import CorruptionError, EmbeddingStoreError
+from ..errors import CorruptionError, EmbeddingStoreError, StorageError
 from ..format.records import DATA_FILE, META_DB, pack_record
 from . import fork
 from .data_file import DataFile
 
 log = logging.getLogger(__name__)
+LOCK_FILE = "lock.mdb"
 MAX_DBS = 64
 IDENTITY_CHECK_S = 0.1  # a reader looks at the path at least this often (see core/readers.py)
 MAX_READERS = 2048
@@ -240,6 +242,41 @@ def _drop_inherited() -> None:
                     pass
 
 
+# LMDB's lock file holds a header (MDB_txninfo: two cache lines plus the first reader slot) and
+# one 64-byte slot per further reader; the first opener sizes it with ftruncate, sparse.
+_LOCK_FILE_BYTES = 192 + (MAX_READERS - 1) * 64
+
+
+def preallocate_lock_file(directory: str) -> None:
+    """Give a store without one a ``lock.mdb`` whose blocks are allocated, before LMDB opens it.
+
+    LMDB writes its lock file through a shared memory map; a sparse one on a full disk kills
+    the process with SIGBUS instead of failing. Sized as LMDB sizes it for ``MAX_READERS``,
+    so LMDB takes it as it is. Nothing to do on a read-only filesystem (LMDB then reads
+    without a lock file) or when the file exists.
+    """
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.EROFS, errno.EACCES, errno.EPERM):
+            return
+        raise StorageError(f"cannot create {path} ({exc.strerror})") from None
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError as exc:
+        os.close(fd)
+        fd = None
+        os.unlink(path)
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise StorageError(f"cannot create the lock file of {directory} ({reason}); nothing was changed") \
+                from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = None,
           writemap: bool = False) -> lmdb.Environment:
     """Open the environment (``sync`` + ``metasync``: a commit is durable when it returns).
@@ -249,6 +286,7 @@ def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = Non
     first. The map is never smaller than the file, so LMDB never cuts reserved blocks off.
     """
     map_size = map_size or MIN_MAP_SIZE
+    preallocate_lock_file(path)
     if writemap:
         _open(path, readonly=True, readahead=readahead).close()
         map_size = max(map_size, os.path.getsize(os.path.join(path, DATA_FILE)))
