@@ -131,6 +131,24 @@ def test_restore_of_garbage_on_stdin_fails_cleanly_and_leaves_nothing(tmp_path):
     assert listing(str(tmp_path)) == ["cwd"] and listing(str(tmp_path / "cwd")) == []
 
 
+@pytest.mark.parametrize("damage", ["truncated", "extended"])
+def test_restore_from_stdin_refuses_a_truncated_or_extended_stream(tmp_path, damage):
+    """A stream has no size to check up front: a short one fails where it ends, bytes after the
+    trailer fail at the end; either way nothing is left at the target."""
+    path = str(tmp_path / "store")
+    small_store(path)
+    dump = str(tmp_path / "full.dump")
+    cli_ok("dump", path, dump)
+    data = open(dump, "rb").read()
+    data = data[: len(data) - 100] if damage == "truncated" else data + b"\0" * 16
+    target = str(tmp_path / "restored")
+    proc = subprocess.run([sys.executable, "-m", "lmdb_embeddings", "restore", "-", target], input=data,
+                          capture_output=True, timeout=60, env=subprocess_env(), cwd=ROOT)
+    line = assert_one_line_cli_error(proc)
+    assert ("truncated" if damage == "truncated" else "after the trailer") in line, line
+    assert not os.path.exists(target) and hidden_entries(str(tmp_path), "restored") == []
+
+
 def test_dump_npy_to_stdout_is_refused(tmp_path):
     """``--format npy`` writes a directory: ``-`` cannot be one (and must not become a directory named ``-``)."""
     path = str(tmp_path / "store")
