@@ -17,6 +17,7 @@ import pytest
 from guarantees_lib import cli_ok, committed_table, hidden_entries, one_line, py
 
 import lmdb_embeddings as le
+from lmdb_embeddings.processes import environment
 
 ROWS, DIM = 2000, 16
 
@@ -175,3 +176,43 @@ def test_swap_through_a_symlink_keeps_one_store(tmp_path, how):
     py("s = le.EmbeddingStore.open(sys.argv[1])\ns.put(s.ids[:4], np.full((4, s.dim), 9.0, np.float32))\n"
        "s.close()", link)
     assert committed_table(real)["values"] == sorted({9.0, *want}), "a commit through the link missed the real store"
+
+
+def test_reader_in_another_process_follows_a_compact_at_its_next_get(tmp_path, monkeypatch):
+    """The swap itself tells the old store's readers: ``compact`` commits a ``replaced`` record into
+    the store it replaced, so LMDB's transaction id changes and the reader looks at the path at
+    its very next get. The periodic look is switched off here, so only that signal can help."""
+    monkeypatch.setattr(environment, "IDENTITY_CHECK_S", 1e9)
+    path = str(tmp_path / "store")
+    build(path, 0.0)
+    reader = le.EmbeddingStore.open(path, readonly=True)
+    try:
+        assert np.unique(reader.get(reader.ids)).tolist() == [3.0]
+        swap("compact", path, tmp_path)
+        py("s = le.EmbeddingStore.open(sys.argv[1])\ns.put(s.ids, np.full((len(s), s.dim), 7.0, np.float32))\n"
+           "s.close()", path)
+        assert np.unique(reader.get(reader.ids)).tolist() == [7.0]
+    finally:
+        reader.close()
+
+
+def test_reader_looks_at_the_path_only_when_the_store_changed(tmp_path, monkeypatch):
+    """The cost of following swaps: no system call per get while nothing changes, one ``stat`` per
+    new commit seen (the periodic look is switched off here)."""
+    monkeypatch.setattr(environment, "IDENTITY_CHECK_S", 1e9)
+    looks = []
+    real = environment.data_file_identity
+    monkeypatch.setattr(environment, "data_file_identity", lambda d: looks.append(d) or real(d))
+    path = str(tmp_path / "store")
+    build(path, 0.0)
+    with le.EmbeddingStore.open(path, readonly=True) as reader:
+        reader.get([1, 2, 3])  # the first get looks once
+        looks.clear()
+        for _ in range(50):
+            reader.get([1, 2, 3])
+        assert looks == [], looks
+        py("s = le.EmbeddingStore.open(sys.argv[1])\ns.put([1], np.full((1, s.dim), 5.0, np.float32))\n"
+           "s.close()", path)
+        for _ in range(50):
+            assert reader.get([1])[0, 0] == 5.0
+        assert len(looks) == 1, looks
