@@ -1,4 +1,4 @@
-"""Helpers of the guarantee tests (issue 12): CLI runs in a chosen directory, small filesystems, knobs.
+"""Helpers of the guarantee tests (issue 12): CLI runs in a chosen directory, child processes, small filesystems.
 
 Everything goes through the public surface (``import lmdb_embeddings as le`` and
 ``python -m lmdb_embeddings``), in real subprocesses, so the tests hold whatever module
@@ -20,25 +20,6 @@ import lmdb_embeddings as le
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "guarantees_child.py")
-SCALE = os.environ.get("TORTURE_SCALE", "ci")
-
-
-def knob(name: str, ci: int, long: int) -> int:
-    """Trials of a race: the CI or long value (``TORTURE_SCALE``), or ``TORTURE_<NAME>``."""
-    override = os.environ.get(f"TORTURE_{name.upper()}")
-    if override:
-        return int(override)
-    return long if SCALE == "long" else ci
-
-
-def record(scenario: str, **figures) -> None:
-    """Append a race's figures to ``$TORTURE_REPORT`` (as the torture scenarios do), if set."""
-    path = os.environ.get("TORTURE_REPORT")
-    if path:
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"scenario": scenario, "scale": SCALE, **figures}) + "\n")
-
-
 def cli(*args: str, cwd: str | None = None, timeout: float = 120, stdin=None, text: bool = True):
     """``python -m lmdb_embeddings ARGS`` in a subprocess started in ``cwd`` (stderr is not a TTY)."""
     return subprocess.run([sys.executable, "-m", "lmdb_embeddings", *map(str, args)], capture_output=True,

@@ -2,7 +2,9 @@
 
 Each race runs in real processes, with enough trials to have caught the fault on the code
 it was reported against (the counts are in each test's docstring), and every wait is
-bounded so that a hang fails the test instead of blocking the run.
+bounded so that a hang fails the test instead of blocking the run. The CI sizes run with
+the rest of the suite; ``python tools/torture.py`` runs the long ones (``tl.knob``).
+The child roles are in ``tests/guarantees_child.py``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import time
 
 import numpy as np
 import pytest
-from guarantees_lib import cli_ok, committed_table, knob, last_json, record, run_child, spawn_child
+import torture_lib as tl
+from guarantees_lib import cli_ok, committed_table, last_json, run_child, spawn_child
 
 import lmdb_embeddings as le
 
 pytestmark = pytest.mark.torture
 
-CREATE_TRIALS = knob("guard_create_trials", 40, 400)
-FORKS = knob("guard_forks", 12, 100)
-LOADER_EPOCHS = knob("guard_loader_epochs", 6, 40)
-PROBE_SECONDS = knob("guard_probe_seconds", 15, 120)
+CREATE_TRIALS = tl.knob("guard_create_trials", 40, 400)
+FORKS = tl.knob("guard_forks", 12, 100)
+LOADER_EPOCHS = tl.knob("guard_loader_epochs", 6, 40)
+PROBE_SECONDS = tl.knob("guard_probe_seconds", 15, 120)
 
 
 def test_concurrent_create_of_one_path_has_exactly_one_winner(tmp_path):
@@ -57,7 +60,7 @@ def test_concurrent_create_of_one_path_has_exactly_one_winner(tmp_path):
             problems.append(f"the store does not hold the winner's commit: {final}")
         if problems:
             bad.append({"trial": trial["trial"], "problems": problems, "outcomes": outcomes})
-    record("race: concurrent create of one path", fuzz_cases=len(trials), wrong_results=len(bad))
+    tl.record("race: concurrent create of one path", fuzz_cases=len(trials), wrong_results=len(bad))
     assert not bad, f"{len(bad)} of {len(trials)} trials went wrong; first: {json.dumps(bad[:3], indent=1)}"
 
 
@@ -72,7 +75,7 @@ def test_fork_while_a_thread_uses_the_handle(tmp_path):
     le.EmbeddingStore.create(path, 4000, 16, chunk_rows=64, init="zeros").close()
     proc = run_child("forkbusy", path, "--forks", FORKS, "--child-timeout", 5, "--stop-at-first", timeout=300)
     seen = last_json(proc)
-    record("race: fork while a thread uses the handle", fuzz_cases=seen["forks"], crashes=seen["hung"])
+    tl.record("race: fork while a thread uses the handle", fuzz_cases=seen["forks"], crashes=seen["hung"])
     assert seen["parent_errors"] == [], seen
     assert seen["hung"] == 0, f"{seen['hung']} of {seen['forks']} forked children hung at their first get"
     assert seen["failed"] == 0 and seen["forks"] == FORKS, seen
@@ -92,7 +95,7 @@ def test_fork_after_a_thread_spilled_changes_into_an_open_write_transaction(tmp_
     path = str(tmp_path / "store")
     le.EmbeddingStore.create(path, 40_000, 16, chunk_rows=64, init="zeros").close()
     seen = last_json(run_child("forkspill", path, "--forks", 2, "--child-timeout", 5, timeout=120))
-    record("race: fork after a thread spilled", fuzz_cases=len(seen["outcomes"]),
+    tl.record("race: fork after a thread spilled", fuzz_cases=len(seen["outcomes"]),
            crashes=seen["outcomes"].count("hung"))
     assert seen["spilled"] > 0, "the scenario needs changes spilled into the pending transaction"
     assert set(seen["outcomes"]) <= {"ok", "refused"}, f"forked readers: {seen['outcomes']}"
@@ -110,7 +113,7 @@ def test_dataloader_workers_forked_while_a_thread_uses_the_handle(tmp_path):
     proc = run_child("dataloader", path, "--epochs", LOADER_EPOCHS, "--child-timeout", 5, "--stop-at-first",
                      timeout=400)
     seen = last_json(proc)
-    record("race: DataLoader fork while a thread uses the handle", fuzz_cases=seen["epochs"], crashes=seen["hung"])
+    tl.record("race: DataLoader fork while a thread uses the handle", fuzz_cases=seen["epochs"], crashes=seen["hung"])
     assert seen["parent_errors"] == [], seen
     assert seen["hung"] == 0, f"a DataLoader worker hung in {seen['hung']} of {seen['epochs']} epochs"
     assert seen["epochs"] == LOADER_EPOCHS, seen
@@ -144,7 +147,7 @@ def test_reader_killed_inside_its_read_transaction_does_not_pin_pages(tmp_path):
             ratios.append(os.stat(os.path.join(path, "data.mdb")).st_blocks * 512 / table)  # allocated, not sparse
     finally:
         writer.close()
-    record("race: readers killed inside their read transaction", kills=2, kills_survived=2,
+    tl.record("race: readers killed inside their read transaction", kills=2, kills_survived=2,
            file_to_table=round(ratios[-1], 1))
     assert ratios[-1] < 8, (f"the data file grew to {ratios[-1]:.1f}x the table over {commits} commits "
                             f"(every 10th: {[round(x, 1) for x in ratios[9::10]]}): dead readers pin pages")
@@ -182,7 +185,7 @@ def test_lock_probe_never_refuses_a_real_writer(tmp_path):
                 probe.kill()
                 probe.wait()
     probes = last_json_from_stream(probe)
-    record("race: lock probe vs writer opens", fuzz_cases=seen["opens"] + seen["refused"],
+    tl.record("race: lock probe vs writer opens", fuzz_cases=seen["opens"] + seen["refused"],
            unclean_failures=seen["refused"], probes=probes.get("probes"))
     assert probes.get("probes", 0) > 0, "the probe loop did not run"
     assert seen["refused"] == 0, (f"a writer open was refused while only the lock probe ran "
