@@ -42,7 +42,8 @@ MAX_READERS = 2048
 MIN_MAP_SIZE = 256 << 20
 _registry: dict[str, SharedEnv] = {}
 _registry_lock = threading.Lock()
-_stranded: dict[str, SharedEnv] = {}  # a forked child's inherited environments that cannot be closed
+_stranded: dict[str, str] = {}  # in a forked child: path -> why its inherited environment cannot be closed
+_kept_alive: list[SharedEnv] = []
 _held_for_fork: list[SharedEnv] = []
 
 
@@ -63,6 +64,7 @@ class SharedEnv:
         self.identity = identity  # (st_dev, st_ino) of the data file this environment opened
         self.retired = False  # the store at the path is another one now: this environment is closed
         self.write_owner: int | None = None  # thread that began the open write transaction, if any
+        self.snapshots = 0  # read transactions held across calls (format.snapshot: dump, verify, compact)
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
@@ -223,10 +225,12 @@ def data_file_identity(directory: str) -> tuple[int, int] | None:
 def _drop_inherited() -> None:
     """Called in a child process: close (without using) environments of the parent.
 
-    An environment with a write transaction that another thread of the parent began (to
-    spill changes) cannot be closed here: py-lmdb would wait for that thread, which does
-    not exist in the child. It is left as it is (its memory is the child's copy; nothing
-    is written), and the child refuses to open that store (``acquire``).
+    Two kinds cannot be closed here. One with a write transaction that another thread of
+    the parent began (to spill changes): py-lmdb would wait for that thread, which does not
+    exist in the child. One with a snapshot open (a dump or verify in progress): closing
+    would end its read transaction in LMDB's shared reader table, under the parent's feet.
+    They are left as they are (the child's copy of memory; nothing is written), and the
+    child refuses to open that store (``acquire``).
     """
     pid, me = os.getpid(), threading.get_ident()
     with _registry_lock:
@@ -234,7 +238,14 @@ def _drop_inherited() -> None:
             if shared.pid != pid:
                 del _registry[key]
                 if shared.write_owner is not None and shared.write_owner != me:
-                    _stranded[key] = shared  # kept referenced: never closed in this process
+                    _stranded[key] = "another thread of its parent had a write transaction open on it (changes " \
+                                     "spilled from its cache), which cannot be released here; commit before forking"
+                    _kept_alive.append(shared)  # never closed (nor garbage-collected) in this process
+                    continue
+                if shared.snapshots:
+                    _stranded[key] = "its parent was reading a snapshot of it (a dump or verify), which closing " \
+                                     "it here would break; fork before or after that"
+                    _kept_alive.append(shared)
                     continue
                 try:
                     shared.env.close()  # py-lmdb skips LMDB cleanup after fork
@@ -334,10 +345,8 @@ def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = Fal
     _drop_inherited()
     with _registry_lock:
         if real in _stranded:
-            raise EmbeddingStoreError(
-                f"{real}: this process was forked while another thread of its parent had a write transaction open "
-                "on this store (changes spilled from its cache), which cannot be released here; commit before "
-                "forking, or start workers with spawn/forkserver")
+            raise EmbeddingStoreError(f"{real}: this process was forked while {_stranded[real]}, or start workers "
+                                      "with spawn/forkserver")
         shared = _registry.get(real)
         if shared is not None and not shared.is_current():
             _retire(shared)
