@@ -17,6 +17,7 @@ import pytest
 from guarantees_lib import cli_ok, committed_table, hidden_entries, one_line, py
 
 import lmdb_embeddings as le
+from lmdb_embeddings.format.snapshot import Snapshot
 from lmdb_embeddings.processes import environment
 
 ROWS, DIM = 2000, 16
@@ -216,3 +217,20 @@ def test_reader_looks_at_the_path_only_when_the_store_changed(tmp_path, monkeypa
         for _ in range(50):
             assert reader.get([1])[0, 0] == 5.0
         assert len(looks) == 1, looks
+
+
+def test_a_swap_never_ends_a_snapshot_this_process_is_reading(tmp_path):
+    """Opening the store swapped in at the path retires this process's environment of the old
+    one; while a snapshot (a dump in progress) still reads the old one, that open is refused in
+    one line instead, and the snapshot reads on; once it is closed, the open works."""
+    path = str(tmp_path / "store")
+    build(path, 0.0)
+    with Snapshot(path) as snap:
+        swap("restore", path, tmp_path)
+        with pytest.raises(le.EmbeddingStoreError) as info:
+            le.EmbeddingStore.open(path, readonly=True)
+        assert "snapshot" in one_line(info.value)
+        seen = np.concatenate([parts[0] for _, parts in snap.chunks()])
+    assert np.unique(seen).tolist() == [3.0]
+    with le.EmbeddingStore.open(path, readonly=True) as reader:
+        assert np.unique(reader.get(reader.ids)).tolist() == [53.0]

@@ -93,8 +93,8 @@ class ReaderSession(Session):
         try:
             new = environment.acquire(self.path, write=False, readahead=self.options.readahead)
         except EmbeddingStoreError as exc:
-            raise EmbeddingStoreError(f"{self.path}: the store this read-only handle had open was removed ({exc}); "
-                                      "open it again once a store is there") from None
+            raise EmbeddingStoreError(f"{self.path}: the store this read-only handle had open was replaced or removed, "
+                                      f"and the one at the path cannot be opened now ({exc})") from None
         old, self.env = self.env, new
         environment.release(old)
         self._moved, self._seen_txnid = False, None

@@ -387,6 +387,10 @@ def _retire(shared: SharedEnv) -> None:
         raise EmbeddingStoreError(
             f"{shared.path} was replaced while a writable handle of this process still has uncommitted changes "
             "in the store that was there; close (or roll back) that handle first")
+    if shared.snapshots:  # closing would end a dump/verify of the old store in the middle
+        raise EmbeddingStoreError(
+            f"{shared.path} was replaced while this process is still reading a snapshot (a dump or verify) of the "
+            "store that was there; open it again once that is done")
     with shared.lock:
         shared.retired = True
         shared.env.close()
