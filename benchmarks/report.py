@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 COLUMNS = [
     ("workload", "workload", "{}"),
@@ -27,16 +28,60 @@ COLUMNS = [
 ]
 
 
+BASELINES = ("numpy_mem", "memmap_epoch", "lmdb_row_batched")
+_MEDIANS = ("total_s", "rows_per_s", "median_get_ms", "median_put_ms", "commit_s", "bytes_written", "batches")
+_MAXIMA = ("peak_rss_mb", "peak_anon_mb", "writer_slowdown")
+_SUMS = ("torn_reads", "reader_gets")
+
+
 def add_ratios(results: list[dict]) -> None:
-    """``x_<baseline>``: our throughput over the baseline's, within the same workload and run."""
-    by_workload: dict[str, dict[str, dict]] = {}
+    """``x_<baseline>``: our throughput over the baseline's, within the same workload and round."""
+    by_workload: dict[tuple, dict[str, dict]] = {}
     for r in results:
-        by_workload.setdefault(r["workload"], {})[r["label"]] = r
+        by_workload.setdefault((r.get("round", 0), r["workload"]), {})[r["label"]] = r
     for r in results:
-        for base in ("numpy_mem", "memmap_epoch", "lmdb_row_batched"):
-            ref = by_workload[r["workload"]].get(base)
+        for base in BASELINES:
+            ref = by_workload[(r.get("round", 0), r["workload"])].get(base)
             ok = ref and ref.get("rows_per_s") and r.get("rows_per_s")
             r[f"x_{base}"] = r["rows_per_s"] / ref["rows_per_s"] if ok else None
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (workload, label) over the rounds: medians, worst memory, ratio spreads.
+
+    Ratios are taken within each round (the machine is shared: an absolute figure from one
+    round says little), then their median and min-max across rounds are reported.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("kind", "run"), r["workload"], r["label"]), []).append(r)
+    if all(len(g) == 1 for g in groups.values()):
+        return results
+    summary = []
+    for rows in groups.values():
+        row = dict(rows[0])
+        row["rounds"] = len(rows)
+        if any("error" in r for r in rows):
+            row["error"] = next(r["error"] for r in rows if "error" in r)
+        for key in _MEDIANS:
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if values:
+                row[key] = statistics.median(values)
+        for key in _MAXIMA:
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if values:
+                row[key] = max(values)
+        for key in _SUMS:
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if values:
+                row[key] = sum(values)
+        for base in BASELINES:
+            values = [r[f"x_{base}"] for r in rows if isinstance(r.get(f"x_{base}"), (int, float))]
+            row[f"x_{base}"] = statistics.median(values) if values else None
+            row[f"x_{base}_spread"] = (min(values), max(values)) if values else None
+        row["verified"] = all(r.get("verified") for r in rows) if all("verified" in r for r in rows) else None
+        summary.append(row)
+    return summary
 
 
 def _cell(r: dict, key: str, fmt: str | None) -> str:
@@ -53,10 +98,15 @@ def _cell(r: dict, key: str, fmt: str | None) -> str:
         return f"{value} (capped)"
     if key == "bytes_written":
         return f"{value / 1e6:,.1f}"
+    spread = r.get(f"{key}_spread")
+    if spread and r.get("rounds", 1) > 1:
+        return f"{fmt.format(value)} ({fmt.format(spread[0])}-{fmt.format(spread[1])})"
     return fmt.format(value)
 
 
 def markdown(results: list[dict]) -> str:
+    """The table (medians over rounds, with the min-max of each ratio when there were several)."""
+    results = summarize(results)
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in results:
@@ -94,7 +144,7 @@ def chart(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results if r.get("kind") != "readers" and r.get("rows_per_s")]
+    rows = [r for r in summarize(results) if r.get("kind") != "readers" and r.get("rows_per_s")]
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     width = 0.8 / max(len(labels), 1)
@@ -135,7 +185,8 @@ def main(argv=None) -> None:
     meta = results[0].get("meta", {}) if results else {}
     with open(stem + ".md", "w") as fh:
         fh.write(f"Suite `{meta.get('suite')}`, {meta.get('started')}, {meta.get('cpus')} CPUs, "
-                 f"Python {meta.get('python')}\n\n")
+                 f"Python {meta.get('python')}, commit {meta.get('commit')}, {meta.get('rounds', 1)} round(s): "
+                 "medians, with the min-max of each ratio over the rounds\n\n")
         fh.write(markdown(results))
     chart(results, stem + ".png")
 

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", default=None, help="comma-separated implementation labels to run")
     parser.add_argument("--no-readers", action="store_true", help="skip the readers run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    parser.add_argument("--rounds", type=int, default=1, help="run everything this many times, interleaved; the "
+                        "table gives medians and the min-max of each ratio (default 1)")
     args = parser.parse_args(argv)
     out_dir = args.out or (RESULTS if args.suite == "full" else tempfile.mkdtemp(prefix="bench-out-"))
     os.makedirs(out_dir, exist_ok=True)
@@ -83,38 +85,12 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     labels = set(args.labels.split(",")) if args.labels else None
     meta = {"suite": args.suite, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rounds": args.rounds,
+            "commit": _git_commit()}
     results = []
     try:
-        for wl in suite(args.suite):
-            if only and wl.name not in only:
-                continue
-            for label, (impl, options, cap) in wl.runs.items():
-                if labels and label not in labels:
-                    continue
-                scratch = os.path.join(work, f"{wl.name}-{label}")
-                max_batches = cap if cap is not None else wl.max_batches
-                spec = {"workload": wl.as_dict() | {"runs": {}, "max_batches": max_batches}, "impl": impl,
-                        "options": options, "dir": scratch}
-                res = run_child(["-m", "benchmarks.worker", json.dumps(spec)], args.timeout)
-                res.update(workload=wl.name, label=label, impl=impl, options=options, n=wl.n, dim=wl.dim,
-                           batch=wl.batch, epochs=wl.epochs, order=wl.order, max_batches=max_batches,
-                           capped=cap is not None, persistent=impl != "numpy_mem")
-                if impl == "numpy_mem" and "verified" in res:
-                    res["verify_detail"] += " (in memory: nothing persistent to reopen)"
-                results.append(res)
-                shutil.rmtree(scratch, ignore_errors=True)
-                _progress(res)
-        for readers in [] if args.no_readers else READERS[args.suite]:
-            if only and readers["workload"] not in only:
-                continue
-            scratch = os.path.join(work, readers["workload"])
-            spec = dict(readers, dir=scratch)
-            res = run_child(["-m", "benchmarks.readers", "writer", json.dumps(spec)], args.timeout)
-            res.update(kind="readers", label="ours_default", **readers)
-            results.append(res)
-            shutil.rmtree(scratch, ignore_errors=True)
-            _progress(res)
+        for round_ in range(args.rounds):
+            results += _one_round(args, work, only, labels, round_)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -128,6 +104,53 @@ def main(argv=None) -> int:
     print(f"results in {out_dir}", file=sys.stderr)
     failed = [r for r in results if "error" in r or r.get("verified") is False or r.get("torn_reads")]
     return 1 if failed else 0
+
+
+def _git_commit() -> str | None:
+    """The commit the measured code is at (``+dirty`` with uncommitted changes), for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def _one_round(args, work: str, only, labels, round_: int) -> list[dict]:
+    """Every (workload, implementation) pair once, then the readers runs."""
+    results = []
+    for wl in suite(args.suite):
+        if only and wl.name not in only:
+            continue
+        for label, (impl, options, cap) in wl.runs.items():
+            if labels and label not in labels:
+                continue
+            scratch = os.path.join(work, f"{wl.name}-{label}")
+            max_batches = cap if cap is not None else wl.max_batches
+            spec = {"workload": wl.as_dict() | {"runs": {}, "max_batches": max_batches}, "impl": impl,
+                    "options": options, "dir": scratch}
+            res = run_child(["-m", "benchmarks.worker", json.dumps(spec)], args.timeout)
+            res.update(workload=wl.name, label=label, impl=impl, options=options, n=wl.n, dim=wl.dim,
+                       batch=wl.batch, epochs=wl.epochs, order=wl.order, max_batches=max_batches,
+                       capped=cap is not None, persistent=impl != "numpy_mem", round=round_)
+            if impl == "numpy_mem" and "verified" in res:
+                res["verify_detail"] += " (in memory: nothing persistent to reopen)"
+            results.append(res)
+            shutil.rmtree(scratch, ignore_errors=True)
+            _progress(res)
+    for readers in [] if args.no_readers else READERS[args.suite]:
+        if only and readers["workload"] not in only:
+            continue
+        scratch = os.path.join(work, readers["workload"])
+        spec = dict(readers, dir=scratch)
+        res = run_child(["-m", "benchmarks.readers", "writer", json.dumps(spec)], args.timeout)
+        res.update(kind="readers", label="ours_default", round=round_, **readers)
+        results.append(res)
+        shutil.rmtree(scratch, ignore_errors=True)
+        _progress(res)
+    return results
 
 
 def _progress(res: dict) -> None:

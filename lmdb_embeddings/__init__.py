@@ -6,7 +6,7 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
 * every error class (all derive from :class:`EmbeddingStoreError`);
 * the operations the CLI runs, as library functions: :func:`dump_store`,
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
-  :func:`import_cosir`;
+  :func:`import_cosir`, :func:`export_cosir`;
 * what needs torch, imported on first use so the core and the CLI start without it:
   :class:`EmbeddingDataset`, :class:`TrainableEmbeddingManager`, and the modules
   ``lmdb_embeddings.torch`` (StoreEmbedding, Sparse* optimizers) and
@@ -35,6 +35,7 @@ from .errors import (
     StorageError,
     StoreExistsError,
     StoreNotFoundError,
+    TemplateIncompatibleError,
     UnknownIdError,
     WriterLockedError,
 )
@@ -51,7 +52,9 @@ _LAZY = {
     "EmbeddingDataset": "lmdb_embeddings.torch.dataset",
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
     "import_cosir": "lmdb_embeddings.compat.cosir_files",
+    "export_cosir": "lmdb_embeddings.compat.cosir_files",
     "CosirImportError": "lmdb_embeddings.compat.cosir_files",
+    "CosirExportError": "lmdb_embeddings.compat.cosir_files",
 }
 
 __all__ = [
@@ -64,6 +67,7 @@ __all__ = [
     "ClosedError",
     "CommitError",
     "CorruptionError",
+    "CosirExportError",
     "CosirImportError",
     "DumpFileError",
     "FormatVersionError",
@@ -75,6 +79,7 @@ __all__ = [
     "StorageError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "TemplateIncompatibleError",
     "UnknownIdError",
     "WriterLockedError",
     # operations
@@ -84,6 +89,7 @@ __all__ = [
     "store_info",
     "compact_store",
     "import_cosir",
+    "export_cosir",
     "FORMAT_VERSION",
     "__version__",
 ]

@@ -72,3 +72,14 @@ class ReadOnlyError(EmbeddingStoreError, PermissionError):
 
 class ClosedError(EmbeddingStoreError, ValueError):
     """The handle was closed; open the store again."""
+
+
+class TemplateIncompatibleError(EmbeddingStoreError, ValueError):
+    """A stored template was made with other settings (strategy, dim, factor, normalize) than requested.
+
+    The CoSiR drop-in raises it where the upstream manager raised its own ``TemplateIncompatibleError``.
+    """
+
+
+class ReadOnlyAttributeError(EmbeddingStoreError, AttributeError):
+    """An attribute of the CoSiR drop-in that cannot be assigned (the message says what to do instead)."""

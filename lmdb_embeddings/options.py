@@ -78,12 +78,23 @@ class StoreOptions:
         want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16
         return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb))
 
-    def tier_bytes(self, cache_mb: float) -> tuple[int, int]:
-        """(L1, L2) budgets in bytes, given the resolved total ``cache_mb``."""
+    def tier_bytes(self, cache_mb: float, table_bytes: int = 0) -> tuple[int, int]:
+        """(L1, L2) budgets in bytes, given the resolved total ``cache_mb``.
+
+        A table that fits in the total gets all of it into L1 (``l1_fraction`` is then a floor,
+        not a cap): rows served from L1 cost one fancy index, while chunks bouncing between
+        the tiers cost a copy each (measured 11x slower gets at ``cache_mb`` = 1.25x the table).
+        """
         mib = 1 << 20
-        l1 = self.l1_mb if self.l1_mb is not None else cache_mb * self.l1_fraction
-        l2 = self.l2_mb if self.l2_mb is not None else cache_mb - l1
-        return int(l1 * mib), int(max(l2, 0) * mib)
+        total = cache_mb * mib
+        if self.l1_mb is not None:
+            l1 = self.l1_mb * mib
+        elif table_bytes <= total:
+            l1 = max(total * self.l1_fraction, table_bytes)
+        else:
+            l1 = total * self.l1_fraction  # larger than the budget: L2 keeps recent victims
+        l2 = self.l2_mb * mib if self.l2_mb is not None else total - l1
+        return int(l1), int(max(l2, 0))
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -33,6 +33,7 @@ from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
+from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 from .processes.writer_lock import WriterLock
 
@@ -90,11 +91,12 @@ class EmbeddingStore:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise InvalidInputError(f"seed must be an int in [0, 2**64), got {seed!r}")
         id_array = _create_ids(ids)
+        n = id_array if isinstance(id_array, int) else len(id_array)
         values = None
         if isinstance(init, str):
-            spec = init_spec(init, len(id_array), dim)
+            spec = init_spec(init, n, dim)
         else:
-            values = as_values(init, len(id_array), dim, dt, "create(init=array)")
+            values = as_values(init, n, dim, dt, "create(init=array)")
             spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage:
@@ -205,7 +207,7 @@ class EmbeddingStore:
     def ids(self) -> np.ndarray:
         """The sample IDs in row order (a copy)."""
         with self._mutex:
-            return self._caught_up().index.ids.copy()
+            return self._caught_up().index.ids_copy()
 
     def __len__(self) -> int:
         with self._mutex:
@@ -262,9 +264,8 @@ class EmbeddingStore:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            with session.reading():
-                table = session.table
-                return _column(table, name).cache.gather(table.index.slots(ids))
+            table = session.table
+            return session.read(lambda: _column(table, name).cache.gather(table.index.slots(ids)))
 
     # --------------------------------------------------------------------- writing
     def put(self, ids: IdsLike, values: ValuesLike) -> None:
@@ -407,7 +408,7 @@ class EmbeddingStore:
 
     # ----------------------------------------------------------------------- stats
     def stats(self) -> dict:
-        """Cache and commit counters of this handle."""
+        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``)."""
         with self._mutex:
             session = self._active()
             table = session.table
@@ -426,6 +427,7 @@ class EmbeddingStore:
                 rows=table.rows,
                 store_commit=table.commit,
                 last_commit_time=table.committed_at,
+                anon_bytes=rss_anon_bytes(),  # the whole process's RssAnon: cache + interpreter + yours
             )
             return out
 
@@ -506,12 +508,12 @@ def _as_path(path) -> str:
     return os.path.abspath(path)
 
 
-def _create_ids(ids) -> np.ndarray:
-    """``create``'s ids: an int N (0..N-1) or unique int64 IDs."""
+def _create_ids(ids) -> np.ndarray | int:
+    """``create``'s ids: an int N (IDs 0..N-1, never built as an array) or unique int64 IDs."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         if ids < 0:
             raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
-        return np.arange(int(ids), dtype=np.int64)
+        return int(ids)
     id_array = as_ids(ids, "ids")
     check_unique(id_array, "create")
     return id_array

@@ -59,8 +59,9 @@ def test_multi_group_put_puts_back_the_rows_of_earlier_groups_when_a_later_group
     rows, dim, cr = 16384, 16, 256
     values = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
     le.EmbeddingStore.create(path, rows, dim, init=values, chunk_rows=cr).close()
-    store = le.EmbeddingStore.open(path, cache_mb=1)
+    store = le.EmbeddingStore.open(path, cache_mb=0.25)  # a quarter of the table: the put goes in groups
     try:
+        assert store.stats()["cache_budget_bytes"] < values.nbytes
         store.put([5], np.full((1, dim), -1.0, np.float32))  # an earlier change, uncommitted
         session = store._session
         real_spill, calls = session.spill, []

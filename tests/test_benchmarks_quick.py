@@ -92,3 +92,20 @@ def test_suites_name_every_implementation():
             for impl, _, _ in wl.runs.values():
                 assert impl in IMPLEMENTATIONS
     assert os.path.isdir(os.path.join(ROOT, "benchmarks"))
+
+
+def test_targets_run_end_to_end_and_our_workers_never_see_a_torn_batch(tmp_path):
+    """The issue-11 targets harness at a tiny size: every target reports a ratio; while a writer
+    commits whole-table rounds, no batch our DataLoader workers read mixes two rounds (the
+    np.memmap baseline is allowed to: that is what it cannot promise)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.targets", "--rounds", "1", "--rows", "4096",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=subprocess_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = {r["target"]: r for r in map(json.loads, (out / "targets.jsonl").read_text().splitlines())}
+    assert set(results) == {"commit", "row_reads", "workers", "training"}
+    for r in results.values():
+        assert r["ratio"] > 0 and r["meta"]["commit"]
+    assert results["workers"]["ours_torn"] == 0 and results["workers"]["ours_rows_per_s"] > 0
+    assert "| commit:" in (out / "targets.md").read_text()

@@ -228,3 +228,18 @@ def test_column_cache_reader_drops_chunks_rewritten_by_a_newer_commit():
     loaded = stats.chunks_loaded
     cache.gather(np.array([1, 5]))  # both checked at commit 2 now: the hot path, no reload
     assert stats.chunks_loaded == loaded
+
+
+def test_an_explicit_budget_that_holds_the_table_keeps_it_all_in_l1(store_path):
+    """cache_mb = 1.25x the table: L1 takes all of it (l1_fraction is a floor), no chunk bounces via L2."""
+    n, dim = 20_000, 32
+    budget = 1.25 * n * dim * 4 / MIB
+    with EmbeddingStore.create(store_path, n, dim, chunk_rows=256, cache_mb=budget) as store:
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            for part in np.array_split(rng.permutation(n), 40):
+                store.put(part, store.get(part) + 1.0)
+        stats = store.stats()
+        assert stats["l1_chunks"] == -(-n // 256) and stats["l2_hits"] == 0 and stats["chunks_loaded"] == -(-n // 256)
+        assert stats["cache_bytes"] <= budget * MIB
+        assert stats["anon_bytes"] > 0

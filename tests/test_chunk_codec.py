@@ -95,3 +95,19 @@ def test_the_reusing_encoder_gives_the_bytes_of_encode_chunk():
                  np.random.default_rng(1).standard_normal((1024, 16)), np.ones((2, 2), np.float32)):
         for index, version in ((0, 0), (7, 3), (2**40, 2**33)):
             assert bytes(encoder.encode(rows, index, version)) == encode_chunk(rows, index, version)
+
+
+def test_the_struct_header_parse_agrees_with_msgpack():
+    import msgpack
+
+    from lmdb_embeddings.format.chunks import _fast_header
+
+    for n_rows in (0, 1, 127, 128, 300, 70000):
+        for version in (0, 5, 255, 256, 2**16, 2**40):
+            rows = np.ones((n_rows, 1), np.float32)
+            value = encode_chunk(rows, 3, version)
+            fast = _fast_header(value)
+            n, v, crc, payload = msgpack.unpackb(value)
+            assert (fast.n_rows, fast.version, fast.checksum, fast.payload_len) == (n, v, crc, len(payload))
+            assert value[fast.payload_offset:] == payload
+    assert _fast_header(msgpack.packb([1, -1, 2, b"x"])) is None  # another layout: left to msgpack

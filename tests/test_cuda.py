@@ -55,3 +55,26 @@ def test_embedding_dataset_batches_pin_to_cuda(small_store):
     batch = next(iter(loader))
     assert batch.is_pinned()
     assert np.array_equal(batch.to("cuda", non_blocking=True).cpu().numpy(), small_store.get(small_store.ids[:100]))
+
+
+def test_cosir_manager_on_cuda(tmp_path):
+    """The drop-in on a CUDA device: memory mode's Parameter and its rows live there, updates from CUDA
+    tensors of any float dtype are cast, direct writes are saved, disk-mode rows come back on the device."""
+    ids = list(range(300))
+    m = le.TrainableEmbeddingManager(sample_ids=ids, embedding_dim=8, device="cuda", storage_mode="memory",
+                                     initialization_strategy="zeros", embeddings_dir=str(tmp_path / "m"),
+                                     chunk_size=64, auto_sync=True, sync_batch_size=100)
+    assert m.embeddings.device.type == "cuda"
+    rows = m.get_embeddings([3, 7])
+    assert rows.device.type == "cuda" and rows.requires_grad
+    m.update_embeddings([3], torch.full((1, 8), 0.5, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        m.embeddings.data[m.id_to_index[7]] = 2.0
+    m.force_sync_all_chunks()
+    m.close()
+    disk = le.TrainableEmbeddingManager(sample_ids=ids, embedding_dim=8, device="cuda", storage_mode="disk",
+                                        embeddings_dir=str(tmp_path / "m"))
+    got = disk.get_embeddings([3, 7])
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    assert torch.equal(got.cpu(), torch.tensor([[0.5] * 8, [2.0] * 8]))
+    disk.close()

@@ -180,8 +180,10 @@ def test_put_that_meets_a_corrupt_chunk_changes_nothing(tmp_path):
         byte = fh.read(1)[0]
         fh.seek(at + 3)
         fh.write(bytes([byte ^ 0x40]))
-    store = le.EmbeddingStore.open(path, cache_mb=1)  # 16 chunks of cache: the put goes in groups
+    # a cache of a quarter of the table (12 chunks of L1): the put goes in groups
+    store = le.EmbeddingStore.open(path, cache_mb=0.25)
     try:
+        assert store.stats()["cache_budget_bytes"] < values.nbytes
         with pytest.raises(le.CorruptionError):
             store.put(store.ids, values + 0.5)
         assert store.get(store.ids[:cr]).tobytes() == values[:cr].tobytes(), \

@@ -83,3 +83,17 @@ def test_matches_a_dict_under_appends(initial, batches, probes):
         index.append(new)
         ids = np.concatenate([ids, new])
     _check(index, ids, np.array(probes + ids[:5].tolist(), dtype=np.int64))
+
+
+def test_ids_0_to_n_minus_1_are_held_as_a_count_not_an_array():
+    """The common case costs no memory per row, however large the table (the cache bound)."""
+    index = IdIndex.from_chunks(np.arange(lo, lo + 1000) for lo in range(0, 10_000_000, 1000))
+    assert index._buf is None and len(index) == 10_000_000
+    assert np.array_equal(index.slice(9_999_998, 10**8), [9_999_998, 9_999_999])
+    assert np.array_equal(index.slots(np.array([5, 9_999_999])), [5, 9_999_999])
+    index.append(np.array([10_000_000, 10_000_001]))  # appending the next IDs keeps it a count
+    assert index._buf is None and len(index) == 10_000_002
+    index.append(np.array([-4]))  # any other ID needs the array from then on
+    assert index._buf is not None and np.array_equal(index.slots(np.array([-4, 0])), [10_000_002, 0])
+    index.truncate(10_000_002)  # rolled back: a count again
+    assert index._buf is None and index.ids_copy()[-1] == 10_000_001

@@ -8,6 +8,7 @@ Commands (``lmdb-embeddings COMMAND --help`` for each):
 * ``verify PATH [--json]`` — check every chunk and the metadata; exit 1 listing the bad chunks
 * ``compact PATH`` — rewrite the store without free pages, atomically
 * ``import-cosir DIR PATH [--force] [--chunk-rows N]`` — convert CoSiR ``embeddings_chunk_*.pt`` files
+* ``export-cosir PATH DIR [--force]`` — write a store back as CoSiR ``embeddings_chunk_*.pt`` files, bit-exact
 
 Global options: ``--quiet`` (no progress bars, no summary), ``--traceback`` (debugging).
 """

@@ -1,7 +1,7 @@
 """The sub-commands of ``lmdb-embeddings``: parse, call the library function, print.
 
 Each sub-command lives in a function ``cmd_<name>`` that prints the result; the work is
-done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import). Exit
+done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import/export). Exit
 codes: 0 ok, 1 a check failed (verify found problems, a store is corrupt), 2 usage or
 input error. Errors print ONE line to stderr, never a traceback; ``--traceback`` shows it
 for unexpected errors when debugging.
@@ -124,6 +124,16 @@ def cmd_import_cosir(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_cosir(args: argparse.Namespace) -> int:
+    # the .pt writer needs torch, which the rest of the CLI never imports: load it only for this command
+    export_cosir = importlib.import_module("lmdb_embeddings.compat.cosir_files").export_cosir
+    result = export_cosir(args.path, args.dir, overwrite=args.force, progress=progress_wanted(args.quiet))
+    if not args.quiet:
+        print(f"exported {result['rows']} rows x {result['dim']} ({result['dtype']}) of commit {result['commit']} "
+              f"into {result['files']} chunk files of {result['chunk_rows']} rows in {result['path']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdb-embeddings",
                                      description="Inspect, dump, restore and verify lmdb_embeddings stores.")
@@ -173,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     cosir.add_argument("--force", action="store_true", help="replace an existing store at PATH")
     cosir.add_argument("--chunk-rows", type=_positive_int, default=None,
                        help="rows per store chunk (default: the rows of the first file, the original chunk_size)")
+
+    export = command("export-cosir", cmd_export_cosir,
+                     "write a store's committed rows as original CoSiR embeddings_chunk_*.pt files (one per chunk)")
+    export.add_argument("path", metavar="PATH", help="the store")
+    export.add_argument("dir", metavar="DIR", help="directory to write embeddings_chunk_<i>.pt files into")
+    export.add_argument("--force", action="store_true",
+                        help="replace DIR if it already holds CoSiR files (never anything else)")
     return parser
 
 

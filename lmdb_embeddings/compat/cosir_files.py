@@ -1,10 +1,11 @@
-"""Import a directory of original CoSiR ``embeddings_chunk_{i}.pt`` files into a store.
+"""The original CoSiR chunk files (``embeddings_chunk_{i}.pt``): import into a store, export from one.
 
 The original manager saved chunk ``i`` as ``torch.save({sample_id: 1-D tensor, ...})``.
 The import streams the files in chunk order, one file in memory at a time, appending
 each file's rows to a store built in a hidden sibling of the destination; only a complete
 store is renamed into place, so a bad file (or a crash) never leaves a half store.
 Files are read with ``torch.load(weights_only=True)``: plain tensors only, no pickled code.
+The export writes one file per store chunk the same way, bit-exact on re-import.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import re
 import numpy as np
 import torch
 
-from ..core.inputs import SUPPORTED_DTYPES, as_positive_int
-from ..errors import EmbeddingStoreError, InvalidInputError
+from ..core.inputs import as_positive_int
+from ..errors import EmbeddingStoreError
+from ..format.snapshot import Snapshot
 from ..ops.progress import bar
-from ..processes.staging import StagedStore, check_replace_target
-from ..store import EmbeddingStore
+from ..processes.staging import check_replace_target
+from .building import build_store, write_file_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class CosirImportError(EmbeddingStoreError, ValueError):
 
 class CosirSourceNotFoundError(EmbeddingStoreError, FileNotFoundError):
     """The directory of original chunk files does not exist."""
+
+
+class CosirExportError(EmbeddingStoreError, ValueError):
+    """The chunk files cannot be written where asked (the message says why)."""
 
 
 def find_chunk_files(src_dir, required: bool = True) -> list[tuple[int, str]]:
@@ -119,6 +125,7 @@ def _numpy_int_globals() -> list:
             np.dtype, *int_dtypes]
 
 
+
 def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool = False,
                  chunk_rows: int | None = None, dtype=None) -> dict:
     """Convert a directory of original ``embeddings_chunk_*.pt`` files into a store at ``dst_path``.
@@ -144,68 +151,83 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
     if chunk_rows is not None:
         chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
     check_replace_target(dst_path, overwrite, "pass overwrite=True (CLI: --force)")
-    with StagedStore(dst_path, "importing") as stage:
-        summary = _import_into(stage.tmp, files, src_dir, dtype, chunk_rows, progress)
-        summary["path"] = dst_path
-        stage.swap_in(replace=overwrite)
+    groups = ((os.path.basename(path), *load_chunk_file(path)) for _, path in files)
+    summary = build_store(dst_path, groups, error=CosirImportError, chunk_rows=chunk_rows, dtype=dtype,
+                          progress=progress, total=len(files), cache_mb=_IMPORT_CACHE_MB, commit_bytes=_COMMIT_BYTES,
+                          replace=overwrite)
+    summary = {"files": len(files), **summary, "path": dst_path}
     log.info("imported %d rows x %d from %d chunk files of %s into %s", summary["rows"], summary["dim"],
              len(files), src_dir, dst_path)
     return summary
 
 
-def _import_into(tmp: str, files: list, src_dir, dtype, chunk_rows: int | None, progress: bool) -> dict:
-    """Append every file's rows to a new store in ``tmp``; returns the import summary."""
-    store = None
-    rows_total, dim, since_commit = 0, None, 0
-    try:
-        with bar(len(files), "import-cosir", progress, unit="file") as pbar:
-            for _, path in files:
-                pbar.update(1)
-                ids, rows = load_chunk_file(path)
-                if len(ids) == 0:
-                    continue
-                if dim is None:
-                    dim = rows.shape[1]
-                    dtype = dtype if dtype is not None else (
-                        rows.dtype.name if rows.dtype.name in SUPPORTED_DTYPES else "float32")
-                    store = _start_store(tmp, path, ids, rows, dtype, chunk_rows or len(ids))
-                else:
-                    if rows.shape[1] != dim:
-                        raise CosirImportError(f"{os.path.basename(path)}: rows of dim {rows.shape[1]}, but "
-                                               f"earlier files have dim {dim} (mixed dims in one directory)")
-                    _append(store, path, ids, rows)
-                rows_total += len(ids)
-                since_commit += rows.nbytes
-                if since_commit >= _COMMIT_BYTES:
-                    store.commit()
-                    since_commit = 0
-        if store is None:
-            raise CosirImportError(f"{src_dir}: the chunk files hold no rows (nothing to import)")
-        summary = {"files": len(files), "rows": rows_total, "dim": dim, "dtype": store.dtype.name,
-                   "chunk_rows": store.chunk_rows}
-        store.close()
-        store = None
-        return summary
-    finally:
-        if store is not None:
-            store.rollback()
-            store.close()
+# --------------------------------------------------------------------------- export
+def chunk_file_content(ids: np.ndarray, rows: np.ndarray) -> dict:
+    """What the original manager saved per chunk: ``{int sample id: 1-D tensor}`` in row order.
+
+    The values are rows of one tensor (as the original's were), so ``torch.save`` writes the
+    chunk's rows once, as one storage.
+    """
+    block = torch.from_numpy(np.array(rows, copy=True))
+    return dict(zip(ids.tolist(), block.unbind(0), strict=True))
 
 
-def _start_store(tmp: str, path: str, ids: np.ndarray, rows: np.ndarray, dtype, chunk_rows: int) -> EmbeddingStore:
-    try:
-        return EmbeddingStore.create(tmp, ids, rows.shape[1], dtype=dtype, chunk_rows=chunk_rows, init=rows,
-                                     cache_mb=_IMPORT_CACHE_MB)
-    except InvalidInputError as exc:
-        raise CosirImportError(f"{os.path.basename(path)}: {exc}") from None
+def write_chunk_files(directory: str, groups) -> int:
+    """``directory/embeddings_chunk_{k}.pt`` for the k-th ``(ids, rows)`` group, each synced; the file count."""
+    count = 0
+    for k, (ids, rows) in enumerate(groups):
+        path = os.path.join(directory, f"embeddings_chunk_{k}.pt")
+        with open(path, "wb") as f:
+            torch.save(chunk_file_content(ids, rows), f)
+            f.flush()
+            os.fsync(f.fileno())
+        count += 1
+    return count
 
 
-def _append(store: EmbeddingStore, path: str, ids: np.ndarray, rows: np.ndarray) -> None:
-    try:
-        store.add(ids, rows)
-    except InvalidInputError as exc:
-        hint = " (sample ids must be unique across all chunk files)" if "already" in str(exc) else ""
-        raise CosirImportError(f"{os.path.basename(path)}: {exc}{hint}") from None
+def export_cosir(store_path, out_dir, *, overwrite: bool = False, progress: bool = False) -> dict:
+    """Write the committed rows of the store at ``store_path`` as original ``embeddings_chunk_*.pt`` files.
+
+    File ``k`` holds store chunk ``k`` (``chunk_rows`` rows in row order, ``{int id: 1-D tensor}``
+    of the store's dtype), so ``import_cosir(out_dir, ...)`` rebuilds the table bit-exact, with
+    the same chunking. Reads one consistent snapshot (safe while a writer trains), one chunk
+    at a time; the files are built beside ``out_dir`` and swapped in when complete.
+    Auxiliary columns (optimizer state) are not part of the original format and are left out.
+
+    Args:
+        overwrite: replace ``out_dir`` if it already holds CoSiR files (never anything else).
+    Returns:
+        ``{"files", "rows", "dim", "dtype", "chunk_rows", "commit", "path"}``.
+    """
+    store_path = os.path.abspath(os.fspath(store_path))
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.commonpath([store_path, out_dir]) == store_path:
+        raise CosirExportError(f"{out_dir} is inside the store {store_path}; choose a directory outside it")
+    with Snapshot(store_path) as snap:
+        layout = snap.layout
+        main = layout.columns[0]
+
+        def chunks():
+            for c in range(layout.n_chunks):
+                yield snap.ids_chunk(c).copy(), np.array(snap.column_chunk(c, main))
+                snap.release_pages()
+
+        def build(tmp: str) -> None:
+            with bar(layout.n_chunks, "export-cosir", progress, unit="file") as pbar:
+                write_chunk_files(tmp, _counted(chunks(), pbar))
+
+        write_file_dir(out_dir, build, "exporting", overwrite=overwrite)
+    log.info("exported %d rows x %d of %s (commit %d) into %d chunk files in %s", layout.rows, layout.dim,
+             store_path, layout.commit, layout.n_chunks, out_dir)
+    return {"files": layout.n_chunks, "rows": layout.rows, "dim": layout.dim, "dtype": layout.dtype.name,
+            "chunk_rows": layout.chunk_rows, "commit": layout.commit, "path": out_dir}
 
 
-__all__ = ["import_cosir", "find_chunk_files", "load_chunk_file", "CosirImportError", "CosirSourceNotFoundError"]
+def _counted(items, pbar):
+    for item in items:
+        yield item
+        pbar.update(1)
+
+
+__all__ = ["import_cosir", "export_cosir", "find_chunk_files", "load_chunk_file", "write_chunk_files",
+           "chunk_file_content", "CosirImportError", "CosirExportError", "CosirSourceNotFoundError"]

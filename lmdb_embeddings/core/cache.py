@@ -5,6 +5,10 @@ Gathering or scattering rows that live in L1 is then ONE numpy fancy-index over 
 (``slab[slot * chunk_rows + offset]``), with no per-chunk Python work: that is what makes
 small random batches fast. Dirty (written, uncommitted) chunks live only in L1.
 
+When L1 can hold the whole table, chunk ``c`` lives in slot ``c``: the slab row of table
+row slot ``s`` is then ``s`` itself, and a call on a fully resident table is one ``np.take``
+(get) or one fancy assignment (put) straight from the row slots, with no chunk lookup.
+
 L2 is a victim cache: clean chunks pushed out of L1 are kept, decoded, in an LRU dict
 with its own byte budget, so a chunk that comes back soon costs a copy instead of an
 LMDB read + checksum. Below both sits the OS page cache under LMDB's memory map.
@@ -25,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 _NO_SLOT = -1
+_ALL = slice(None)  # "every position of the call"
 
 
 class ChunkIO(Protocol):
@@ -92,7 +97,10 @@ class ColumnCache:
         self.last_used = np.empty(0, np.int64)
         self.dirty = np.empty(0, bool)
         self.chunk_slot = np.full(0, _NO_SLOT, np.int64)
-        self._free: list[int] = []
+        self._free: list[int] = []  # a stack of free slots; entries taken out of turn are skipped
+        self._n_resident = 0  # chunks in L1
+        self._n_misplaced = 0  # of which not in the slot numbered like the chunk
+        self._checked_at = -1  # reader: every resident chunk was checked at this commit
         self._tick = 0
         # chunk -> (rows, version, commit at which a reader last checked the version)
         self.l2: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
@@ -109,7 +117,7 @@ class ColumnCache:
 
     @property
     def resident_chunks(self) -> int:
-        return int((self.slot_chunk >= 0).sum())
+        return self._n_resident
 
     @property
     def _chunk_limit(self) -> int:
@@ -125,6 +133,8 @@ class ColumnCache:
     def _grow_slab(self, want_slots: int) -> None:
         limit = self._chunk_limit
         new = min(self.capacity, max(want_slots, min(2 * self._n_slots, limit), 4))
+        if self.capacity >= limit:
+            new = max(new, limit)  # the whole table fits: a slot for every chunk, at its own number
         if new <= self._n_slots:
             return
         if self._buffer.shape[0] < new * self.chunk_rows:
@@ -154,16 +164,61 @@ class ColumnCache:
     # -- rows in, rows out ---------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> np.ndarray:
         """The rows of row slots ``slots`` (any order, duplicates allowed), as a fresh array."""
+        if len(slots) and self._whole_table_in_place():
+            if len(slots) == 1:  # one row (a Dataset's __getitem__): scalar work only
+                slot = int(slots[0])
+                self._touch_one(slot // self.chunk_rows)
+                return self.slab[slot : slot + 1].copy()
+            self._touch(slots // self.chunk_rows)
+            out = np.empty((len(slots), self.width), self.dtype)
+            np.take(self.slab, slots, axis=0, out=out)
+            return out
         out = np.empty((len(slots), self.width), self.dtype)
         for positions, rows, _ in self._locate(slots):
-            out[positions] = self.slab[rows]
+            if positions is _ALL:
+                np.take(self.slab, rows, axis=0, out=out)
+            else:
+                out[positions] = self.slab[rows]
         return out
 
     def scatter(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Write ``values`` (checked, cast) into row slots ``slots`` (unique), marking their chunks dirty."""
+        if len(slots) and self._whole_table_in_place():
+            chunks = slots // self.chunk_rows
+            self._touch(chunks)
+            self.slab[slots] = values
+            self.dirty[chunks] = True
+            return
         for positions, rows, cache_slots in self._locate(slots):
             self.slab[rows] = values[positions]
             self.dirty[cache_slots] = True  # every located chunk receives rows
+
+    def _whole_table_in_place(self) -> bool:
+        """Every chunk of the table resident in its own slot, current (reader), none short of rows."""
+        limit = self._chunk_limit
+        if self._n_misplaced or self._n_resident != limit or self._n_slots < limit:
+            return False
+        last = limit - 1
+        if self.slot_rows[last] < self.table.rows - last * self.chunk_rows:
+            return False
+        commit = self.table.validate_against
+        if commit is None or commit == self._checked_at:
+            return True
+        if self.slot_validated[: self._n_slots].min() < commit:
+            return False
+        self._checked_at = commit  # chunks installed later are checked as they come in
+        return True
+
+    def _touch_one(self, slot: int) -> None:
+        self._tick += 1
+        self.last_used[slot] = self._tick
+        self.stats.l1_hits += 1
+
+    def _touch(self, slots: np.ndarray) -> None:
+        """Record L1 hits on resident ``slots`` (duplicates allowed) for LRU and stats."""
+        self._tick += 1
+        self.last_used[slots] = self._tick
+        self.stats.l1_hits += int(np.count_nonzero(self.last_used[: self._n_slots] == self._tick))
 
     def _locate(self, slots: np.ndarray) -> Iterator[tuple]:
         """Yield (positions in ``slots``, rows in the slab, cache slots of the chunks).
@@ -178,12 +233,12 @@ class ColumnCache:
         offset = slots - chunk_of * cr
         hot = self._hot_slots(chunk_of, offset)
         if hot is not None:
-            yield slice(None), hot * cr + offset, hot
+            yield _ALL, hot * cr + offset, hot
             return
         unique, inverse = _unique_inverse(chunk_of)
         if len(unique) <= self.capacity:
             cache_slots = self._resident(unique)
-            yield slice(None), cache_slots[inverse] * cr + offset, cache_slots
+            yield _ALL, cache_slots[inverse] * cr + offset, cache_slots
             return
         group = max(1, self.capacity // 2)
         for start in range(0, len(unique), group):
@@ -208,9 +263,7 @@ class ColumnCache:
         commit = self.table.validate_against
         if commit is not None and (self.slot_validated[hot] < commit).any():
             return None
-        self._tick += 1
-        self.last_used[hot] = self._tick
-        self.stats.l1_hits += int(np.count_nonzero(self.last_used[: self._n_slots] == self._tick))
+        self._touch(hot)
         return hot
 
     def _resident(self, chunks: np.ndarray) -> np.ndarray:
@@ -291,8 +344,28 @@ class ColumnCache:
         self.last_used[slots] = self._tick
         return slots
 
+    def _take_slot(self, chunk: int) -> int:
+        """A free slot for ``chunk``: its own number when free (see the module doc), else any."""
+        if chunk < self._n_slots and self.slot_chunk[chunk] == _NO_SLOT:
+            return chunk
+        while True:
+            slot = self._free.pop()
+            if self.slot_chunk[slot] == _NO_SLOT:
+                return slot
+
+    def _release_slot(self, slot: int) -> None:
+        chunk = int(self.slot_chunk[slot])
+        self.chunk_slot[chunk] = _NO_SLOT
+        self.slot_chunk[slot] = _NO_SLOT
+        self.dirty[slot] = False
+        self._free.append(slot)
+        self._n_resident -= 1
+        self._n_misplaced -= slot != chunk
+
     def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
-        slot = self._free.pop()
+        slot = self._take_slot(chunk)
+        self._n_resident += 1
+        self._n_misplaced += slot != chunk
         n = len(rows)
         base = slot * self.chunk_rows
         self.slab[base : base + n] = rows
@@ -303,9 +376,10 @@ class ColumnCache:
 
     def _reserve(self, n: int, pinned: np.ndarray) -> None:
         """Free ``n`` slots, growing the slab or evicting least recently used chunks."""
-        if len(self._free) < n:
-            self._grow_slab(self._n_slots + n - len(self._free))
-        short = n - len(self._free)
+        free = self._n_slots - self._n_resident
+        if free < n:
+            self._grow_slab(self._n_slots + n - free)
+        short = n - (self._n_slots - self._n_resident)
         if short <= 0:
             return
         used = np.flatnonzero(self.slot_chunk != _NO_SLOT)
@@ -325,10 +399,7 @@ class ColumnCache:
                 self.l2_bytes -= old.nbytes
             self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]), int(self.slot_validated[slot]))
             self.l2_bytes += rows.nbytes
-        self.chunk_slot[chunk] = _NO_SLOT
-        self.slot_chunk[slot] = _NO_SLOT
-        self.dirty[slot] = False
-        self._free.append(slot)
+        self._release_slot(slot)
 
     def rows_in_slot(self, slot: int) -> np.ndarray:
         base = slot * self.chunk_rows
@@ -357,11 +428,7 @@ class ColumnCache:
             if entry is not None:
                 self.l2_bytes -= entry[0].nbytes
             if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
-                slot = int(self.chunk_slot[chunk])
-                self.chunk_slot[chunk] = _NO_SLOT
-                self.slot_chunk[slot] = _NO_SLOT
-                self.dirty[slot] = False
-                self._free.append(slot)
+                self._release_slot(int(self.chunk_slot[chunk]))
 
     def drop_dirty(self) -> None:
         self.drop(self.slot_chunk[np.flatnonzero(self.dirty[: self._n_slots])].tolist())

@@ -16,16 +16,41 @@ _SHOWN_MISSING = 10
 
 
 class IdIndex:
+    """IDs in row order and their slots. IDs exactly ``0..N-1`` are held as the count alone
+    (no array: memory independent of the table); any other IDs as an array plus a sorted copy."""
+
     def __init__(self, ids: np.ndarray):
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._buf = ids.copy()
+        self._buf: np.ndarray | None = ids.copy()
         self._n = len(ids)
         self._rebuild()
+
+    @classmethod
+    def from_chunks(cls, chunks) -> IdIndex:
+        """Build from consecutive ID arrays without ever holding 0..N-1 as an array."""
+        index = cls(np.empty(0, np.int64))
+        for part in chunks:
+            index.append(part)
+        return index
 
     # -- views -------------------------------------------------------------------------
     @property
     def ids(self) -> np.ndarray:
+        """The IDs in row order (for contiguous IDs, a fresh ``arange``)."""
+        if self._buf is None:
+            return np.arange(self._n, dtype=np.int64)
         return self._buf[: self._n]
+
+    def ids_copy(self) -> np.ndarray:
+        """The IDs in row order, as an array the caller owns."""
+        return self.ids if self._buf is None else self._buf[: self._n].copy()
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """IDs of row slots ``start:stop``, without building the whole array."""
+        stop = min(stop, self._n)
+        if self._buf is None:
+            return np.arange(start, max(start, stop), dtype=np.int64)
+        return self._buf[start:stop]
 
     def __len__(self) -> int:
         return self._n
@@ -34,6 +59,7 @@ class IdIndex:
         ids = self.ids
         self._contiguous = bool(self._n == 0 or (ids[0] == 0 and ids[-1] == self._n - 1 and _is_arange(ids)))
         if self._contiguous:
+            self._buf = None  # the count says it all
             self._sorted = self._order = None
         else:
             self._order = np.argsort(ids, kind="stable")
@@ -54,6 +80,12 @@ class IdIndex:
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slots of ``ids``; ``UnknownIdError`` naming some missing IDs if any is absent."""
+        if self._contiguous and len(ids):  # IDs 0..N-1 in order: the slot is the ID (no copy)
+            if len(ids) == 1:
+                if 0 <= int(ids[0]) < self._n:
+                    return ids
+            elif ids.min() >= 0 and ids.max() < self._n:
+                return ids
         slots, found = self.find(ids)
         if not found.all():
             missing = np.unique(ids[~found])
@@ -77,15 +109,19 @@ class IdIndex:
 
     def append(self, new_ids: np.ndarray) -> None:
         new_ids = np.asarray(new_ids, dtype=np.int64)
-        need = self._n + len(new_ids)
+        old_n = self._n
+        if self._contiguous and _is_arange(new_ids, start=old_n):
+            self._n += len(new_ids)
+            return
+        if self._buf is None:  # contiguous so far: now it needs the array
+            self._buf = np.arange(old_n, dtype=np.int64)
+        need = old_n + len(new_ids)
         if need > len(self._buf):
             grown = np.empty(max(need, 2 * len(self._buf), 1024), np.int64)
-            grown[: self._n] = self.ids
+            grown[:old_n] = self._buf[:old_n]
             self._buf = grown
-        self._buf[self._n : need] = new_ids
-        old_n, self._n = self._n, need
-        if self._contiguous and _is_arange(new_ids, start=old_n):
-            return
+        self._buf[old_n:need] = new_ids
+        self._n = need
         if self._contiguous:
             self._rebuild()
             return
@@ -99,7 +135,8 @@ class IdIndex:
         """Forget the IDs after the first ``n`` (rollback of uncommitted adds)."""
         if n < self._n:
             self._n = n
-            self._rebuild()
+            if self._buf is not None:
+                self._rebuild()
 
 
 def _is_arange(ids: np.ndarray, start: int = 0) -> bool:

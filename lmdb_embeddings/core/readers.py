@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..errors import EmbeddingStoreError
 from ..format.layout import ColumnSpec
@@ -39,7 +38,8 @@ class ReaderSession(Session):
 
     def __init__(self, path: str, env: environment.SharedEnv, options: StoreOptions, stats: CacheStats):
         self._txn = None
-        self._seen_txnid: int | None = None  # LMDB's transaction id at the last look at the path
+        self._seen_txnid = -1  # LMDB's transaction id of the snapshot the table last caught up with
+        self._looked_txnid = -1  # LMDB's transaction id at the last look at the path
         self._look_again_at = 0.0  # time.monotonic() after which the path is looked at anyway
         self._moved = False  # the data file at the path is not this environment's: follow it
         self._replaced: str | None = None  # the message, once another table was found at the path
@@ -54,42 +54,48 @@ class ReaderSession(Session):
             environment.release(env)
             raise
 
-    @contextmanager
-    def reading(self):
-        """One read transaction on the latest commit, with the table caught up with it.
+    def read(self, call):
+        """Run ``call`` in one read transaction on the latest commit, the table caught up with it.
 
         A commit may have declared columns whose databases this process has not opened;
         they can only be opened between transactions, so the snapshot is retaken then.
+        When nothing was committed since the last call (LMDB's transaction id is the one the
+        table caught up with), no record is read: the call costs a transaction begin and end.
         """
+        env = self.env
         while True:
-            if self._replaced is not None:
-                raise EmbeddingStoreError(self._replaced)
-            if self._moved or self.env.retired:
-                self._follow()
-            with self.env.reading(current_only=True) as txn:
-                if txn is None or self._store_moved(txn):
-                    continue  # retired or swapped: follow the store at the path first
-                missing = self._catch_up(txn)
-                if not missing:
-                    self._txn = txn
-                    try:
-                        yield
-                    finally:
-                        self._txn = None
-                    return
-            self.env.open_dbs(missing)
+            if self._moved or env.retired:
+                self._follow()  # raises while the table at the path is another one
+                env = self.env
+            with env.lock:
+                if env.retired:  # retired by another handle's open meanwhile
+                    continue
+                txn = env.begin_read()
+                try:
+                    txnid = txn.id()
+                    if (txnid != self._looked_txnid or time.monotonic() >= self._look_again_at) and \
+                            self._store_moved(txnid):
+                        continue  # swapped: follow the store at the path first
+                    missing = [] if txnid == self._seen_txnid else self._catch_up(txn)
+                    if not missing:
+                        self._seen_txnid = txnid
+                        self._txn = txn
+                        return call()
+                finally:
+                    self._txn = None
+                    txn.abort()
+            env.open_dbs(missing)
 
-    def _store_moved(self, txn) -> bool:
-        """True if the store at the path is no longer this environment's (see the module docstring)."""
-        txnid, now = txn.id(), time.monotonic()
-        if txnid == self._seen_txnid and now < self._look_again_at:
-            return False
-        self._seen_txnid, self._look_again_at = txnid, now + environment.IDENTITY_CHECK_S
+    def _store_moved(self, txnid: int) -> bool:
+        """True if the store at the path is no longer this environment's (one ``stat``)."""
+        self._looked_txnid, self._look_again_at = txnid, time.monotonic() + environment.IDENTITY_CHECK_S
         self._moved = not self.env.is_current()
         return self._moved
 
     def _follow(self) -> None:
         """Open the store now at the path: the same table goes on (fresh caches), another one is refused."""
+        if self._replaced is not None:
+            raise EmbeddingStoreError(self._replaced)
         try:
             new = environment.acquire(self.path, write=False, readahead=self.options.readahead)
         except EmbeddingStoreError as exc:
@@ -97,14 +103,14 @@ class ReaderSession(Session):
                                       f"and the one at the path cannot be opened now ({exc})") from None
         old, self.env = self.env, new
         environment.release(old)
-        self._moved, self._seen_txnid = False, None
         with new.reading() as txn:
             config, _ = read_metadata(txn, self.meta_db, self.path)
-        if config != self.config:
+        if config != self.config:  # _moved stays set: every later call comes here and raises too
             self._replaced = (f"{self.path} was replaced by another table (restore, or delete and create) while this "
                               "read-only handle was open; open it again")
             raise EmbeddingStoreError(self._replaced)
         self.table = self._load_table()  # e.g. after a compact: same table, same commit, fresh caches
+        self._moved, self._seen_txnid, self._looked_txnid = False, -1, -1
 
     def _catch_up(self, txn) -> list[bytes]:
         """Adopt the commit ``txn`` sees; returns databases to open first (then call again)."""
@@ -115,7 +121,7 @@ class ReaderSession(Session):
                    if self.env.cached_db(column_db_name(n)) is None]
         if missing:
             return missing
-        self.table.catch_up(state, lambda start, stop: self.read_ids(txn, start, stop))
+        self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:

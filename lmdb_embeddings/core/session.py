@@ -8,8 +8,8 @@ latest commit). The store picks one at open; nothing else branches on the mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import lmdb
 import numpy as np
@@ -21,7 +21,10 @@ from ..format.records import IDS_DB, MAIN, META_DB, column_db_name, read_metadat
 from ..options import StoreOptions
 from ..processes import environment
 from .cache import CacheStats
+from .ids import IdIndex
 from .table import Table
+
+T = TypeVar("T")
 
 
 class Session:
@@ -44,10 +47,10 @@ class Session:
                 config, state = read_metadata(txn, self.meta_db, self.path)
                 self.config = config  # written once at creation: a reader tells tables apart by it
                 layout = TableLayout.from_metadata(config, state, self.path)
-                ids = self.read_ids(txn, 0, layout.rows, layout.chunk_rows)
+                index = IdIndex.from_chunks(self.id_chunks(txn, 0, layout.rows, layout.chunk_rows))
         except lmdb.Error as exc:
             raise CorruptionError(f"{self.path}: cannot read the metadata: {exc}") from exc
-        return Table(layout, ids, self.stats, self._column_io, self.options, self.readonly, self.path)
+        return Table(layout, index, self.stats, self._column_io, self.options, self.readonly, self.path)
 
     def _column_io(self, spec: ColumnSpec) -> _ColumnIO:
         return _ColumnIO(self, spec)
@@ -65,15 +68,14 @@ class Session:
         return self.env.cached_db(column_db_name(spec.name))
 
     # -- reading chunks ------------------------------------------------------------------
-    def read_ids(self, txn, start_row: int, stop_row: int, chunk_rows: int | None = None) -> np.ndarray:
-        """IDs of row slots ``start_row:stop_row`` as committed in ``txn`` (a copy)."""
+    def id_chunks(self, txn, start_row: int, stop_row: int, chunk_rows: int | None = None) -> Iterator[np.ndarray]:
+        """IDs of row slots ``start_row:stop_row`` as committed in ``txn``, a chunk at a time (copies)."""
         if stop_row <= start_row:
-            return np.empty(0, np.int64)
+            return
         cr = chunk_rows or self.table.chunk_rows
-        first = start_row // cr
-        parts = [read_id_chunk(txn, self.ids_db, c, min(cr, stop_row - c * cr), self.path).copy()
-                 for c in range(first, (stop_row - 1) // cr + 1)]
-        return np.concatenate(parts)[start_row - first * cr : stop_row - first * cr]
+        for c in range(start_row // cr, (stop_row - 1) // cr + 1):
+            ids = read_id_chunk(txn, self.ids_db, c, min(cr, stop_row - c * cr), self.path)
+            yield ids[max(0, start_row - c * cr) :].copy()
 
     def decode_chunks(self, txn, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
         """(chunk, row view, version) of each chunk as of ``txn``; fresh (empty) for chunks never written."""
@@ -99,14 +101,13 @@ class Session:
         return out
 
     # -- what the modes define ---------------------------------------------------------
-    def reading(self) -> AbstractContextManager:
-        """The context one call's reads run in (a reader: one read transaction)."""
+    def read(self, call: Callable[[], T]) -> T:
+        """Run one call's reads (a reader: inside ONE read transaction on the latest commit)."""
         raise NotImplementedError
 
     def refresh(self) -> None:
         """Catch up with the latest commit (a reader), so properties answer for it."""
-        with self.reading():
-            pass
+        self.read(lambda: None)
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
         raise NotImplementedError

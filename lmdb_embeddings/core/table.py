@@ -8,7 +8,7 @@ a rollback is the session asking the table what to write or to forget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +42,7 @@ class Column:
 class Table:
     """The in-memory state of one open table (see the module docstring)."""
 
-    def __init__(self, layout: TableLayout, ids: np.ndarray, stats: CacheStats,
+    def __init__(self, layout: TableLayout, index: IdIndex, stats: CacheStats,
                  io_for: Callable[[ColumnSpec], ChunkIO], options: StoreOptions, readonly: bool, path: str):
         self.dim, self.dtype, self.chunk_rows = layout.dim, layout.dtype, layout.chunk_rows
         try:
@@ -50,7 +50,7 @@ class Table:
             self.seed = int(layout.config["seed"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptionError(f"{path}: the store configuration is damaged ({exc!r})") from None
-        self.index = IdIndex(ids)
+        self.index = index
         self.rows = self.committed_rows = layout.rows
         self.commit, self.committed_at = layout.commit, layout.committed_at
         self.attrs, self._committed_attrs = dict(layout.attrs), dict(layout.attrs)
@@ -97,7 +97,8 @@ class Table:
     def tier_bytes(self) -> tuple[int, int]:
         """This handle's (L1, L2) byte budgets, the default sized from the table now."""
         cache_mb = self._options.resolved_cache_mb(self.row_bytes * self.rows, self._readonly)
-        return self._options.tier_bytes(cache_mb)
+        in_chunks = -(-self.rows // self.chunk_rows) * self.chunk_rows * self.row_bytes  # whole chunks of every column
+        return self._options.tier_bytes(cache_mb, in_chunks)
 
     def split_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""
@@ -159,9 +160,9 @@ class Table:
 
     def new_id_chunks(self):
         """(chunk, (n, 1) int64 IDs) of every ID chunk that rows added since the last commit changed."""
-        cr, ids = self.chunk_rows, self.index.ids
+        cr = self.chunk_rows
         for chunk in range(self.committed_rows // cr, -(-self.rows // cr)):
-            yield chunk, ids[chunk * cr : (chunk + 1) * cr].reshape(-1, 1)
+            yield chunk, self.index.slice(chunk * cr, (chunk + 1) * cr).reshape(-1, 1)
 
     def mark_committed(self, version: int, now: float) -> None:
         for column in self.columns.values():
@@ -187,8 +188,8 @@ class Table:
         self.new_columns, self.attrs_changed = [], False
         self.split_budget()
 
-    def catch_up(self, state: dict, read_ids: Callable[[int, int], np.ndarray]) -> None:
-        """Reader: adopt a newer commit's state record (new IDs through ``read_ids(start, stop)``)."""
+    def catch_up(self, state: dict, read_ids: Callable[[int, int], Iterable[np.ndarray]]) -> None:
+        """Reader: adopt a newer commit's state record (new IDs, chunk by chunk, from ``read_ids(start, stop)``)."""
         try:
             rows, commit = int(state["rows"]), int(state["commit"])
             columns = dict(state.get("columns", {}))
@@ -201,7 +202,8 @@ class Table:
         if rows > self.rows:
             keep = (self.rows // self.chunk_rows) * self.chunk_rows
             self.index.truncate(keep)
-            self.index.append(read_ids(keep, rows))
+            for part in read_ids(keep, rows):
+                self.index.append(part)
         self.rows = self.committed_rows = rows
         self.attrs = self._committed_attrs = attrs
         self.adopt_columns(columns)

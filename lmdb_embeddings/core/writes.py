@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import lmdb
 import numpy as np
@@ -78,8 +77,8 @@ class WriterSession(Session):
             raise
 
     # -- reads: the handle's own state, no snapshot needed --------------------------------
-    def reading(self):
-        return nullcontext()
+    def read(self, call):
+        return call()
 
     def refresh(self) -> None:
         pass

@@ -19,6 +19,7 @@ from ..core import init
 from ..errors import EmbeddingStoreError, StorageError
 from ..fsutil import fsync_dir
 from ..processes import environment
+from ..processes.memory import return_free_heap
 from ..version import __version__
 from .chunks import ID_DTYPE, ChunkEncoder, chunk_key
 from .layout import ColumnSpec, TableLayout
@@ -111,16 +112,18 @@ class StoreBuilder:
         if self._env is not None:
             self._env.close()
             self._env = None
+            return_free_heap()
 
 
-def build_new_table(directory: str, ids: np.ndarray, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
+def build_new_table(directory: str, ids: np.ndarray | int, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
                     seed: int, values: np.ndarray | None) -> None:
     """Write ``create``'s new store into the (empty) ``directory``, one chunk at a time.
 
-    The initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
+    ``ids``: the IDs in row order, or an int N for 0..N-1 (made a chunk at a time). The
+    initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
     ``values`` (row i of ``ids[i]``), so memory stays bounded whatever the table size.
     """
-    n = len(ids)
+    n = ids if isinstance(ids, int) else len(ids)
     layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
                          config={"init": spec, "seed": seed})
     try:
@@ -131,16 +134,18 @@ def build_new_table(directory: str, ids: np.ndarray, dim: int, dtype: np.dtype, 
 
 
 def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values) -> None:
-    n = len(ids)
+    n = layout.rows
     builder = StoreBuilder(directory, layout)
     try:
+        for chunk in range(layout.n_chunks):
+            lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+            builder.add_ids(chunk, np.arange(lo, hi, dtype=np.int64) if isinstance(ids, int) else ids[lo:hi])
         for chunk in range(layout.n_chunks):
             lo, hi = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
             if values is None:
                 rows = init.chunk_values(spec, seed, chunk, chunk_rows, dim, 0, hi - lo, dtype)
             else:
                 rows = values[lo:hi]
-            builder.add_ids(chunk, ids[lo:hi])
             builder.add_chunk(chunk, [rows])
         builder.finish()
     finally:

@@ -95,8 +95,45 @@ class ChunkHeader(NamedTuple):
     payload_len: int
 
 
+_UINT = {0xCC: struct.Struct(">B"), 0xCD: struct.Struct(">H"), 0xCE: struct.Struct(">I"), 0xCF: struct.Struct(">Q")}
+_BIN = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
+
+
+def _fast_header(value) -> ChunkHeader | None:
+    """The header as :func:`encode_chunk` writes it (unsigned ints), parsed with ``struct``; None if
+    it is laid out any other way (the general msgpack parse then decides)."""
+    head = bytes(value[:40])
+    if not head or head[0] != 0x94:
+        return None
+    pos, fields = 1, []
+    for _ in range(3):
+        marker = head[pos] if pos < len(head) else None
+        if marker is None:
+            return None
+        if marker < 0x80:
+            fields.append(marker)
+            pos += 1
+            continue
+        fmt = _UINT.get(marker)
+        if fmt is None or pos + 1 + fmt.size > len(head):
+            return None
+        fields.append(fmt.unpack_from(head, pos + 1)[0])
+        pos += 1 + fmt.size
+    fmt = _BIN.get(head[pos]) if pos < len(head) else None
+    if fmt is None or pos + 1 + fmt.size > len(head):
+        return None
+    length = fmt.unpack_from(head, pos + 1)[0]
+    start = pos + 1 + fmt.size
+    if start + length != len(value):
+        return None
+    return ChunkHeader(fields[0], fields[1], fields[2], start, length)
+
+
 def read_header(value, index: int, where: str = "") -> ChunkHeader:
     """Parse the small header of a chunk value without touching the payload."""
+    fast = _fast_header(value)
+    if fast is not None:
+        return fast
     try:
         unpacker = msgpack.Unpacker()
         unpacker.feed(bytes(value[:40]))

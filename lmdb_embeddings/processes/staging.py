@@ -100,29 +100,34 @@ class StagedStore:
         self._new_lock = lock
         return lock
 
-    def swap_in(self, replace: bool) -> None:
-        """Put the finished store at the path.
+    def swap_in(self, replace: bool, *, only_stores: bool = True) -> None:
+        """Put the finished store (or directory) at the path.
 
         ``replace``: an existing store there is replaced atomically, under its writer lock
-        (``WriterLockedError`` while a writer holds it). Without it, a store that appeared
-        at the path meanwhile is never touched: ``StoreExistsError``.
+        (``WriterLockedError`` while a writer holds it); a directory that is not a store only
+        with ``only_stores=False`` (a directory of files the caller has checked). Without
+        ``replace``, anything that appeared at the path meanwhile is never touched:
+        ``StoreExistsError``.
         """
         if self._lock is not None:  # compact: the old store has been locked all along
             self._exchange()
-        elif replace and is_store(self.path):
-            self._replace_under_its_lock()
+        elif replace and (is_store(self.path) or (not only_stores and os.path.isdir(self.path))):
+            self._replace_under_its_lock(only_stores)
         elif not self._claim():  # something arrived at the path since the caller's check
             if not replace:
-                raise StoreExistsError(f"a store appeared at {self.path} while this one was being built; "
+                raise StoreExistsError(f"something appeared at {self.path} while this was being built; "
                                        "it was left as it is")
-            self._replace_under_its_lock()
+            self._replace_under_its_lock(only_stores)
         if self._new_lock is not None:
             self._new_lock.moved_to(self.path)
             self._new_lock = None  # handed over with the store
 
-    def _replace_under_its_lock(self) -> None:
+    def _replace_under_its_lock(self, only_stores: bool) -> None:
         if not is_store(self.path):
-            raise StoreExistsError(f"{self.path} holds something that is not a store; refusing to replace it")
+            if only_stores:
+                raise StoreExistsError(f"{self.path} holds something that is not a store; refusing to replace it")
+            replace_dir(self.tmp, self.path)  # files the caller checked: no store, no writer lock
+            return
         lock = WriterLock(self.path)
         lock.acquire()
         try:

@@ -1,0 +1,288 @@
+"""What a manager holds: one writable store, the row order its caller sees, the memory-mode Parameter, the counters.
+
+It never refers back to the manager, so the manager's ``weakref.finalize`` can close it when
+the manager is garbage-collected or the interpreter exits normally: pending updates are
+committed when ``auto_sync`` is on and discarded (logged) when it is off. A crash loses only
+what was not committed.
+
+Memory mode (``storage_mode="memory"`` / ``mode="ram"``) keeps the rows in one
+``nn.Parameter`` on ``device`` (what upstream callers index and hand to their optimizer);
+every update goes to the Parameter and to the store; writes made straight into the
+Parameter (``embeddings.data[...] = ...``, an optimizer step) reach the store at the next
+full sync (:meth:`ManagedTable.reconcile`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.ids import IdIndex
+from ..core.inputs import as_ids, as_values, is_tensor
+from ..errors import ClosedError, InvalidInputError, UnknownIdError
+from ..store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+GROUP_BYTES = 32 << 20  # rows read or compared at once by whole-table passes
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+class UnknownSampleError(UnknownIdError, ValueError):
+    """Sample IDs not managed here (a ``KeyError`` like the store's, a ``ValueError`` like the original's)."""
+
+
+class ManagedTable:
+    """The rows of one manager: ``view_ids`` is the order the caller sees, ``store_ids`` the store's row order."""
+
+    def __init__(self, store: EmbeddingStore, view_ids: np.ndarray | None, *, device, memory: bool,
+                 auto_sync: bool, sync_batch_size: int, cache_options: dict):
+        self.store = store
+        self.cache_options = cache_options
+        self.chunk_rows, self.dim, self.dtype = store.chunk_rows, store.dim, store.dtype
+        self.store_ids = store.ids
+        self.store_index = IdIndex(self.store_ids)
+        if view_ids is None or np.array_equal(view_ids, self.store_ids):
+            self.view_ids, self.view_index = self.store_ids, self.store_index
+        else:
+            self.view_ids, self.view_index = view_ids, IdIndex(view_ids)
+        self.device = torch.device(device)
+        self.auto_sync = auto_sync
+        self.sync_batch_size = sync_batch_size
+        self.updates_since_sync = 0
+        self.pending_rows = 0
+        self.sync_operations = 0
+        self.dirty: set[int] = set()
+        self.closed = False
+        self._pid = os.getpid()
+        self.param = nn.Parameter(self._read_view()) if memory else None
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.store_ids) // self.chunk_rows)
+
+    def chunk_ids(self, chunk: int) -> np.ndarray:
+        return self.store_ids[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+
+    def positions(self, ids) -> np.ndarray:
+        """Rows of ``ids`` in the caller's order (``UnknownSampleError`` naming missing ones)."""
+        try:
+            return self.view_index.slots(as_ids(ids, "sample_ids"))
+        except UnknownIdError as exc:
+            raise UnknownSampleError(str(exc)) from None
+
+    def groups(self, n: int):
+        """``(lo, hi)`` row ranges of at most ``GROUP_BYTES``."""
+        step = max(1, GROUP_BYTES // max(1, self.dim * self.dtype.itemsize))
+        for lo in range(0, n, step):
+            yield lo, min(n, lo + step)
+
+    def view_rows(self):
+        """The rows in the caller's order, group by group (numpy, store dtype; pending updates included)."""
+        self.reconcile()
+        for lo, hi in self.groups(len(self.view_ids)):
+            yield self.store.get(self.view_ids[lo:hi])
+
+    def chunk_rows_of(self):
+        """``(ids, rows)`` of every store chunk, in order (pending updates included)."""
+        self.reconcile()
+        for chunk in range(self.n_chunks):
+            ids = self.chunk_ids(chunk)
+            yield ids, self.store.get(ids)
+
+    # ---------------------------------------------------------------- reading
+    def get(self, ids) -> torch.Tensor:
+        """Rows of ``ids`` on ``device``: autograd-linked rows of the Parameter in memory mode."""
+        self._check_open()
+        if self.param is not None:
+            return self.param[self._index(self.positions(ids))]
+        try:
+            if self.device.type == "cpu":
+                return torch.from_numpy(self.store.get(ids))
+            return self.store.get_tensor(ids, device=self.device)
+        except UnknownIdError as exc:
+            raise UnknownSampleError(str(exc)) from None
+
+    def get_all(self) -> torch.Tensor:
+        """Every row in the caller's order, detached, on ``device``."""
+        self._check_open()
+        if self.param is not None:
+            return self.param.detach().clone()
+        return self.get(self.view_ids)
+
+    def _index(self, positions: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(positions).to(self.device)
+
+    def _read_view(self) -> torch.Tensor:
+        dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
+        data = torch.empty((len(self.view_ids), self.dim), dtype=dtype, device=self.device)
+        for lo, hi in self.groups(len(self.view_ids)):
+            data[lo:hi] = torch.from_numpy(self.store.get(self.view_ids[lo:hi])).to(self.device)
+        return data
+
+    # ---------------------------------------------------------------- writing
+    def cast(self, values, n: int, call: str = "update_embeddings") -> np.ndarray:
+        """``values`` as checked ``(n, dim)`` rows of the store dtype (bf16 and other torch floats included)."""
+        if is_tensor(values):
+            values = values.detach()
+            if values.is_floating_point() and values.dtype not in _NUMPY_FLOATS:
+                values = values.float()
+        return as_values(values, n, self.dim, self.dtype, call)
+
+    def put(self, ids, values, call: str = "update_embeddings") -> None:
+        """One update: a repeated id keeps its last row; counts towards ``sync_batch_size``."""
+        self._check_open()
+        ids = as_ids(ids, "sample_ids")
+        rows = self.cast(values, len(ids), call)
+        try:
+            self.write(ids, rows)
+        except InvalidInputError:
+            if len(ids) < 2 or len(np.unique(ids)) == len(ids):
+                raise
+            ids, rows = last_wins(ids, rows)  # repeated ids: write the last of each
+            self.write(ids, rows)
+        self.note_update()
+
+    def write(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Write checked rows (store dtype, unique ids) to the store and, in memory mode, to the Parameter."""
+        try:
+            slots = self.store_index.slots(ids)
+        except UnknownIdError as exc:
+            raise UnknownSampleError(str(exc)) from None
+        self.store.put(ids, rows)
+        if self.param is not None:
+            positions = slots if self.view_index is self.store_index else self.view_index.slots(ids)
+            self.param.data[self._index(positions)] = torch.tensor(rows, device=self.device)
+        self.dirty.update(np.unique(slots // self.chunk_rows).tolist())
+        self.pending_rows += len(ids)
+
+    def note_update(self) -> None:
+        self.updates_since_sync += 1
+        if self.auto_sync and self.updates_since_sync >= max(1, self.sync_batch_size):
+            self.commit()
+
+    @contextlib.contextmanager
+    def bulk_write(self, what: str):
+        """A whole-table write (an initialisation, a template load) that counts as one update.
+
+        If it fails part-way and nothing was pending before, the table is rolled back to the
+        last commit, so the failed call changes nothing.
+        """
+        self._check_open()
+        self.reconcile()
+        clean = self.updates_since_sync == 0 and not self.dirty
+        try:
+            yield
+        except BaseException:
+            if clean:
+                self.rollback()
+            else:
+                log.warning("%s failed part-way; the rows it wrote stay uncommitted, with the updates that were "
+                            "pending before it", what)
+            raise
+        self.note_update()
+
+    # ---------------------------------------------------------------- syncing
+    def reconcile(self) -> int:
+        """Memory mode: write the Parameter's rows that differ (bitwise) from the store's; the row count."""
+        if self.param is None:
+            return 0
+        self._check_open()
+        data = self.param.detach()
+        if not bool(torch.isfinite(data).all()):
+            raise InvalidInputError("manager.embeddings holds NaN or inf values; they cannot be saved (nothing was "
+                                    "written)")
+        as_bits = np.dtype(f"u{self.dtype.itemsize}")
+        written = 0
+        for lo, hi in self.groups(len(self.view_ids)):
+            ids = self.view_ids[lo:hi]
+            current = data[lo:hi].cpu().numpy()
+            changed = (current.view(as_bits) != self.store.get(ids).view(as_bits)).any(1)
+            if changed.any():
+                self.store.put(ids[changed], current[changed])
+                self.dirty.update(np.unique(self.store_index.slots(ids[changed]) // self.chunk_rows).tolist())
+                written += int(changed.sum())
+        self.pending_rows += written
+        return written
+
+    def commit(self, full: bool = False) -> None:
+        """One store commit of every update so far (``full``: also what was written into the Parameter)."""
+        self._check_open()
+        written = self.reconcile() if full else 0
+        changed = self.updates_since_sync > 0 or written > 0
+        self.store.commit()
+        if changed:
+            self.sync_operations += 1
+        self._synced()
+
+    def rollback(self) -> None:
+        """Forget every uncommitted change (memory mode: the Parameter is reloaded in place)."""
+        self.store.rollback()
+        self._synced()
+        if self.param is not None:
+            self.param.data.copy_(self._read_view())
+
+    def _synced(self) -> None:
+        self.updates_since_sync = 0
+        self.pending_rows = 0
+        self.dirty.clear()
+
+    def replace_store(self, store: EmbeddingStore) -> None:
+        """Continue on ``store``, a copy of the committed table (``save_final_embeddings``)."""
+        self.store.close()
+        self.store = store
+
+    # -------------------------------------------------------------- lifecycle
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("this TrainableEmbeddingManager was closed; create a new one on its embeddings_dir")
+
+    def close(self) -> None:
+        """Commit pending changes (``auto_sync`` on) or discard them (off), then release the store."""
+        if self.closed:
+            return
+        if self._pid != os.getpid():  # a forked child never touches its parent's store
+            self.closed = True
+            return
+        try:
+            if self.auto_sync:
+                if self.reconcile() or self.updates_since_sync:
+                    self.commit()
+            elif self.updates_since_sync:
+                log.warning("discarding %d uncommitted updates of %s (auto_sync is off; call force_sync_all_chunks() "
+                         "to keep them)", self.updates_since_sync, self.store.path)
+                self.store.rollback()
+        finally:
+            self.closed = True
+            self.store.close()
+
+
+def close_unreachable(table: ManagedTable) -> None:
+    """``weakref.finalize`` callback of a manager that was garbage-collected or alive at interpreter exit."""
+    if table.closed:
+        return
+    pending = table.updates_since_sync
+    try:
+        table.close()
+    except Exception:  # nothing can be raised to anyone from a finalizer: say it
+        log.exception("could not commit and close %s of a TrainableEmbeddingManager that was not closed",
+                      table.store.path)
+        return
+    if pending and table.auto_sync:
+        log.info("committed %d pending updates of a TrainableEmbeddingManager that was not closed (%s)", pending,
+                 table.store.path)
+
+
+def last_wins(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the last occurrence of each repeated id (vectorized)."""
+    uniq, first_in_reversed = np.unique(ids[::-1], return_index=True)
+    if len(uniq) == len(ids):
+        return ids, rows
+    keep = np.sort(len(ids) - 1 - first_in_reversed)
+    return ids[keep], rows[keep]
