@@ -136,6 +136,20 @@ def fill_disk(directory: str, leave: int = 0) -> str:
     return path
 
 
+def damage_stored_row(path: str, row: bytes, at: int = 3, mask: int = 0x40) -> None:
+    """Flip bits of byte ``at`` of the stored copy of ``row`` in a store's data file (its bytes are unique there)."""
+    data_file = os.path.join(path, "data.mdb")
+    with open(data_file, "rb") as fh:
+        data = fh.read()
+    found = data.find(row)
+    assert found > 0 and data.find(row, found + 1) < 0, "the row's bytes are not unique in the data file"
+    with open(data_file, "r+b") as fh:
+        fh.seek(found + at)
+        byte = fh.read(1)[0]
+        fh.seek(found + at)
+        fh.write(bytes([byte ^ mask]))
+
+
 def hidden_entries(parent: str, name: str) -> list[str]:
     """Hidden siblings ``.NAME.*`` (temporary build/swap directories) left beside ``parent/name``."""
     return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}."))

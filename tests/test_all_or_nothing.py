@@ -6,25 +6,11 @@ meets them (a damaged chunk, a full disk); these tests drive each way back deter
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from guarantees_lib import damage_stored_row
 
 import lmdb_embeddings as le
-
-
-def _flip_byte_of(path: str, row_bytes: bytes) -> None:
-    """Damage the stored copy of one row (its bytes are unique in the data file)."""
-    data_file = os.path.join(path, "data.mdb")
-    data = open(data_file, "rb").read()
-    at = data.find(row_bytes)
-    assert at > 0 and data.find(row_bytes, at + 1) < 0
-    with open(data_file, "r+b") as fh:
-        fh.seek(at + 1)
-        byte = fh.read(1)[0]
-        fh.seek(at + 1)
-        fh.write(bytes([byte ^ 0x10]))
 
 
 def test_add_that_meets_a_damaged_chunk_forgets_its_ids_and_keeps_earlier_changes(tmp_path):
@@ -34,7 +20,7 @@ def test_add_that_meets_a_damaged_chunk_forgets_its_ids_and_keeps_earlier_change
     rows, dim, cr = 100, 4, 64  # chunk 1 holds rows 64..99 and has room up to row 127
     values = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
     le.EmbeddingStore.create(path, rows, dim, init=values, chunk_rows=cr).close()
-    _flip_byte_of(path, values[80].tobytes())
+    damage_stored_row(path, values[80].tobytes())
     store = le.EmbeddingStore.open(path)
     try:
         store.put([5], np.full((1, dim), -1.0, np.float32))

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 from cli_helpers import assert_same_store, make_rich_store, read_store
 from conftest import ROOT, subprocess_env
-from guarantees_lib import assert_one_line_cli_error, cli, cli_ok, committed_table, hidden_entries, one_line
+from guarantees_lib import (
+    assert_one_line_cli_error,
+    cli,
+    cli_ok,
+    committed_table,
+    damage_stored_row,
+    hidden_entries,
+    one_line,
+)
 
 import lmdb_embeddings as le
 
@@ -170,16 +178,7 @@ def test_put_that_meets_a_corrupt_chunk_changes_nothing(tmp_path):
     rows, dim, cr = 16384, 16, 256
     values = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
     le.EmbeddingStore.create(path, rows, dim, init=values, chunk_rows=cr).close()
-    data_file = os.path.join(path, "data.mdb")
-    data = open(data_file, "rb").read()
-    needle = values[40 * cr + 7].tobytes()  # a row of chunk 40 (the stored bytes of its values)
-    at = data.find(needle)
-    assert at > 0 and data.find(needle, at + 1) < 0
-    with open(data_file, "r+b") as fh:
-        fh.seek(at + 3)
-        byte = fh.read(1)[0]
-        fh.seek(at + 3)
-        fh.write(bytes([byte ^ 0x40]))
+    damage_stored_row(path, values[40 * cr + 7].tobytes())  # a row of chunk 40
     # a cache of a quarter of the table (12 chunks of L1): the put goes in groups
     store = le.EmbeddingStore.open(path, cache_mb=0.25)
     try:
