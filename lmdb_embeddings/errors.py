@@ -35,7 +35,11 @@ class WriterLockedError(EmbeddingStoreError):
         self.holder_pid = holder_pid
 
 
-class CommitError(EmbeddingStoreError, OSError):
+class StorageError(EmbeddingStoreError, OSError):
+    """The filesystem refused what the store needed (disk full, I/O error); nothing was changed."""
+
+
+class CommitError(StorageError):
     """A commit failed at the storage layer (disk full, I/O error); see the message."""
 
 

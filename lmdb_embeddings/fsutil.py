@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import shutil
 import uuid
@@ -14,11 +15,24 @@ import psutil
 _RENAME_EXCHANGE = 2
 
 
+_NAME_MAX = 255  # bytes in one file name (Linux filesystems)
+_TEMP_SUFFIX = 48  # room for ".<purpose>-<pid>-<8 hex>" and the leading dot
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` itself, or, when a temp name built on it would pass NAME_MAX, a short form that
+    stays unique to it (a prefix, then a hash of the whole name)."""
+    if len(os.fsencode(name)) + _TEMP_SUFFIX <= _NAME_MAX:
+        return name
+    digest = hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
+    return f"{os.fsdecode(os.fsencode(name)[:64])}~{digest}"
+
+
 def sibling_temp(path: str, purpose: str) -> str:
     """A fresh hidden path next to ``path`` (same filesystem, so rename is atomic)."""
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path.rstrip(os.sep))
-    return os.path.join(parent, f".{name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(parent, f".{_temp_stem(name)}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def remove_stale_temps(path: str, purpose: str) -> list[str]:
@@ -27,7 +41,7 @@ def remove_stale_temps(path: str, purpose: str) -> list[str]:
     Only names of exactly that pattern whose pid no longer runs are touched.
     """
     parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
-    prefix = f".{name}.{purpose}-"
+    prefix = f".{_temp_stem(name)}.{purpose}-"
     removed = []
     try:
         entries = os.listdir(parent)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import psutil
 
 from .errors import InvalidInputError, InvalidTypeError
@@ -55,9 +57,11 @@ class StoreOptions:
         opts = cls(**kwargs)
         for name in ("cache_mb", "l1_mb", "l2_mb"):
             value = getattr(opts, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise InvalidInputError(f"{name} must be a number of MiB >= 0, got {value!r}")
-        if not 0.0 <= float(opts.l1_fraction) <= 1.0:
+            if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
+                raise InvalidInputError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
+        if not _is_real(opts.l1_fraction):
+            raise InvalidTypeError(f"l1_fraction must be a number within [0, 1], got {opts.l1_fraction!r}")
+        if not 0.0 <= float(opts.l1_fraction) <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"l1_fraction must be within [0, 1], got {opts.l1_fraction!r}")
         ce = opts.commit_every
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
@@ -98,3 +102,8 @@ class StoreOptions:
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _is_real(value) -> bool:
+    """An int or float (numpy scalars included), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))

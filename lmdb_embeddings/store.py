@@ -27,14 +27,15 @@ from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
 from .core.writes import WriterSession
-from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, ReadOnlyError
+from .errors import ClosedError, CommitError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .format.builder import build_new_table
-from .format.layout import ColumnSpec
+from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
 from .options import StoreOptions
 from .processes import fork
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
+from .processes.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,16 @@ class EmbeddingStore:
         """
         options = StoreOptions.from_kwargs(open_options)
         id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
-        path = os.path.abspath(os.fspath(path))
+        path = _as_path(path)
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage:
             build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values)
-            stage.swap_in()
-        return cls.open(path, **options.as_kwargs())
+            lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
+            stage.swap_in(replace=bool(overwrite))
+        store = cls.__new__(cls)
+        store._setup(path, False, options)
+        store._session = store._open_session(lock)
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, readonly: bool = False, **open_options) -> EmbeddingStore:
@@ -99,7 +104,7 @@ class EmbeddingStore:
         """
         options = StoreOptions.from_kwargs(open_options)
         store = cls.__new__(cls)
-        store._setup(os.path.abspath(os.fspath(path)), bool(readonly), options)
+        store._setup(_as_path(path), bool(readonly), options)
         store._session = store._open_session()
         return store
 
@@ -112,11 +117,19 @@ class EmbeddingStore:
         self._stats = CacheStats()
         fork.track(self)
 
-    def _open_session(self) -> Session:
-        """Open the environment and the table in the current process (the lock too, for a writer)."""
-        check_store_dir(self._path)
-        kind = ReaderSession if self._readonly else WriterSession
-        return kind.open(self._path, self._options, self._stats)
+    def _open_session(self, lock: WriterLock | None = None) -> Session:
+        """Open the environment and the table in the current process (the lock too, for a writer,
+        unless ``create`` hands over the one it took)."""
+        if self._readonly:
+            check_store_dir(self._path)
+            return ReaderSession.open(self._path, self._options, self._stats)
+        try:
+            check_store_dir(self._path)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return WriterSession.open(self._path, self._options, self._stats, lock)
 
     # --------------------------------------------------------------- process safety
     def _active(self) -> Session:
@@ -272,23 +285,14 @@ class EmbeddingStore:
         """
         with self._mutex:
             session = self._writer("put")
-            self._scatter(session, MAIN, ids, values, "put")
+            _scatter(session, MAIN, ids, values, "put")
             if session.note_update():
                 session.commit()
 
     def put_column(self, name: str, ids: IdsLike, values: ValuesLike) -> None:
         """Overwrite rows of an auxiliary column (same rules as :meth:`put`, not counted by ``commit_every``)."""
         with self._mutex:
-            self._scatter(self._writer("put_column"), name, ids, values, "put_column")
-
-    @staticmethod
-    def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
-        table = session.table
-        column = _column(table, name)
-        ids = as_ids(ids)
-        check_unique(ids, call)
-        vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
-        column.cache.scatter(table.index.slots(ids), vals)
+            _scatter(self._writer("put_column"), name, ids, values, "put_column")
 
     def add(self, ids: IdsLike, values: ValuesLike | None = None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -305,7 +309,7 @@ class EmbeddingStore:
                 vals = table.init_values(table.rows, len(new_ids))
             else:
                 vals = as_values(values, len(new_ids), table.dim, table.dtype, "add")
-            table.append(new_ids, vals)
+            _append(session, new_ids, vals)
             if session.note_update():
                 session.commit()
 
@@ -433,6 +437,66 @@ class EmbeddingStore:
             return out
 
 
+# ------------------------------------------------------ writes: all or nothing
+def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
+    """``put``/``put_column``: every check first, then the rows, all or nothing.
+
+    A call over more chunks than L1 holds is served in groups (``core/cache.py``). Such a
+    call first reads (and checksums) every chunk it will overwrite, so a damaged chunk fails
+    it before anything is written; if a later group still fails (a spill refused for disk
+    space), the rows the earlier groups overwrote are put back. It costs one extra gather,
+    only for calls larger than the cache.
+    """
+    table = session.table
+    column = _column(table, name)
+    ids = as_ids(ids)
+    check_unique(ids, call)
+    vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
+    slots = table.index.slots(ids)
+    cache = column.cache
+    if len(slots) <= cache.capacity or len(np.unique(slots // table.chunk_rows)) <= cache.capacity:
+        cache.scatter(slots, vals)  # one group: every chunk is made resident before any row is written
+        return
+    before = cache.gather(slots)
+    try:
+        cache.scatter(slots, vals)
+    except BaseException as exc:
+        try:
+            cache.scatter(slots, before)
+        except BaseException:
+            _roll_back_after(session, call, exc)
+        if session.lost_spills:
+            _roll_back_after(session, call, exc)
+        raise
+
+
+def _append(session: WriterSession, new_ids: np.ndarray, values: np.ndarray) -> None:
+    """``add``: the new IDs and rows, or (if writing them fails) none of them."""
+    table, spilled = session.table, session.spilled
+    start = table.rows
+    try:
+        table.append(new_ids, values)
+    except BaseException as exc:
+        if session.spilled != spilled or session.lost_spills:  # rows of this call went into the transaction
+            _roll_back_after(session, "add", exc)
+        table.forget_rows_from(start)
+        raise
+
+
+def _roll_back_after(session: WriterSession, call: str, exc: BaseException):
+    """The failed call cannot be undone alone (its rows reached the pending transaction): roll back."""
+    commit = session.table.commit
+    session.rollback()
+    reason = getattr(exc, "reason", None) or _one_line(exc)
+    raise CommitError(f"{call} failed ({reason}) after changed chunks had been spilled from the cache "
+                      f"into the pending transaction, so this handle was rolled back to the last commit ({commit})"
+                      ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join((str(exc) or type(exc).__name__).split())
+
+
 # ----------------------------------------------------------------------- helpers
 def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
@@ -443,8 +507,11 @@ def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     dim = as_positive_int(dim, "dim")
     chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
     dt = as_dtype(dtype)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+    too_big = chunk_size_problem(chunk_rows, dim * dt.itemsize)
+    if too_big:
+        raise InvalidInputError(f"create: {too_big}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise InvalidInputError(f"seed must be an int in [0, 2**64), got {seed!r}")
     id_array = _create_ids(ids)
     n = id_array if isinstance(id_array, int) else len(id_array)
     values = None
@@ -454,6 +521,21 @@ def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
         values = as_values(init, n, dim, dt, "create(init=array)")
         spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
     return id_array, dim, dt, chunk_rows, spec, int(seed), values
+
+
+def _as_path(path) -> str:
+    """An absolute str path from a str, bytes or ``os.PathLike`` (a clear error for anything else)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InvalidTypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(path, bytes):  # a PathLike whose __fspath__ gives bytes
+        path = os.fsdecode(path)
+    if not path:
+        raise InvalidInputError("path is empty; give the store's directory")
+    return os.path.abspath(path)
 
 
 def _create_ids(ids) -> np.ndarray | int:

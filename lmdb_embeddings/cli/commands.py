@@ -76,9 +76,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
     source = ShardedSnapshot if is_sharded(args.path) else None
     result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet),
                         open_source=source)
-    if not args.quiet:
+    if not args.quiet:  # with OUT '-' the dump itself is on stdout: the summary goes to stderr
         print(f"dumped {result['rows']} rows ({', '.join(result['columns'])}) of commit {result['commit']} "
-              f"to {result['out']} ({_human_bytes(result['bytes'])}, {result['seconds']:.2f} s)")
+              f"to {result['out']} ({_human_bytes(result['bytes'])}, {result['seconds']:.2f} s)",
+              file=sys.stderr if args.out == "-" else sys.stdout)
     return EXIT_OK
 
 
@@ -165,12 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dump = command("dump", cmd_dump, "write a consistent snapshot of the committed state to a file")
     dump.add_argument("path", metavar="PATH")
-    dump.add_argument("out", metavar="OUT", help="dump file (native) or directory (npy)")
+    dump.add_argument("out", metavar="OUT", help="dump file (native; '-': the standard output) or directory (npy)")
     dump.add_argument("--format", choices=("native", "npy"), default="native",
                       help="native: one checksummed file (default); npy: OUT/ids.npy + OUT/embeddings.npy")
 
     restore = command("restore", cmd_restore, "build a store from a dump (native file or npy directory)")
-    restore.add_argument("input", metavar="IN")
+    restore.add_argument("input", metavar="IN", help="dump file or npy directory ('-': a native dump on the "
+                         "standard input)")
     restore.add_argument("path", metavar="PATH")
     restore.add_argument("--force", action="store_true", help="replace an existing store at PATH (atomically)")
     restore.add_argument("--format", choices=("auto", "native", "npy"), default="auto",

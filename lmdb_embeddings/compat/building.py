@@ -51,7 +51,7 @@ def write_file_dir(target: str, build: Callable[[str], None], purpose: str, *, o
     with StagedStore(target, purpose) as stage:
         build(stage.tmp)
         fsync_dir(stage.tmp)
-        stage.swap_in()
+        stage.swap_in(replace=overwrite, only_stores=False)
 
 
 def fsync_file(path: str) -> None:
@@ -64,19 +64,22 @@ def fsync_file(path: str) -> None:
 
 def build_store(dst_path: str, groups: Iterable[tuple[str, np.ndarray, np.ndarray]], *, error: type,
                 chunk_rows: int | None, dtype=None, progress: bool = False, total: int | None = None,
-                unit: str = "file", cache_mb: float = 32, commit_bytes: int = 64 << 20) -> dict:
+                unit: str = "file", cache_mb: float = 32, commit_bytes: int = 64 << 20,
+                replace: bool = False) -> dict:
     """A new store at ``dst_path`` from ``(label, ids, rows)`` groups, appended in order.
 
     ``chunk_rows`` defaults to the rows of the first non-empty group (the original chunk
     size of a directory of chunk files); ``dtype`` to that group's (float32 if unsupported).
     Rows are committed every ``commit_bytes`` so the write transaction stays bounded; memory
     holds one group and the cache. Problems are raised as ``error`` naming the group's label.
+    ``replace``: an existing store at ``dst_path`` may be replaced (the caller checked that it
+    may); otherwise one that appeared meanwhile is left alone (``StoreExistsError``).
     Returns ``{"rows", "dim", "dtype", "chunk_rows"}``.
     """
     with StagedStore(dst_path, "importing") as stage:
         summary = _append_groups(stage.tmp, groups, error, chunk_rows, dtype, progress, total, unit, cache_mb,
                                  commit_bytes)
-        stage.swap_in()
+        stage.swap_in(replace=replace)
     return summary
 
 

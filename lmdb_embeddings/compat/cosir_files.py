@@ -153,7 +153,8 @@ def import_cosir(src_dir, dst_path, *, progress: bool = False, overwrite: bool =
     check_replace_target(dst_path, overwrite, "pass overwrite=True (CLI: --force)")
     groups = ((os.path.basename(path), *load_chunk_file(path)) for _, path in files)
     summary = build_store(dst_path, groups, error=CosirImportError, chunk_rows=chunk_rows, dtype=dtype,
-                          progress=progress, total=len(files), cache_mb=_IMPORT_CACHE_MB, commit_bytes=_COMMIT_BYTES)
+                          progress=progress, total=len(files), cache_mb=_IMPORT_CACHE_MB, commit_bytes=_COMMIT_BYTES,
+                          replace=overwrite)
     summary = {"files": len(files), **summary, "path": dst_path}
     log.info("imported %d rows x %d from %d chunk files of %s into %s", summary["rows"], summary["dim"],
              len(files), src_dir, dst_path)

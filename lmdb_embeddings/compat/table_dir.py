@@ -149,4 +149,4 @@ def copy_committed_store(src: str, target: str) -> None:
             environment.release(shared)
         fsync_file(os.path.join(stage.tmp, DATA_FILE))
         fsync_dir(stage.tmp)
-        stage.swap_in()
+        stage.swap_in(replace=True)

@@ -437,6 +437,15 @@ class ColumnCache:
         resident = self.slot_chunk[self.slot_chunk >= first_chunk].tolist()
         self.drop(resident + [c for c in list(self.l2) if c >= first_chunk])
 
+    def forget_rows_from(self, first_row: int) -> None:
+        """Forget row slots ``first_row`` and above (a failed ``add``): drop the chunks wholly past it,
+        shorten the one it cuts (so a later commit never writes rows the table does not have)."""
+        cut, keep = divmod(first_row, self.chunk_rows)
+        self.drop_from(cut + 1 if keep else cut)
+        if keep and cut < len(self.chunk_slot) and self.chunk_slot[cut] != _NO_SLOT:
+            slot = int(self.chunk_slot[cut])
+            self.slot_rows[slot] = min(int(self.slot_rows[slot]), keep)
+
     def clear(self) -> None:
         self.drop(self.slot_chunk[self.slot_chunk != _NO_SLOT].tolist())
         self.drop(list(self.l2))

@@ -28,7 +28,13 @@ def is_tensor(obj) -> bool:
 
 def to_numpy(obj):
     if is_tensor(obj):
-        return obj.detach().cpu().numpy()
+        tensor = obj.detach().cpu()
+        try:
+            return tensor.numpy()
+        except TypeError:  # a dtype numpy has no type for (bfloat16, float8...): cast it like any other
+            if not tensor.is_floating_point():
+                raise InvalidTypeError(f"a tensor of {tensor.dtype} cannot be read as numbers") from None
+            return tensor.float().numpy()
     return obj
 
 

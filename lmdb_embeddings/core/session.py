@@ -45,6 +45,7 @@ class Session:
                 raise NotAStoreError(f"{self.path} is an LMDB environment but not an lmdb_embeddings store")
             with env.reading() as txn:
                 config, state = read_metadata(txn, self.meta_db, self.path)
+                self.config = config  # written once at creation: a reader tells tables apart by it
                 layout = TableLayout.from_metadata(config, state, self.path)
                 index = IdIndex.from_chunks(self.id_chunks(txn, 0, layout.rows, layout.chunk_rows))
         except lmdb.Error as exc:

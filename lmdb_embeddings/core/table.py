@@ -127,6 +127,13 @@ class Table:
             self.rows += len(new_ids)
             self.scatter(MAIN, np.arange(start, self.rows, dtype=np.int64), values)
 
+    def forget_rows_from(self, start: int) -> None:
+        """Undo appends from row slot ``start`` on (an ``add`` whose rows could not all be written)."""
+        self.index.truncate(start)
+        self.rows = start
+        for column in self.columns.values():
+            column.cache.forget_rows_from(start)
+
     def init_values(self, start: int, count: int) -> np.ndarray:
         """Initial rows of slots ``start:start+count``, exactly as ``create`` would have made them."""
         cr, out = self.chunk_rows, np.empty((count, self.dim), self.dtype)

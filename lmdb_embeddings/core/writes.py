@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -60,10 +61,11 @@ class WriterSession(Session):
         super().__init__(path, env, options, stats)
 
     @classmethod
-    def open(cls, path: str, options: StoreOptions, stats: CacheStats) -> WriterSession:
-        """Take the writer lock, then the environment; give both back if anything fails."""
-        lock = WriterLock(path)
-        lock.acquire()
+    def open(cls, path: str, options: StoreOptions, stats: CacheStats, lock: WriterLock | None = None) -> WriterSession:
+        """Take the writer lock (unless given, held), then the environment; give both back if anything fails."""
+        if lock is None:
+            lock = WriterLock(path)
+            lock.acquire()
         env = None
         try:
             if not os.access(path, os.W_OK):
@@ -109,11 +111,20 @@ class WriterSession(Session):
         self._reserve(stored, ahead=max(8 << 20, self.table.row_bytes * self.table.rows // 16))
         txn = self._pending_txn()
         db = self._ensure_db(spec, txn)
-        if self._undo is not None:
-            self._undo.capture(txn, column_db_name(spec.name), db, chunk_key(chunk))
-        txn.put(chunk_key(chunk), value, db=db)
+        try:
+            if self._undo is not None:
+                self._undo.capture(txn, column_db_name(spec.name), db, chunk_key(chunk))
+            txn.put(chunk_key(chunk), value, db=db)
+        except lmdb.Error as exc:  # LMDB gives up on a transaction that failed a put: it is gone
+            self._abort_pending()
+            raise CommitError(f"spilling changes from the cache into {self.path} failed ({exc})") from None
         self._txn_bytes += stored
         self.spilled += 1
+
+    @property
+    def lost_spills(self) -> bool:
+        """True once the pending transaction was lost with spilled changes in it (roll back)."""
+        return self.spilled > 0 and self._pending is None
 
     def _ensure_db(self, spec: ColumnSpec, txn: lmdb.Transaction):
         """The column's database, created inside the pending transaction if new."""
@@ -129,7 +140,9 @@ class WriterSession(Session):
             rows = max(self.table.rows, 1)
             self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
             self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
+            self.env.clear_stale_readers()  # a killed reader's slot would pin its snapshot's pages for good
             self._pending = self.env.env.begin(write=True, buffers=True)
+            self.env.write_owner = threading.get_ident()  # only this thread can end it (see processes/fork.py)
             if self._undo is not None:
                 self._undo.start(self._pending, self._dbs_in_pending)
         return self._pending
@@ -158,10 +171,12 @@ class WriterSession(Session):
         except OSError as exc:
             what = "commit" if not ahead else "spilling changes that no longer fit in the cache"
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            raise CommitError(
+            error = CommitError(
                 f"{what} to {self.path} failed ({reason}: {need:,} bytes of disk needed); nothing was written, the "
                 f"store keeps commit {self.table.commit} and this handle keeps its uncommitted changes: free space "
-                "and call commit() again") from None
+                "and call commit() again")
+            error.reason = f"{reason}: {need:,} bytes of disk needed"  # for a caller that says more (store.py)
+            raise error from None
         self._reserved_ahead = reserved
 
     def _abort_pending(self) -> None:
@@ -171,6 +186,7 @@ class WriterSession(Session):
             except lmdb.Error:
                 pass
             self._pending = None
+            self.env.write_owner = None
         for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
             self.env.forget_db(db_name)
         self._dbs_in_pending = []
@@ -256,6 +272,7 @@ class WriterSession(Session):
                 log.warning("%s: the failed commit had written its meta page; the previous one was put back",
                             self.path)
             raise
+        self.env.write_owner = None
         self._dbs_in_pending = []
         table.mark_committed(version, now)
         self.spilled = 0

@@ -10,12 +10,13 @@ them is never mistaken for a store.
 from __future__ import annotations
 
 import time
+import uuid
 
 import lmdb
 import numpy as np
 
 from ..core import init
-from ..errors import EmbeddingStoreError
+from ..errors import EmbeddingStoreError, StorageError
 from ..fsutil import fsync_dir
 from ..processes import environment
 from ..processes.memory import return_free_heap
@@ -31,6 +32,7 @@ class StoreBuilder:
     def __init__(self, directory: str, layout: TableLayout):
         self.directory, self.layout = directory, layout
         table_bytes = layout.rows * (layout.row_bytes + ID_DTYPE.itemsize)
+        environment.preallocate_lock_file(directory)  # a sparse one is SIGBUS on a full disk
         # Not synced per transaction: nothing here is visible until finish() has synced the
         # whole environment and the caller has swapped the directory in; the kernel writes
         # back in the background while we encode, instead of one fsync per transaction.
@@ -86,6 +88,9 @@ class StoreBuilder:
         config.setdefault("seed", 0)
         config.setdefault("library_version", __version__)
         config.setdefault("created_at", time.time())
+        # a new store is a new table, even when restored from a dump of another: readers that had
+        # the store replaced at this path open tell the two apart by it (compact copies it as it is)
+        config["store_uuid"] = uuid.uuid4().hex
         state = {"commit": layout.commit, "rows": layout.rows,
                  "committed_at": layout.committed_at if layout.committed_at is not None else time.time(),
                  "attrs": layout.attrs, "columns": {c.name: c.describe() for c in layout.columns}}
@@ -121,6 +126,15 @@ def build_new_table(directory: str, ids: np.ndarray | int, dim: int, dtype: np.d
     n = ids if isinstance(ids, int) else len(ids)
     layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
                          config={"init": spec, "seed": seed})
+    try:
+        _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values)
+    except lmdb.Error as exc:  # e.g. the disk filled up: the caller removes the directory
+        raise StorageError(f"writing the new store in {directory} failed ({exc}); nothing was changed at the "
+                           "target") from None
+
+
+def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values) -> None:
+    n = layout.rows
     builder = StoreBuilder(directory, layout)
     try:
         for chunk in range(layout.n_chunks):

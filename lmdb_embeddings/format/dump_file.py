@@ -84,6 +84,7 @@ class DumpWriter:
     def __init__(self, fileobj, layout: TableLayout, source: dict):
         self._f, self.layout = fileobj, layout
         self._hash = xxhash.xxh3_64()
+        self.bytes_written = 0
         header = _header_bytes(layout, source)
         head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)) + header
         self._write(head + _U64.pack(xxhash.xxh3_64_intdigest(head)))
@@ -92,6 +93,7 @@ class DumpWriter:
     def _write(self, data) -> None:
         self._f.write(data)
         self._hash.update(data)
+        self.bytes_written += len(data)  # bytes, or a memoryview cast to bytes
 
     def add_ids(self, chunk: int, ids: np.ndarray) -> None:
         if chunk != self._next_ids or len(ids) != self.layout.chunk_len(chunk):
@@ -123,24 +125,31 @@ class DumpWriter:
         head = TRAILER_MAGIC + _U64.pack(self.layout.n_chunks) + _U64.pack(self.layout.rows)
         self._write(head)
         self._f.write(_U64.pack(self._hash.intdigest()))
+        self.bytes_written += _U64.size
 
     def close(self) -> None:
         """Nothing to release: the caller owns the file (and removes an unfinished one)."""
 
 
 class DumpReader:
-    """Reads and checks a dump file; every problem raises ``DumpFileError`` (one line)."""
+    """Reads and checks a dump file; every problem raises ``DumpFileError`` (one line).
 
-    def __init__(self, path: str):
+    ``stream``: read from this binary stream instead (standard input: no seeking, no size
+    known up front; a truncated stream fails where it ends, extra bytes after the trailer fail
+    at the end); ``path`` then only names it in messages.
+    """
+
+    def __init__(self, path: str, stream=None):
         self.path = os.fspath(path)
-        self._f = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        self._owned = stream is None
+        self._f = open(self.path, "rb") if stream is None else stream  # noqa: SIM115 - closed by close()
         try:
-            self.size = os.fstat(self._f.fileno()).st_size
+            self.size = os.fstat(self._f.fileno()).st_size if stream is None else None
             self._hash = xxhash.xxh3_64()
             self._pos = 0
             self._read_head()
         except BaseException:
-            self._f.close()
+            self.close()
             raise
 
     def _fail(self, message: str):
@@ -164,7 +173,7 @@ class DumpReader:
         self._pos += len(buf)
 
     def _read_head(self) -> None:
-        if self.size < _PREAMBLE.size:
+        if self.size is not None and self.size < _PREAMBLE.size:
             self._fail(f"not an lmdb_embeddings dump: only {self.size} bytes (truncated or empty)")
         preamble = self._read(_PREAMBLE.size, "the preamble")
         magic, version, header_len = _PREAMBLE.unpack(preamble)
@@ -174,7 +183,7 @@ class DumpReader:
             self._fail(f"dump format version {version} is not readable by this tool (it reads versions 1 to "
                        f"{FORMAT_VERSION}): upgrade lmdb_embeddings" if version > FORMAT_VERSION else
                        f"invalid dump format version {version} at byte 8")
-        if header_len > _MAX_HEADER or _PREAMBLE.size + header_len + _U64.size > self.size:
+        if header_len > _MAX_HEADER or (self.size is not None and _PREAMBLE.size + header_len + _U64.size > self.size):
             self._fail(f"truncated or damaged: the header claims {header_len} bytes but the file holds "
                        f"{self.size} bytes")
         header = self._read(header_len, "the header")
@@ -192,7 +201,7 @@ class DumpReader:
         if summary != (self.layout.dim, self.layout.dtype.name, self.layout.rows, self.layout.chunk_rows):
             self._fail(f"the header contradicts itself: dim/dtype/rows/chunk_rows {summary} vs its table record")
         self.offsets = _Offsets(self.layout, header_len)
-        if self.size != self.offsets.total:
+        if self.size is not None and self.size != self.offsets.total:
             if self.size < self.offsets.total:
                 self._fail(f"truncated: the header describes {self.offsets.total} bytes but the file ends at "
                            f"byte {self.size}, inside {self.offsets.part_at(self.size)}")
@@ -247,9 +256,13 @@ class DumpReader:
                        f"{self.layout.n_chunks} / {self.layout.rows}")
         if self._hash.intdigest() != stored:
             self._fail(f"whole-file checksum mismatch (trailer at byte {start}): the file is damaged")
+        if self.size is None and self._f.read(1):  # a stream: nothing may follow the trailer
+            self._fail(f"unexpected bytes after the trailer (at byte {self._pos + _TRAILER.size}); the stream "
+                       "holds more than one dump or was damaged")
 
     def close(self) -> None:
-        self._f.close()
+        if self._owned:
+            self._f.close()
 
     def __enter__(self) -> DumpReader:
         return self

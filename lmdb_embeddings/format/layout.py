@@ -19,7 +19,22 @@ from ..errors import CorruptionError, EmbeddingStoreError
 from .chunks import ID_DTYPE
 from .records import MAIN
 
-__all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "ID_DTYPE"]
+__all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "chunk_size_problem", "ID_DTYPE",
+           "MAX_CHUNK_BYTES"]
+
+#: A chunk is one LMDB value and is decoded (and initialised) whole: beyond this it cannot be a unit of I/O.
+MAX_CHUNK_BYTES = 1 << 30
+
+
+def chunk_size_problem(chunk_rows: int, row_bytes: int) -> str | None:
+    """Why chunks of ``chunk_rows`` rows of ``row_bytes`` bytes are too large, or None if they are not."""
+    if chunk_rows * row_bytes <= MAX_CHUNK_BYTES:
+        return None
+    if row_bytes > MAX_CHUNK_BYTES:
+        return (f"one row takes {row_bytes:,} bytes, more than the largest chunk ({MAX_CHUNK_BYTES >> 20} MiB): "
+                "lower dim")
+    return (f"a chunk of {chunk_rows:,} rows x {row_bytes:,} bytes exceeds the largest chunk "
+            f"({MAX_CHUNK_BYTES >> 20} MiB): lower chunk_rows to at most {MAX_CHUNK_BYTES // row_bytes:,}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,8 @@ class TableLayout:
             problems.append(f"chunk_rows={self.chunk_rows}, rows={self.rows}, commit={self.commit}")
         if any(c.width < 1 for c in self.columns):
             problems.append("a column has width < 1")
+        elif self.columns and self.chunk_rows >= 1 and (too_big := chunk_size_problem(self.chunk_rows, self.row_bytes)):
+            problems.append(too_big)
         if problems:
             raise error(f"{what}: the table description is invalid ({'; '.join(problems)})")
 

@@ -230,6 +230,7 @@ def read_layout(directory: str, chunk_rows: int | None) -> tuple[TableLayout, di
                                  layout.commit, layout.committed_at)
     else:
         layout = TableLayout(chunk_rows or 1024, ids.shape[0], (ColumnSpec(MAIN, emb.shape[1], dtype),))
+    layout.check(NpyInputError, directory)
     return layout, checksums
 
 

@@ -63,6 +63,7 @@ class Snapshot:
         self._shared = environment.acquire(self.path, write=False)
         self._txn = None
         self._dbs: dict[str, object] = {}
+        self._counted = False  # registered as an open snapshot with the shared environment
         self._read_bytes = 0  # read from the map since the last release_pages()
         try:
             self._begin()
@@ -84,6 +85,8 @@ class Snapshot:
                            and self._txn.get(column_db_name(c.name)) is not None]
                 if not missing:
                     self._dbs = {c.name: shared.cached_db(column_db_name(c.name)) for c in self.layout.columns}
+                    shared.snapshots += 1  # a fork meanwhile must not close this environment in the child
+                    self._counted = True
                     return
                 self._txn.abort()
                 self._txn = None
@@ -180,6 +183,9 @@ class Snapshot:
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
+        if self._counted:
+            self._shared.snapshots -= 1
+            self._counted = False
         if self._shared is not None:
             environment.release(self._shared)
             self._shared = None

@@ -11,11 +11,13 @@ directory, so nothing (and no half store) is left at the target.
 from __future__ import annotations
 
 import os
+import stat
+import sys
 import time
 
 import lmdb
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, WriterLockedError
 from ..format import dump_file, npy_dir
 from ..format.builder import StoreBuilder
 from ..format.layout import TableSink, TableSource, copy_table
@@ -41,31 +43,70 @@ def _check_parent(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ dump
+STDIO = "-"  # as OUT of dump: the standard output; as IN of restore: the standard input
+
+
 def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False, open_source=None) -> dict:
     """Write the committed state of the store at ``path`` to ``out``; returns a summary.
 
-    ``open_source(path)``: the consistent view to dump, a context-managed ``TableSource``
-    (default: a plain store's ``Snapshot``; a sharded directory: ``distributed.offline.ShardedSnapshot``).
+    ``out`` ``"-"`` streams a native dump to the standard output (for ``| ssh`` or ``| zstd``).
+    A path must be a new or regular file (a directory for npy) outside the store: a
+    symbolic link, FIFO or device there is refused, never replaced. ``open_source(path)``:
+    the consistent view to dump, a context-managed ``TableSource`` (default: a plain store's
+    ``Snapshot``; a sharded directory: ``distributed.offline.ShardedSnapshot``).
     """
-    path, out = os.path.abspath(path), os.path.abspath(out)
+    path = os.path.abspath(path)
     if open_source is None:
         check_store_dir(path)
         open_source = Snapshot
-    _check_parent(out)
-    if fmt == "native" and os.path.isdir(out):
-        raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
-    if fmt == "npy" and os.path.exists(out) and not os.path.isdir(out):
-        raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
+    if out == STDIO:
+        if fmt != "native":
+            raise InvalidInputError("'-' (the standard output) takes a native dump; --format npy writes a directory")
+        if sys.stdout.isatty():
+            raise InvalidInputError("refusing to write a binary dump to a terminal; redirect the standard output")
+    else:
+        out = os.path.abspath(out)
+        _check_parent(out)
+        _check_dump_target(path, out, fmt)
     started = time.perf_counter()
     with open_source(path) as snap:
         layout = snap.layout
-        if fmt == "native":
+        if out == STDIO:
+            size = _dump_stream(snap, sys.stdout.buffer, _source(path, snap), progress)
+        elif fmt == "native":
             size = _dump_native(snap, out, _source(path, snap), progress)
         else:
             size = _dump_npy(snap, out, _source(path, snap), progress)
     return {"path": path, "out": out, "format": fmt, "rows": layout.rows, "chunks": layout.n_chunks,
             "columns": [c.name for c in layout.columns], "commit": layout.commit, "bytes": size,
             "seconds": time.perf_counter() - started}
+
+
+def _check_dump_target(store: str, out: str, fmt: str) -> None:
+    """Refuse an OUT inside the store, and one that is not what the format writes (never replaced)."""
+    real_store = os.path.realpath(store)
+    real_out = os.path.join(os.path.realpath(os.path.dirname(out)), os.path.basename(out))
+    if real_out == real_store or real_out.startswith(real_store + os.sep):
+        raise InvalidInputError(f"{out} is inside the store {store}; write the dump elsewhere")
+    if not os.path.lexists(out):
+        return
+    mode = os.lstat(out).st_mode
+    if stat.S_ISLNK(mode):
+        raise InvalidInputError(f"{out} is a symbolic link; refusing to replace it (give the path it points to)")
+    if fmt == "native" and stat.S_ISDIR(mode):
+        raise InvalidInputError(f"{out} is a directory; give a file path (or use --format npy)")
+    if fmt == "native" and not stat.S_ISREG(mode):
+        raise InvalidInputError(f"{out} is not a regular file (a FIFO, device or socket); refusing to replace it "
+                                "(to write to a pipe, give '-' and redirect the standard output)")
+    if fmt == "npy" and not stat.S_ISDIR(mode):
+        raise InvalidInputError(f"{out} is a file; --format npy writes a directory")
+
+
+def _dump_stream(snap: TableSource, stream, source: dict, progress: bool) -> int:
+    writer = dump_file.DumpWriter(stream, snap.layout, source)
+    _copy(snap, writer, "dump", progress)
+    stream.flush()
+    return writer.bytes_written
 
 
 def _dump_native(snap: TableSource, out: str, source: dict, progress: bool) -> int:
@@ -129,12 +170,20 @@ def check_restore_target(path: str, force: bool) -> bool:
 
 def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
                   chunk_rows: int | None = None, progress: bool = False) -> dict:
-    """Build the store at ``path`` from the dump ``src`` (native file or npy directory)."""
-    src, path = os.path.abspath(src), os.path.abspath(path)
-    fmt = fmt or detect_format(src)
+    """Build the store at ``path`` from the dump ``src`` (native file or npy directory; ``"-"``: a
+    native dump streamed on the standard input)."""
+    path = os.path.abspath(path)
+    if src == STDIO:
+        if fmt not in (None, "native"):
+            raise InvalidInputError("'-' (the standard input) carries a native dump; an npy dump is a directory")
+        fmt = "native"
+    else:
+        src = os.path.abspath(src)
+        fmt = fmt or detect_format(src)
     replacing = check_restore_target(path, force)
     started = time.perf_counter()
-    reader = open_dump(src, fmt, chunk_rows)
+    reader = dump_file.DumpReader("<standard input>", stream=sys.stdin.buffer) if src == STDIO else \
+        open_dump(src, fmt, chunk_rows)
     layout = reader.layout
     try:
         with StagedStore(path, "restoring") as stage:
@@ -145,9 +194,7 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
                 where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
                 raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
                                       f"({where}{first['part']}: {first['error']})")
-            if not replacing and os.path.exists(path) and os.listdir(path):
-                raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
-            stage.swap_in()
+            stage.swap_in(replace=force)
     except WriterLockedError as exc:
         raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced",
                                 holder_pid=exc.holder_pid) from None

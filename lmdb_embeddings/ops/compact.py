@@ -44,7 +44,7 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
             after = _copy_compacted(path, stage.tmp, progress)
             swapped = after < before
             if swapped:
-                stage.swap_in()
+                stage.swap_in(replace=True)
     except WriterLockedError as exc:
         raise WriterLockedError(f"cannot compact while a writer holds the store: {exc}",
                                 holder_pid=exc.holder_pid) from None

@@ -5,26 +5,46 @@ LMDB allows an environment to be opened once per process and never used after fo
 same process share one environment and one lock that serializes the moments when a
 transaction is open; a forked child finds its parent's entries (different pid), closes
 them without touching the parent's state, and opens its own.
+
+A path is not a store: ``compact``, ``restore --force``, ``create(overwrite=True)`` (or a
+user's delete and re-create) put ANOTHER directory at the same path. Each entry remembers
+the identity of the data file it opened, ``(st_dev, st_ino)`` of ``data.mdb`` (the
+environment keeps that file open, so the number cannot be reused by a new file while the
+entry lives; a directory's inode can, as soon as it is deleted). ``acquire`` compares it
+with the file now at the path and never hands out an entry that no longer matches: it
+*retires* it (closes its environment: py-lmdb refuses to open a path twice in one process,
+so the old one must go before the new one can open) and opens the store that is there now.
+Handles still holding a retired entry notice it at their next call (a reader follows the
+store at the path, see ``core/readers.py``).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 import lmdb
 
-from ..errors import CorruptionError, EmbeddingStoreError
-from ..format.records import DATA_FILE
+from ..errors import CorruptionError, EmbeddingStoreError, StorageError
+from ..format.records import DATA_FILE, META_DB, pack_record
 from . import fork
 from .data_file import DataFile
 
+log = logging.getLogger(__name__)
+LOCK_FILE = "lock.mdb"
 MAX_DBS = 64
+IDENTITY_CHECK_S = 0.1  # a reader looks at the path at least this often (see core/readers.py)
 MAX_READERS = 2048
 MIN_MAP_SIZE = 256 << 20
 _registry: dict[str, SharedEnv] = {}
 _registry_lock = threading.Lock()
+_stranded: dict[str, str] = {}  # in a forked child: path -> why its inherited environment cannot be closed
+_kept_alive: list[SharedEnv] = []
+_held_for_fork: list[SharedEnv] = []
 
 
 class SharedEnv:
@@ -37,9 +57,14 @@ class SharedEnv:
     (database handles are looked up through ``db()``, never cached by the stores).
     """
 
-    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool, writemap: bool):
+    def __init__(self, path: str, env: lmdb.Environment, writable: bool, readahead: bool, writemap: bool,
+                 identity: tuple[int, int] | None = None):
         self.path, self.env, self.writable, self.readahead = path, env, writable, readahead
         self.writemap = writemap and writable
+        self.identity = identity  # (st_dev, st_ino) of the data file this environment opened
+        self.retired = False  # the store at the path is another one now: this environment is closed
+        self.write_owner: int | None = None  # thread that began the open write transaction, if any
+        self.snapshots = 0  # read transactions held across calls (format.snapshot: dump, verify, compact)
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
@@ -102,13 +127,48 @@ class SharedEnv:
             return self.env.begin(buffers=True)
 
     @contextmanager
-    def reading(self):
+    def reading(self, current_only: bool = False):
+        """One read transaction under the lock. A retired environment yields None with
+        ``current_only`` (the caller follows the store at the path) and raises otherwise."""
         with self.lock:
+            if self.retired:
+                if current_only:
+                    yield None
+                    return
+                raise EmbeddingStoreError(f"{self.path} was replaced by another store while this handle had the "
+                                          "old one open; open it again")
             txn = self.begin_read()
             try:
                 yield txn
             finally:
                 txn.abort()
+
+    def is_current(self) -> bool:
+        """True while the data file at the path is still the one this environment opened (one ``stat``)."""
+        return not self.retired and data_file_identity(self.path) == self.identity
+
+    def clear_stale_readers(self) -> None:
+        """Free the reader slots of dead processes (a killed worker's snapshot pins pages until then)."""
+        try:
+            self.env.reader_check()
+        except lmdb.Error:
+            pass
+
+    def mark_replaced(self) -> None:
+        """After a swap, commit a ``replaced`` record into this (old, now unlinked) store.
+
+        Readers in other processes that still have the old store open see LMDB's
+        transaction id change at their next call, look at the path and follow the store
+        that is there now (``core/readers.py``). Best effort: without it they notice
+        within ``IDENTITY_CHECK_S`` anyway.
+        """
+        with self.lock:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.put(b"replaced", pack_record({"replaced_at": time.time()}), db=self.cached_db(META_DB))
+            except lmdb.Error as exc:
+                log.warning("%s: could not mark the replaced store (%s); its readers notice within %.1f s",
+                            self.path, exc, IDENTITY_CHECK_S)
 
     def reopen_if_panicked(self) -> bool:
         """Reopen an environment LMDB has marked unusable; True if it was.
@@ -153,17 +213,79 @@ def _realpath(path: str) -> str:
     return os.path.realpath(os.fspath(path))
 
 
+def data_file_identity(directory: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the data file in ``directory``, or None if there is none."""
+    try:
+        st = os.stat(os.path.join(directory, DATA_FILE))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _drop_inherited() -> None:
-    """Called in a child process: close (without using) environments of the parent."""
-    pid = os.getpid()
+    """Called in a child process: close (without using) environments of the parent.
+
+    Two kinds cannot be closed here. One with a write transaction that another thread of
+    the parent began (to spill changes): py-lmdb would wait for that thread, which does not
+    exist in the child. One with a snapshot open (a dump or verify in progress): closing
+    would end its read transaction in LMDB's shared reader table, under the parent's feet.
+    They are left as they are (the child's copy of memory; nothing is written), and the
+    child refuses to open that store (``acquire``).
+    """
+    pid, me = os.getpid(), threading.get_ident()
     with _registry_lock:
         for key, shared in list(_registry.items()):
             if shared.pid != pid:
+                del _registry[key]
+                if shared.write_owner is not None and shared.write_owner != me:
+                    _stranded[key] = "another thread of its parent had a write transaction open on it (changes " \
+                                     "spilled from its cache), which cannot be released here; commit before forking"
+                    _kept_alive.append(shared)  # never closed (nor garbage-collected) in this process
+                    continue
+                if shared.snapshots:
+                    _stranded[key] = "its parent was reading a snapshot of it (a dump or verify), which closing " \
+                                     "it here would break; fork before or after that"
+                    _kept_alive.append(shared)
+                    continue
                 try:
                     shared.env.close()  # py-lmdb skips LMDB cleanup after fork
                 except Exception:
                     pass
-                del _registry[key]
+
+
+# LMDB's lock file holds a header (MDB_txninfo: two cache lines plus the first reader slot) and
+# one 64-byte slot per further reader; the first opener sizes it with ftruncate, sparse.
+_LOCK_FILE_BYTES = 192 + (MAX_READERS - 1) * 64
+
+
+def preallocate_lock_file(directory: str) -> None:
+    """Give a store without one a ``lock.mdb`` whose blocks are allocated, before LMDB opens it.
+
+    LMDB writes its lock file through a shared memory map; a sparse one on a full disk kills
+    the process with SIGBUS instead of failing. Sized as LMDB sizes it for ``MAX_READERS``,
+    so LMDB takes it as it is. Nothing to do on a read-only filesystem (LMDB then reads
+    without a lock file) or when the file exists.
+    """
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.EROFS, errno.EACCES, errno.EPERM):
+            return
+        raise StorageError(f"cannot create {path} ({exc.strerror})") from None
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError as exc:
+        os.close(fd)
+        fd = None
+        os.unlink(path)
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise StorageError(f"cannot create the lock file of {directory} ({reason}); nothing was changed") \
+                from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = None,
@@ -175,6 +297,7 @@ def _open(path: str, readonly: bool, readahead: bool, map_size: int | None = Non
     first. The map is never smaller than the file, so LMDB never cuts reserved blocks off.
     """
     map_size = map_size or MIN_MAP_SIZE
+    preallocate_lock_file(path)
     if writemap:
         _open(path, readonly=True, readahead=readahead).close()
         map_size = max(map_size, os.path.getsize(os.path.join(path, DATA_FILE)))
@@ -213,24 +336,23 @@ def _check_not_truncated(path: str, env: lmdb.Environment) -> None:
 
 
 def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = False) -> SharedEnv:
-    """The process's environment for the store at ``path`` (opened on first use).
+    """The process's environment for the store now at ``path`` (opened on first use).
 
-    ``writemap`` (writers only) applies when this call opens or reopens it writable.
+    ``writemap`` (writers only) applies when this call opens or reopens it writable. An
+    entry whose data file is no longer the one at the path is retired, never handed out.
     """
     real = _realpath(path)
     _drop_inherited()
     with _registry_lock:
+        if real in _stranded:
+            raise EmbeddingStoreError(f"{real}: this process was forked while {_stranded[real]}, or start workers "
+                                      "with spawn/forkserver")
         shared = _registry.get(real)
+        if shared is not None and not shared.is_current():
+            _retire(shared)
+            shared = None
         if shared is None:
-            if not os.path.exists(os.path.join(real, DATA_FILE)):
-                raise EmbeddingStoreError(f"no LMDB data file in {real}")
-            env = _open(real, readonly=not write, readahead=readahead, writemap=write and writemap)
-            shared = SharedEnv(real, env, write, readahead, write and writemap)
-            try:
-                shared.open_dbs()
-            except lmdb.Error as exc:
-                env.close()
-                raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
+            shared = _open_shared(real, write, readahead, write and writemap)
             _registry[real] = shared
         elif write:
             shared.make_writable(writemap)
@@ -238,21 +360,82 @@ def acquire(path: str, write: bool, readahead: bool = True, writemap: bool = Fal
         return shared
 
 
+def _open_shared(real: str, write: bool, readahead: bool, writemap: bool) -> SharedEnv:
+    """A new entry for the store at ``real``, its identity taken around the open (a swap meanwhile: again)."""
+    for _attempt in range(5):
+        identity = data_file_identity(real)
+        if identity is None:
+            raise EmbeddingStoreError(f"no LMDB data file in {real}")
+        env = _open(real, readonly=not write, readahead=readahead, writemap=writemap)
+        if data_file_identity(real) == identity:
+            break
+        env.close()
+    else:
+        raise EmbeddingStoreError(f"{real} keeps being replaced by other processes; try again")
+    shared = SharedEnv(real, env, write, readahead, writemap, identity)
+    try:
+        shared.open_dbs()
+    except lmdb.Error as exc:
+        env.close()
+        raise EmbeddingStoreError(f"cannot read the databases of {real}: {exc}") from exc
+    return shared
+
+
+def _retire(shared: SharedEnv) -> None:
+    """Close the environment of a store that was replaced at its path (registry lock held)."""
+    if shared.write_owner is not None:
+        raise EmbeddingStoreError(
+            f"{shared.path} was replaced while a writable handle of this process still has uncommitted changes "
+            "in the store that was there; close (or roll back) that handle first")
+    if shared.snapshots:  # closing would end a dump/verify of the old store in the middle
+        raise EmbeddingStoreError(
+            f"{shared.path} was replaced while this process is still reading a snapshot (a dump or verify) of the "
+            "store that was there; open it again once that is done")
+    with shared.lock:
+        shared.retired = True
+        shared.env.close()
+    if _registry.get(shared.path) is shared:
+        del _registry[shared.path]
+
+
 def release(shared: SharedEnv) -> None:
     with _registry_lock:
         shared.users -= 1
-        if shared.users <= 0 and _registry.get(shared.path) is shared and shared.pid == os.getpid():
-            del _registry[shared.path]
-            shared.env.close()
+        if shared.users <= 0 and shared.pid == os.getpid():
+            if _registry.get(shared.path) is shared:
+                del _registry[shared.path]
+            shared.env.close()  # a retired one is closed already: closing again is harmless
 
 
 def is_open_here(path: str) -> bool:
+    """True if this process has the store now at ``path`` open."""
     _drop_inherited()
-    return _realpath(path) in _registry
+    shared = _registry.get(_realpath(path))
+    return shared is not None and shared.is_current()
+
+
+def _hold_for_fork() -> None:
+    """Before a fork: no thread may be inside the registry or inside a transaction (see ``fork``)."""
+    _registry_lock.acquire()
+    for shared in list(_registry.values()):
+        shared.lock.acquire()
+        _held_for_fork.append(shared)
+
+
+def _give_back_after_fork() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().lock.release()
+    _registry_lock.release()
+
+
+fork.holding(_hold_for_fork, _give_back_after_fork)
 
 
 @fork.in_child
 def _after_fork_in_child() -> None:
     global _registry_lock
-    _registry_lock = threading.Lock()  # the parent may have held it while forking
+    _registry_lock = threading.Lock()  # held by the forking thread: this process's one is new
+    for shared in _held_for_fork:
+        shared.lock = threading.RLock()
+    _held_for_fork.clear()
     _drop_inherited()
