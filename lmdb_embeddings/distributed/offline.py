@@ -228,8 +228,8 @@ def restore_sharded(src: str, path: str, *, shards: int, force: bool = False, fm
                                       f"({first['part']}: {first['error']})")
             if not replacing and os.path.exists(path) and os.listdir(path):
                 raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
-            with _writer_locks(_shard_dirs(path) if replacing else []):
-                stage.swap_in()
+            with _writer_locks(_shard_dirs(path) if replacing else []):  # a sharded store: its shards' locks
+                stage.swap_in(replace=replacing, only_stores=False)
     finally:
         reader.close()
     return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
