@@ -237,15 +237,7 @@ class EmbeddingStore:
 
     def get_tensor(self, ids: IdsLike, device=None):
         """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
-        import torch  # the tensor API is the only part of the store that needs torch
-
-        tensor = torch.from_numpy(self.get(ids))
-        if device is None:
-            return tensor
-        device = torch.device(device)
-        if device.type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor.to(device)
+        return as_tensor(self.get(ids), device)
 
     def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
         """Rows of an auxiliary column for ``ids`` (same rules as :meth:`get`)."""
@@ -498,6 +490,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------- helpers
+def as_tensor(rows: np.ndarray, device=None):
+    """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
+    import torch  # the tensor API is the only part of the store that needs torch
+
+    tensor = torch.from_numpy(rows)
+    if device is None:
+        return tensor
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
 

@@ -22,16 +22,15 @@ import time
 
 import numpy as np
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError
 from ..format.layout import ID_DTYPE, TableLayout, copy_table
 from ..format.records import FORMAT_VERSION, is_store
 from ..ops.backup import detect_format, open_dump
 from ..ops.info import store_info
 from ..ops.progress import bar
 from ..ops.verify import verify_store
-from ..processes import environment
-from ..processes.staging import StagedStore
-from ..processes.writer_lock import WriterLock, holder_pid
+from ..processes.staging import StagedStore, refuse_if_open
+from ..processes.writer_lock import WriterLock
 from .creation import ShardBuilder
 from .manifest import RESERVED_PREFIX, Manifest, is_sharded, new_token, read_manifest, shard_name, write_manifest
 from .ownership import DEFAULT_BUCKETS, owner_of
@@ -252,13 +251,7 @@ def _check_target(path: str, force: bool) -> bool:
     if not force:
         raise StoreExistsError(f"a store already exists at {path}; pass --force to replace it")
     for lock_dir in [path, *_shard_dirs(path)]:
-        if environment.is_open_here(lock_dir):
-            raise WriterLockedError(f"{lock_dir} is open in this process; close its handles before replacing it",
-                                    holder_pid=os.getpid())
-        holder = holder_pid(lock_dir)
-        if holder is not None:
-            raise WriterLockedError(f"{lock_dir} is open for writing by pid {holder}; close it before replacing it",
-                                    holder_pid=holder)
+        refuse_if_open(lock_dir)
     return True
 
 

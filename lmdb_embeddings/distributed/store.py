@@ -35,7 +35,7 @@ from ..errors import (
     UnknownIdError,
 )
 from ..format.records import MAIN
-from ..store import EmbeddingStore
+from ..store import EmbeddingStore, as_tensor
 from . import opening, training
 from .collective import Collective, attempt
 from .creation import initial_rows
@@ -228,7 +228,7 @@ class ShardedEmbeddingStore:
 
     def get_tensor(self, ids, device=None) -> torch.Tensor:
         """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
-        return _on_device(torch.from_numpy(self.get(ids)), device)
+        return as_tensor(self.get(ids), device)
 
     def get_column(self, name: str, ids) -> np.ndarray:
         """Rows of an auxiliary column for this rank's ``ids`` (like :meth:`get`)."""
@@ -458,13 +458,6 @@ def _owners(checked_args):
     return None if checked_args is None else checked_args[-1]
 
 
-def _on_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    if device is None:
-        return tensor
-    device = torch.device(device)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _check_received(shard: EmbeddingStore, route: Route, ids: np.ndarray, call: str, must_exist: bool) -> None:

@@ -52,6 +52,12 @@ def check_replace_target(path: str, replace: bool, how: str) -> bool:
             "(choose another path or empty it)")
     if not replace:
         raise StoreExistsError(f"a store already exists at {path}; {how} to replace it")
+    refuse_if_open(path)
+    return True
+
+
+def refuse_if_open(path: str) -> None:
+    """``WriterLockedError`` if the store at ``path`` is open in this process or has a writer anywhere."""
     if environment.is_open_here(path):
         raise WriterLockedError(f"{path} is open in this process; close its handles before replacing it",
                                 holder_pid=os.getpid())
@@ -59,7 +65,6 @@ def check_replace_target(path: str, replace: bool, how: str) -> bool:
     if holder is not None:
         raise WriterLockedError(f"{path} is open for writing by pid {holder}; close it before replacing it",
                                 holder_pid=holder)
-    return True
 
 
 class StagedStore:
