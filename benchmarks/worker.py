@@ -39,6 +39,7 @@ def run(spec: dict) -> dict:
     impl.setup(wl.seed)
     setup_s = time.perf_counter() - t
     impl.open()
+    anon_open_mb = status_kib("self", "RssAnon") / 1024  # what the process holds before the timed run
     reference = impl.get(sample).copy()
     updates = np.zeros(len(sample), np.int64)
 
@@ -74,6 +75,7 @@ def run(spec: dict) -> dict:
         "median_put_ms": float(np.median(put_ms)) if put_ms else 0.0,
         "commit_s": commit_s,
         "setup_s": setup_s,
+        "anon_at_open_mb": anon_open_mb,
         "peak_rss_mb": status_kib("self", "VmHWM") / 1024,
         "bytes_written": written,
         "verified": mismatched == 0,
