@@ -108,27 +108,24 @@ def small_tmpfs(directory: str, size: str):
         subprocess.run(["umount", "-l", directory], capture_output=True, timeout=30)
 
 
+def _write_until_full(fd: int, block: bytes) -> None:
+    while True:
+        try:
+            os.write(fd, block)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return
+
+
 def fill_disk(directory: str, leave: int = 0) -> str:
     """Write a ballast file until the filesystem is full, then give back ``leave`` bytes; its path."""
     path = os.path.join(directory, "ballast")
     block = b"\0" * (1 << 16)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        while True:
-            try:
-                os.write(fd, block)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-        small = b"\0" * 4096
-        while True:  # the last few pages too
-            try:
-                os.write(fd, small)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
+        _write_until_full(fd, block)
+        _write_until_full(fd, b"\0" * 4096)  # the last few pages too
     finally:
         os.close(fd)
     if leave:

@@ -28,7 +28,7 @@ from ..format.records import FORMAT_VERSION, is_store
 from ..ops.backup import detect_format, open_dump
 from ..ops.info import store_info
 from ..ops.progress import bar
-from ..ops.verify import verify_store
+from ..ops.verify import new_report, verify_store
 from ..processes.staging import StagedStore, refuse_if_open
 from ..processes.writer_lock import WriterLock
 from .creation import ShardBuilder
@@ -74,11 +74,7 @@ def verify_sharded(path: str, *, progress: bool = False) -> dict:
     """``verify`` every shard, then what ties them together: the manifest, the commit each shard holds,
     the same columns everywhere, every ID on its owner, the global row positions a permutation."""
     path = os.path.abspath(path)
-    report = {"path": path, "ok": True, "problems": [], "bad_chunks": [], "chunks_checked": 0, "sharded": True}
-
-    def problem(part: str, chunk, error: str) -> None:
-        report["problems"].append({"part": part, "chunk": chunk, "error": error})
-
+    report, problem = new_report(path, sharded=True)
     try:
         manifest = read_manifest(path)
     except CorruptionError as exc:

@@ -10,6 +10,7 @@ time, plus the IDs (8 bytes per row) for the uniqueness check.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,15 +23,21 @@ from .progress import bar
 _SHOWN_DUPLICATES = 10
 
 
-def verify_store(path: str, *, progress: bool = False) -> dict:
-    """Check the whole store; returns a report with ``ok`` and the list of ``problems``."""
-    path = os.path.abspath(path)
-    check_store_dir(path)
-    report = {"path": path, "ok": True, "problems": [], "bad_chunks": [], "chunks_checked": 0}
+def new_report(path: str, **fields) -> tuple[dict, Callable[[str, int | None, str], None]]:
+    """An empty verify report for ``path`` and the function that records a problem in it."""
+    report = {"path": path, "ok": True, "problems": [], "bad_chunks": [], "chunks_checked": 0, **fields}
 
     def problem(part: str, chunk: int | None, error: str) -> None:
         report["problems"].append({"part": part, "chunk": chunk, "error": error})
 
+    return report, problem
+
+
+def verify_store(path: str, *, progress: bool = False) -> dict:
+    """Check the whole store; returns a report with ``ok`` and the list of ``problems``."""
+    path = os.path.abspath(path)
+    check_store_dir(path)
+    report, problem = new_report(path)
     try:
         snap = Snapshot(path)
     except CorruptionError as exc:
