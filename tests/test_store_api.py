@@ -404,3 +404,30 @@ def test_reader_in_another_process_sees_committed_columns(small_store):
     )
     out = run_python(code, small_store.path).stdout.split(maxsplit=1)
     assert out[0] == "5" and out[1].strip() == "[[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]"
+
+
+_THREADS = """
+import sys, threading, numpy as np, lmdb_embeddings as le
+store = le.EmbeddingStore.create(sys.argv[1], 4096, 32, chunk_rows=64, cache_mb=1 / 16, init="zeros")
+
+def in_thread(fn):
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join()
+
+in_thread(lambda: store.put(np.arange(4096), np.ones((4096, 32))))  # spills: the write txn begins here
+assert store.stats()["spilled_chunks"] > 0
+store.commit()                                                        # ... and ends in another thread
+in_thread(lambda: store.put(np.arange(4096), np.full((4096, 32), 5.0)))
+store.rollback()
+in_thread(lambda: (store.put([2], np.full((1, 32), 3.0)), store.commit()))
+store.close()
+with le.EmbeddingStore.open(sys.argv[1], readonly=True) as reader:
+    print(reader.get([0, 1, 2])[:, 0].tolist())
+"""
+
+
+def test_a_handle_shared_by_threads_commits_what_another_thread_spilled(store_path):
+    # LMDB ties a write transaction to the thread that began it; spills begin it in whichever
+    # thread called put. A hang here would be caught by run_python's timeout.
+    assert run_python(_THREADS, store_path, timeout=60).stdout.split() == ["[1.0,", "1.0,", "3.0]"]
