@@ -17,6 +17,7 @@ import numpy as np
 
 from benchmarks import readers, worker
 from benchmarks.impls import IMPLEMENTATIONS, NumpyMem
+from benchmarks.run import _rotated
 from benchmarks.workloads import BASELINES, suite
 from tests.conftest import ROOT, subprocess_env
 
@@ -84,6 +85,22 @@ def test_torn_read_check_flags_rows_from_two_commits():
     assert not readers._consistent(torn, np.array([a, b, c]), candidates, schedule, points)
     garbage = state[late][[a, b]] + 1.0
     assert not readers._consistent(garbage, np.array([a, b]), candidates, schedule, points)
+
+
+def test_each_round_starts_with_another_implementation():
+    runs = list(suite("quick")[1].runs.items())
+    firsts = [_rotated(runs, round_)[0][0] for round_ in range(len(runs))]
+    assert sorted(firsts) == sorted(label for label, _ in runs)  # every label leads one round
+    assert all(sorted(_rotated(runs, r)) == sorted(runs) for r in range(len(runs) + 1))
+
+
+def test_ab_order_swaps_the_two_labels_every_round():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_order", "--workload", "small", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=180, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    labels = [line.split()[2].rstrip(":") for line in proc.stdout.splitlines()]
+    assert labels == ["memmap_epoch", "ours_default", "ours_tuned", "memmap_epoch", "ours_tuned", "ours_default"]
+    assert "rows/s" in proc.stdout and "error" not in proc.stdout
 
 
 def test_suites_name_every_implementation():

@@ -1,0 +1,54 @@
+"""Two store labels of one workload, A/B with their order swapped every round.
+
+``python -m benchmarks.ab_order [--workload medium] [--labels ours_default,ours_tuned]
+[--rounds 4] [--sync]`` runs memmap_epoch, then the two labels (A B, then B A next round),
+each in its own worker process on a fresh store, and prints rows/s, get/put medians and the
+commit time of every run. It separates a label's speed from its slot in the run: on a
+shared VM the first store run after the baseline can be the slow one (benchmarks/results/
+PERF_LOG.md, "medium: ours_default and ours_tuned are one configuration").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from .run import run_child
+from .workloads import suite
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="medium")
+    parser.add_argument("--labels", default="ours_default,ours_tuned")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sync", action="store_true", help="os.sync() and wait 1 s before each run")
+    args = parser.parse_args(argv)
+    workload = next(w for w in suite("full") if w.name == args.workload)
+    first, second = args.labels.split(",")
+    work = tempfile.mkdtemp(prefix="ab-order-")
+    try:
+        for round_ in range(args.rounds):
+            pair = [first, second] if round_ % 2 == 0 else [second, first]
+            for label in ["memmap_epoch", *pair]:
+                impl, options, _ = workload.runs[label]
+                spec = {"workload": workload.as_dict() | {"runs": {}, "max_batches": workload.max_batches},
+                        "impl": impl, "options": options, "dir": os.path.join(work, label)}
+                if args.sync:
+                    os.sync()
+                    time.sleep(1)
+                res = run_child(["-m", "benchmarks.worker", json.dumps(spec)], 900)
+                print(f"round {round_} {label:>14}: {res.get('rows_per_s', 0):>12,.0f} rows/s  get "
+                      f"{res.get('median_get_ms', 0):.3f} ms  put {res.get('median_put_ms', 0):.3f} ms  commit "
+                      f"{res.get('commit_s', 0):.3f} s  {res.get('error', '')}", flush=True)
+                shutil.rmtree(spec["dir"], ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
