@@ -95,7 +95,8 @@ def test_each_round_starts_with_another_implementation():
 
 
 def test_ab_order_swaps_the_two_labels_every_round():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_order", "--workload", "small", "--rounds", "2"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_order", "--workload", "small", "--rounds", "2",
+                           "--pretouch-gb", "0.01"],
                           capture_output=True, text=True, timeout=180, env=subprocess_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     labels = [line.split()[2].rstrip(":") for line in proc.stdout.splitlines()]
