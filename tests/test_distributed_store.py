@@ -13,10 +13,22 @@ import numpy as np
 import pytest
 from cli_helpers import ok, read_store
 
+import lmdb_embeddings.errors as errors
+from lmdb_embeddings.distributed.collective import ERROR_CLASSES, class_of, error_code
+
 KEY, VALUE, TYPE = "KeyError", "ValueError", "TypeError"
 EXPECTED = {"get_unknown": KEY, "get_bad_type": TYPE, "put_unknown": KEY, "put_shape": VALUE, "put_nan": VALUE,
             "put_twice_in_call": VALUE, "put_by_two_ranks": VALUE, "add_existing": VALUE, "add_by_two_ranks": VALUE,
             "add_nan": VALUE, "add_shape": VALUE, "put_column_unknown": VALUE}
+
+
+def test_every_error_class_of_the_package_travels_between_ranks_as_itself():
+    ours = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.EmbeddingStoreError)}
+    assert set(ERROR_CLASSES) == ours and len(ours) > 10
+    for cls in ours:
+        assert class_of(error_code(cls.__new__(cls))) is cls
+    assert class_of(error_code(RuntimeError("not ours"))) is errors.EmbeddingStoreError
+    assert error_code(None) == 0
 
 
 @pytest.fixture

@@ -16,28 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import (
-    ClosedError,
-    CommitError,
-    CorruptionError,
-    EmbeddingStoreError,
-    FormatVersionError,
-    InvalidInputError,
-    InvalidTypeError,
-    NotAStoreError,
-    ReadOnlyError,
-    StoreExistsError,
-    StoreNotFoundError,
-    UnknownIdError,
-    WriterLockedError,
-)
+from .. import errors
+from ..errors import EmbeddingStoreError
 
-# Most specific first: an exception gets the code of the first class it is an instance of.
-ERROR_CLASSES: tuple[type[EmbeddingStoreError], ...] = (
-    UnknownIdError, ClosedError, InvalidInputError, InvalidTypeError, ReadOnlyError, StoreExistsError,
-    StoreNotFoundError, WriterLockedError, NotAStoreError, FormatVersionError, CorruptionError, CommitError,
-    EmbeddingStoreError,
-)
+# Every error class of the package, most specific first (a class before its bases): an
+# exception gets the code of the first class it is an instance of. Derived from errors.py,
+# so a new error class travels between ranks without being listed twice.
+ERROR_CLASSES: tuple[type[EmbeddingStoreError], ...] = tuple(sorted(
+    (cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, EmbeddingStoreError)),
+    key=lambda cls: (-len(cls.__mro__), cls.__name__)))
 _UNEXPECTED = len(ERROR_CLASSES) + 1  # not one of ours: every rank raises EmbeddingStoreError
 
 
