@@ -73,6 +73,10 @@ class Snapshot:
 
     def _begin(self) -> None:
         shared = self._shared
+        # Counted from before the first LMDB call: a fork while this thread is inside one must
+        # leave the environment alone in the child (py-lmdb's close there would wait for the call).
+        shared.snapshots += 1
+        self._counted = True
         try:
             self._meta_db, self._ids_db = shared.cached_db(META_DB), shared.cached_db(IDS_DB)
             if self._meta_db is None or self._ids_db is None:
@@ -85,8 +89,6 @@ class Snapshot:
                            and self._txn.get(column_db_name(c.name)) is not None]
                 if not missing:
                     self._dbs = {c.name: shared.cached_db(column_db_name(c.name)) for c in self.layout.columns}
-                    shared.snapshots += 1  # a fork meanwhile must not close this environment in the child
-                    self._counted = True
                     return
                 self._txn.abort()
                 self._txn = None

@@ -227,7 +227,7 @@ def _drop_inherited() -> None:
 
     Two kinds cannot be closed here. One with a write transaction that another thread of
     the parent began (to spill changes): py-lmdb would wait for that thread, which does not
-    exist in the child. One with a snapshot open (a dump or verify in progress): closing
+    exist in the child. One with a snapshot open (a dump, verify or compact in progress): closing
     would end its read transaction in LMDB's shared reader table, under the parent's feet.
     They are left as they are (the child's copy of memory; nothing is written), and the
     child refuses to open that store (``acquire``).
@@ -243,8 +243,8 @@ def _drop_inherited() -> None:
                     _kept_alive.append(shared)  # never closed (nor garbage-collected) in this process
                     continue
                 if shared.snapshots:
-                    _stranded[key] = "its parent was reading a snapshot of it (a dump or verify), which closing " \
-                                     "it here would break; fork before or after that"
+                    _stranded[key] = "its parent was reading a snapshot of it (a dump, verify or compact), which " \
+                                     "closing it here would break; fork before or after that"
                     _kept_alive.append(shared)
                     continue
                 try:
@@ -389,8 +389,8 @@ def _retire(shared: SharedEnv) -> None:
             "in the store that was there; close (or roll back) that handle first")
     if shared.snapshots:  # closing would end a dump/verify of the old store in the middle
         raise EmbeddingStoreError(
-            f"{shared.path} was replaced while this process is still reading a snapshot (a dump or verify) of the "
-            "store that was there; open it again once that is done")
+            f"{shared.path} was replaced while this process is still reading a snapshot (a dump, verify or "
+            "compact) of the store that was there; open it again once that is done")
     with shared.lock:
         shared.retired = True
         shared.env.close()
