@@ -144,7 +144,7 @@ def copy_committed_store(src: str, target: str) -> None:
     with StagedStore(target, "saving") as stage:
         shared = environment.acquire(src, write=False)
         try:
-            shared.env.copy(stage.tmp, compact=True)
+            shared.copy_compacted(stage.tmp)
         finally:
             environment.release(shared)
         fsync_file(os.path.join(stage.tmp, DATA_FILE))

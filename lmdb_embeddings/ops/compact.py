@@ -55,17 +55,13 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
 def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
     """LMDB's compacting copy of ``path`` into ``tmp``, verified; returns the disk its data file takes."""
     shared = environment.acquire(path, write=False)
-    # The copy runs in LMDB with the GIL released: a fork from another thread meanwhile must
-    # leave this environment alone in the child (py-lmdb's close there would wait for it forever).
-    shared.snapshots += 1
     try:
         with bar(1, "compact", progress, unit="copy") as pbar:
-            shared.env.copy(tmp, compact=True)
+            shared.copy_compacted(tmp)
             pbar.update(1)
     except lmdb.Error as exc:
         raise EmbeddingStoreError(f"{path}: the compacting copy failed ({exc})") from None
     finally:
-        shared.snapshots -= 1
         environment.release(shared)
     report = verify_store(tmp, progress=progress)
     if not report["ok"]:

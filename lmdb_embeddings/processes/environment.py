@@ -126,6 +126,18 @@ class SharedEnv:
             self.env.set_mapsize(0)
             return self.env.begin(buffers=True)
 
+    def copy_compacted(self, target: str) -> None:
+        """LMDB's compacting copy of the committed state into the directory ``target``.
+
+        The copy runs in LMDB with the GIL released, so it counts as an open snapshot: a child
+        forked meanwhile leaves this environment alone (py-lmdb's close there would wait for
+        the copy forever)."""
+        self.snapshots += 1
+        try:
+            self.env.copy(target, compact=True)
+        finally:
+            self.snapshots -= 1
+
     @contextmanager
     def reading(self, current_only: bool = False):
         """One read transaction under the lock. A retired environment yields None with
