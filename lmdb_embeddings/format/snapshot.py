@@ -75,7 +75,7 @@ class Snapshot:
         shared = self._shared
         # Counted from before the first LMDB call: a fork while this thread is inside one must
         # leave the environment alone in the child (py-lmdb's close there would wait for the call).
-        shared.snapshots += 1
+        shared.count_snapshot(+1)
         self._counted = True
         try:
             self._meta_db, self._ids_db = shared.cached_db(META_DB), shared.cached_db(IDS_DB)
@@ -186,7 +186,7 @@ class Snapshot:
             self._txn.abort()
             self._txn = None
         if self._counted:
-            self._shared.snapshots -= 1
+            self._shared.count_snapshot(-1)
             self._counted = False
         if self._shared is not None:
             environment.release(self._shared)

@@ -132,11 +132,16 @@ class SharedEnv:
         The copy runs in LMDB with the GIL released, so it counts as an open snapshot: a child
         forked meanwhile leaves this environment alone (py-lmdb's close there would wait for
         the copy forever)."""
-        self.snapshots += 1
+        self.count_snapshot(+1)
         try:
             self.env.copy(target, compact=True)
         finally:
-            self.snapshots -= 1
+            self.count_snapshot(-1)
+
+    def count_snapshot(self, change: int) -> None:
+        """Register (+1) or end (-1) a read that outlives one call; threads may do so at once."""
+        with self.lock:
+            self.snapshots += change
 
     @contextmanager
     def reading(self, current_only: bool = False):
