@@ -60,6 +60,14 @@ def main() -> None:
 
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("USE_NCCL") else "gloo"
     dist.init_process_group(backend)
+    try:
+        train(args)  # returns with the store closed and the DDP model and optimizers gone
+        dist.barrier()  # no rank tears its process group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     store = open_store(args)
@@ -103,7 +111,6 @@ def main() -> None:
                   f"{figures[0] / (time.perf_counter() - began):.0f} samples/s, commit {store.commit_count}",
                   flush=True)
     store.close()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
