@@ -446,7 +446,7 @@ def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
     vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
     slots = table.index.slots(ids)
     cache = column.cache
-    if len(slots) <= cache.capacity or len(np.unique(slots // table.chunk_rows)) <= cache.capacity:
+    if cache.fits_at_once(slots):
         cache.scatter(slots, vals)  # one group: every chunk is made resident before any row is written
         return
     before = cache.gather(slots)

@@ -193,6 +193,15 @@ class ColumnCache:
             self.slab[rows] = values[positions]
             self.dirty[cache_slots] = True  # every located chunk receives rows
 
+    def fits_at_once(self, slots: np.ndarray) -> bool:
+        """True if the chunks of ``slots`` can all be resident at once (a call served in one group).
+
+        Checked without a sort when L1 can hold the whole table or more chunks than ``slots`` has rows.
+        """
+        if len(slots) <= self.capacity or self.capacity >= self._chunk_limit:
+            return True
+        return len(np.unique(slots // self.chunk_rows)) <= self.capacity
+
     def _whole_table_in_place(self) -> bool:
         """Every chunk of the table resident in its own slot, current (reader), none short of rows."""
         limit = self._chunk_limit
