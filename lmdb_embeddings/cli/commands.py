@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--format", choices=("auto", "native", "npy"), default="auto",
                          help="input format (default: a directory is npy, a file native)")
     restore.add_argument("--chunk-rows", type=_positive_int, default=None,
-                         help="rows per chunk for an npy input without table.json (default 1024)")
+                         help="rows per chunk for an npy input without table.json (default: chosen from dim and "
+                         "dtype, as create's chunk_rows=None)")
     restore.add_argument("--shards", type=_positive_int, default=None, metavar="W",
                          help="build a store sharded for W ranks (ShardedEmbeddingStore); default: a plain store")
 

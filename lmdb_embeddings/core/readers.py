@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import EmbeddingStoreError
 from ..format.layout import ColumnSpec
@@ -28,6 +29,7 @@ from ..format.records import column_db_name, read_metadata, read_record
 from ..options import StoreOptions
 from ..processes import environment
 from .cache import CacheStats
+from .directory import ChunkDirectory
 from .session import Session
 
 
@@ -124,8 +126,13 @@ class ReaderSession(Session):
         self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
-    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
-        return self.decode_chunks(self._txn, spec, chunks)
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
+        return self.decode_chunks(self._txn, spec, chunks, directory)
+
+    @contextmanager
+    def committed_snapshot(self):
+        """The call's own read transaction (map reads see the commit the call reads)."""
+        yield self._txn, self._seen_txnid
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         return self.committed_versions(self._txn, spec, chunks)

@@ -72,7 +72,7 @@ class ShardedEmbeddingStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, ids, dim, *, dtype="float32", chunk_rows=1024, init="normal", seed=0,
+    def create(cls, path, ids, dim, *, dtype="float32", chunk_rows=None, init="normal", seed=0,
                overwrite=False, group=None, **open_options) -> ShardedEmbeddingStore:
         """Build a sharded store at ``path`` on every rank of ``group`` and open it writable.
 
@@ -196,6 +196,10 @@ class ShardedEmbeddingStore:
     def owner_of(self, ids) -> np.ndarray:
         """The rank owning each of ``ids`` in this store (local, not collective)."""
         return owner_of(ids, self.world_size, self.buckets)
+
+    def prefetch(self, ids) -> None:
+        """``store.local.prefetch(ids)``: a hint for the rows of ``ids`` this rank owns; not collective."""
+        self._shard.store.prefetch(ids)
 
     @property
     def columns(self) -> dict:

@@ -65,6 +65,7 @@ class SharedEnv:
         self.retired = False  # the store at the path is another one now: this environment is closed
         self.write_owner: int | None = None  # thread that began the open write transaction, if any
         self.snapshots = 0  # read transactions held across calls (format.snapshot: dump, verify, compact)
+        self.map_epoch = 0  # changes whenever the map may have moved (resize, reopen): addresses into it are stale
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
@@ -114,6 +115,7 @@ class SharedEnv:
                 return
             self.env.close()
             self._dbs.clear()
+            self.map_epoch += 1
             self.env = _open(self.path, readonly=False, readahead=self.readahead, writemap=writemap)
             self.writable, self.writemap = True, writemap
             self.open_dbs()
@@ -123,6 +125,7 @@ class SharedEnv:
         try:
             return self.env.begin(buffers=True)
         except lmdb.MapResizedError:
+            self.map_epoch += 1
             self.env.set_mapsize(0)
             return self.env.begin(buffers=True)
 
@@ -205,6 +208,7 @@ class SharedEnv:
             map_size = self.env.info()["map_size"]
             self.env.close()
             self._dbs.clear()
+            self.map_epoch += 1
             self.env = _open(self.path, readonly=not self.writable, readahead=self.readahead, map_size=map_size,
                              writemap=self.writemap)
             self.open_dbs()
@@ -223,6 +227,7 @@ class SharedEnv:
             if want > size:
                 while size < want:
                     size *= 2
+                self.map_epoch += 1
                 self.env.set_mapsize(size)
 
 
