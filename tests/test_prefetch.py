@@ -34,8 +34,12 @@ def _threads() -> list[threading.Thread]:
 def test_prefetch_moves_the_lookups_and_checksums_off_the_callers_thread(table, monkeypatch):
     hashed_in: list[str] = []
     real = chunk_format.checksum
-    monkeypatch.setattr(chunk_format, "checksum",
-                        lambda payload, index: hashed_in.append(threading.current_thread().name) or real(payload, index))
+
+    def checksum(payload, index):
+        hashed_in.append(threading.current_thread().name)
+        return real(payload, index)
+
+    monkeypatch.setattr(chunk_format, "checksum", checksum)
     values = _values()
     order = np.random.default_rng(0).permutation(N)
     batches = np.array_split(order, 40)

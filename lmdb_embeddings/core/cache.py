@@ -393,6 +393,8 @@ class ColumnCache(L1Slab):
 
     def _whole_table_in_place(self) -> bool:
         """Every chunk of the table resident in its own slot, current (reader), none short of rows."""
+        if not self._n_resident:  # nothing in L1 (a reader of a large table): no arithmetic
+            return False
         limit = self._chunk_limit
         if self._n_misplaced or self._n_resident != limit or self._n_slots < limit:
             return False

@@ -30,17 +30,19 @@ from ..processes.memory import will_need
 
 UNKNOWN = -(1 << 62)  # not looked up in this snapshot
 ABSENT = UNKNOWN + 1  # not in the snapshot (never written): its rows are the column's fill
-SHORT = UNKNOWN + 2  # holds fewer rows than a chunk has slots: rows past them are the fill
+SHORT = UNKNOWN + 2  # holds fewer rows than the snapshot's table has in it: rows past them are the fill
 _IRREGULAR = UNKNOWN + 3  # entries below this take the row-by-row path
 
 
 class ChunkDirectory:
     """Where each committed chunk of one column lies in LMDB's map, for one snapshot (see the module doc)."""
 
-    def __init__(self, chunk_rows: int, width: int, dtype: np.dtype, fill: float, where: str):
+    def __init__(self, chunk_rows: int, width: int, dtype: np.dtype, fill: float, where: str, required: bool):
         self.chunk_rows, self.width, self.dtype, self.fill = chunk_rows, width, np.dtype(dtype), fill
         self.row_bytes = width * self.dtype.itemsize
         self.where = where  # " of column 'x'" in error messages
+        self.required = required  # every chunk holding committed rows exists (the main column)
+        self._rows = 0  # rows of the snapshot's table
         # per chunk: the byte offset in the view of row slot 0's place (payload - lo - first slot * row_bytes),
         # so that a row's offset is base[chunk] + slot * row_bytes; or UNKNOWN / ABSENT / SHORT
         self._base = np.full(0, UNKNOWN, np.int64)
@@ -52,10 +54,13 @@ class ChunkDirectory:
         self._view: np.ndarray | None = None  # rows of the map: element i = row_bytes bytes from lo + i
 
     # -- the snapshot --------------------------------------------------------------------
-    def follow(self, txnid: int, epoch: int) -> None:
-        """Adopt the snapshot of the caller's read transaction: forget entries made under another one."""
+    def follow(self, txnid: int, epoch: int, rows: int) -> None:
+        """Adopt the snapshot of the caller's read transaction (its table has ``rows`` committed rows):
+        forget entries made under another one."""
         if self._snapshot == (txnid, epoch):
             return
+        self._rows = rows
+        self._grow(-(-rows // self.chunk_rows))  # a chunk number for every row: rows() needs no bounds check
         if self._snapshot is None or self._snapshot[1] != epoch:  # remapped: every address moved
             self._lo = self._hi = 0
             self._view = None
@@ -71,24 +76,29 @@ class ChunkDirectory:
         return int(self.verified[chunk]) if chunk < len(self.verified) and self.verified[chunk] >= 0 else None
 
     # -- rows ----------------------------------------------------------------------------
-    def rows(self, txn, db, slots: np.ndarray, required_chunks: int = 0) -> np.ndarray:
+    def rows(self, txn, db, slots: np.ndarray) -> np.ndarray:
         """The committed rows of row slots ``slots`` as of ``txn`` (after :meth:`follow`), a fresh array.
 
-        ``required_chunks``: chunks below this number must exist (the main column's committed
-        chunks); a missing one is corruption, any other missing chunk reads as the fill.
+        A chunk missing from the snapshot reads as the fill (corruption if it should hold the main
+        column's committed rows), and so do rows past those a chunk holds.
         """
         n = len(slots)
-        if n == 0:
+        if n == 1:  # one row (a Dataset's __getitem__): scalar work while its chunk is known
+            slot = int(slots[0])
+            chunk = slot // self.chunk_rows
+            if chunk < len(self._base):
+                base = int(self._base[chunk])
+                if base >= _IRREGULAR:
+                    at = base + slot * self.row_bytes
+                    return self._view[at : at + 1].copy().view(self.dtype).reshape(1, self.width)
+        elif n == 0:
             return np.empty((0, self.width), self.dtype)
-        chunks = slots // self.chunk_rows
-        top = int(chunks.max()) + 1
-        if top > len(self._base):
-            self._grow(top)
+        chunks = slots // self.chunk_rows  # within the snapshot's rows (follow grew the entries for them)
         base = self._base[chunks]
-        if base.min() < _IRREGULAR:
+        if np.minimum.reduce(base) < _IRREGULAR:
             unknown = chunks[base == UNKNOWN]
             if len(unknown):
-                self._lookup(txn, db, np.unique(unknown).tolist(), required_chunks)
+                self._lookup(txn, db, np.unique(unknown).tolist())
                 base = self._base[chunks]
             if base.min() < _IRREGULAR:
                 return self._irregular_rows(slots, chunks, base)
@@ -114,7 +124,7 @@ class ChunkDirectory:
             out[rest[held]] = self._copy(where, int(held.sum()))
         return out
 
-    def warm(self, txn, db, slots: np.ndarray, required_chunks: int = 0) -> None:
+    def warm(self, txn, db, slots: np.ndarray) -> None:
         """Look up (and verify) the chunks of ``slots`` now and ask the kernel to read their rows' pages ahead."""
         if not len(slots):
             return
@@ -122,14 +132,14 @@ class ChunkDirectory:
         self._grow(int(chunks.max()) + 1)
         unknown = chunks[self._base[chunks] == UNKNOWN]
         if len(unknown):
-            self._lookup(txn, db, np.unique(unknown).tolist(), required_chunks)
+            self._lookup(txn, db, np.unique(unknown).tolist())
         base = self._base[chunks]
         regular = base >= _IRREGULAR
         if regular.any():
             will_need(base[regular] + slots[regular] * self.row_bytes + self._lo, self.row_bytes)
 
     # -- lookups ---------------------------------------------------------------------------
-    def _lookup(self, txn, db, chunks: list[int], required_chunks: int) -> None:
+    def _lookup(self, txn, db, chunks: list[int]) -> None:
         """Find ``chunks`` in ``txn`` (one B-tree lookup each), verifying versions not verified before.
 
         Entries are entered only once every offset is consistent with the view: a chunk that fails its
@@ -142,7 +152,7 @@ class ChunkDirectory:
             for chunk in chunks:
                 value = txn.get(chunk_key(chunk), db=db) if db is not None else None
                 if value is None:
-                    if chunk < required_chunks:
+                    if self.required and chunk * self.chunk_rows < self._rows:
                         raise CorruptionError(f"chunk {chunk}{self.where} is missing from the store")
                     self._base[chunk], self._stored[chunk] = ABSENT, 0
                     continue
@@ -158,7 +168,9 @@ class ChunkDirectory:
                 self._payload[chunk] = address
                 lo, hi = (address, address + payload.nbytes) if hi == 0 else \
                     (min(lo, address), max(hi, address + payload.nbytes))
-                (short if header.n_rows < self.chunk_rows else found).append(chunk)
+                # a chunk holding every row the table has in it is read at full speed; else row by row
+                complete = header.n_rows >= min(self.chunk_rows, self._rows - chunk * self.chunk_rows)
+                (found if complete else short).append(chunk)
         finally:
             self._enter(found, short, lo, hi)
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..errors import EmbeddingStoreError
 from ..format.layout import ColumnSpec
 from ..format.records import column_db_name, read_metadata, read_record
@@ -133,6 +135,9 @@ class ReaderSession(Session):
     def committed_snapshot(self):
         """The call's own read transaction (map reads see the commit the call reads)."""
         yield self._txn, self._seen_txnid
+
+    def map_rows(self, column, slots: np.ndarray) -> np.ndarray:
+        return self._map_rows(column, self._txn, self._seen_txnid, slots)  # the hot path: no context to enter
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         return self.committed_versions(self._txn, spec, chunks)

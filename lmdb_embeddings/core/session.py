@@ -100,9 +100,6 @@ class Session:
                 directory.note_verified(chunk, header.version)
             yield chunk, rows, header.version
 
-    def required_chunks(self, spec: ColumnSpec) -> int:
-        """Chunks of ``spec`` every commit holds (the main column's committed chunks): a missing one is corruption."""
-        return -(-self.table.committed_rows // self.table.chunk_rows) if spec.name == MAIN else 0
 
     def committed_versions(self, txn, spec: ColumnSpec, chunks: list) -> list[int]:
         """The version in each chunk's header as of ``txn`` (0: never written); no payload decoded."""
@@ -130,21 +127,26 @@ class Session:
         reader) for reads straight out of the map."""
         raise NotImplementedError
 
-    def map_rows(self, spec: ColumnSpec, directory: ChunkDirectory, slots: np.ndarray) -> np.ndarray:
+    def map_rows(self, column: _ColumnIO, slots: np.ndarray) -> np.ndarray:
         """Committed rows of ``slots`` (clean chunks) copied out of LMDB's map (``core/directory.py``)."""
         with self.committed_snapshot() as (txn, txnid):
-            directory.follow(txnid, self.env.map_epoch)
-            return directory.rows(txn, self._committed_db(spec), slots, self.required_chunks(spec))
+            return self._map_rows(column, txn, txnid, slots)
 
-    def map_warm(self, spec: ColumnSpec, directory: ChunkDirectory, slots: np.ndarray) -> None:
+    def _map_rows(self, column: _ColumnIO, txn, txnid: int, slots: np.ndarray) -> np.ndarray:
+        directory = column.directory
+        directory.follow(txnid, self.env.map_epoch, self.table.committed_rows)
+        return directory.rows(txn, self._committed_db(column), slots)
+
+    def map_warm(self, column: _ColumnIO, slots: np.ndarray) -> None:
         """Look up the chunks of ``slots`` in the map and ask the kernel to read their rows ahead (prefetch)."""
         with self.committed_snapshot() as (txn, txnid):
-            directory.follow(txnid, self.env.map_epoch)
-            directory.warm(txn, self._committed_db(spec), slots, self.required_chunks(spec))
+            column.directory.follow(txnid, self.env.map_epoch, self.table.committed_rows)
+            column.directory.warm(txn, self._committed_db(column), slots)
 
-    def _committed_db(self, spec: ColumnSpec):
+    def _committed_db(self, column: _ColumnIO):
         """The column's database as committed (None for a column declared since the last commit: all fill)."""
-        return None if spec.name in self.table.new_columns else self.db_of(spec)
+        return None if self.table.new_columns and column.spec.name in self.table.new_columns else \
+            self.env.cached_db(column.db_name)
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         raise NotImplementedError
@@ -187,6 +189,7 @@ class _ColumnIO:
 
     def __init__(self, session: Session, spec: ColumnSpec):
         self.session, self.spec = session, spec
+        self.db_name = column_db_name(spec.name)
         self._directory: ChunkDirectory | None = None
 
     @property
@@ -194,17 +197,17 @@ class _ColumnIO:
         if self._directory is None:  # made on first use: the table (its chunking) exists by then
             spec = self.spec
             self._directory = ChunkDirectory(self.session.table.chunk_rows, spec.width, spec.dtype, spec.fill,
-                                             _where(spec))
+                                             _where(spec), required=spec.name == MAIN)
         return self._directory
 
     def load(self, chunks: list) -> Iterator[tuple]:
         return self.session.load(self.spec, chunks, self.directory)
 
     def read_rows(self, slots: np.ndarray) -> np.ndarray:
-        return self.session.map_rows(self.spec, self.directory, slots)
+        return self.session.map_rows(self, slots)
 
     def warm(self, slots: np.ndarray) -> None:
-        self.session.map_warm(self.spec, self.directory, slots)
+        self.session.map_warm(self, slots)
 
     def versions(self, chunks: list) -> list[int]:
         return self.session.versions(self.spec, chunks)
