@@ -219,3 +219,15 @@ def test_nothing_of_a_reader_stays_pinned_between_calls(table):
             assert (reader.get(np.arange(0, N, 11)) == r).all()
             sizes.append(writer._session.env.used_bytes())
         assert sizes[-1] <= sizes[3], sizes  # levels off: old pages are reused
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_other_dtypes_read_in_place_bit_exact(store_path, dtype):
+    values = np.random.default_rng(2).standard_normal((3000, 7)).astype(dtype)  # odd row bytes: unaligned rows
+    le.EmbeddingStore.create(store_path, 3000, 7, dtype=dtype, chunk_rows=50, init=values).close()
+    with le.EmbeddingStore.open(store_path, readonly=True, cache_mb=0.001) as reader:
+        ids = np.random.default_rng(3).integers(0, 3000, 500)
+        got = reader.get(ids)
+        assert got.dtype == np.dtype(dtype) and got.tobytes() == values[ids].tobytes()
+        assert reader.get([2999]).tobytes() == values[2999:].tobytes()
+        assert reader.stats()["chunks_loaded"] == 0

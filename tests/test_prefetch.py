@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_python
+from dist_harness import free_port
 
 import lmdb_embeddings as le
 from lmdb_embeddings.core import prefetch as prefetch_module
@@ -142,3 +144,26 @@ def test_a_forked_child_prefetches_with_its_own_thread(table):
             stop.set()
             hinter.join()
         assert float(reader.get(np.arange(0, N, 7)).sum()) == expected
+
+
+SHARDED = r"""
+import sys
+import numpy as np
+import torch.distributed as dist
+from lmdb_embeddings.distributed import ShardedEmbeddingStore
+from lmdb_embeddings.format.layout import choose_chunk_rows
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+store = ShardedEmbeddingStore.create(sys.argv[1], 5000, 8, init="zeros")
+assert store.chunk_rows == choose_chunk_rows(8 * 4)  # chunk_rows=None: the store chose
+store.prefetch(np.arange(0, 6000, 7))  # rows 5000 and up are unknown: ignored
+assert store.local._prefetcher.wait_idle() and store.local._prefetcher.served == 1
+print(float(store.get(np.arange(10)).sum()))
+store.close()
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_store_prefetches_its_local_part(tmp_path):
+    proc = run_python(SHARDED, str(tmp_path / "sharded"), str(free_port()), timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "0.0"
