@@ -308,7 +308,7 @@ class ColumnCache(L1Slab):
     # -- rows in, rows out ---------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> np.ndarray:
         """The rows of row slots ``slots`` (any order, duplicates allowed), as a fresh array."""
-        if len(slots) and self._whole_table_in_place():
+        if self._n_resident and len(slots) and self._whole_table_in_place():
             if len(slots) == 1:  # one row (a Dataset's __getitem__): scalar work only
                 slot = int(slots[0])
                 self._touch_one(slot // self.chunk_rows)

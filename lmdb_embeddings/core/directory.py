@@ -104,7 +104,7 @@ class ChunkDirectory:
                 return self._irregular_rows(slots, chunks, base)
         offsets = np.multiply(slots, self.row_bytes)
         offsets += base
-        return self._copy(offsets, n)
+        return self._view[offsets].view(self.dtype).reshape(n, self.width)
 
     def _copy(self, offsets: np.ndarray, n: int) -> np.ndarray:
         return self._view[offsets].view(self.dtype).reshape(n, self.width)

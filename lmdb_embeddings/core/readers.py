@@ -137,7 +137,10 @@ class ReaderSession(Session):
         yield self._txn, self._seen_txnid
 
     def map_rows(self, column, slots: np.ndarray) -> np.ndarray:
-        return self._map_rows(column, self._txn, self._seen_txnid, slots)  # the hot path: no context to enter
+        """The hot path of a reader of a large table: the call's own transaction, no context to enter."""
+        directory = column.directory
+        directory.follow(self._seen_txnid, self.env.map_epoch, self.table.committed_rows)
+        return directory.rows(self._txn, self._committed_db(column), slots)
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         return self.committed_versions(self._txn, spec, chunks)
