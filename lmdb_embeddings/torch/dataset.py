@@ -16,7 +16,7 @@ from ..core.inputs import as_ids
 from ..store import EmbeddingStore
 
 
-class EmbeddingDataset(Dataset):
+class EmbeddingDataset(Dataset[torch.Tensor]):
     """``ds[i]`` is the row of ``ids[i]`` as a ``(dim,)`` tensor (the store's dtype).
 
     Args:

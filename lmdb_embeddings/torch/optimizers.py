@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ class StoreOptimizer(torch.optim.Optimizer):
         self.embedding.zero_grad(set_to_none)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply the gradients received since the last step to exactly those rows; write rows and state.
 
         A store with an ``optimizer_step`` method (``ShardedEmbeddingStore``) runs the step
