@@ -52,7 +52,8 @@ def test_a_second_optimizer_on_one_embedding_is_refused(store):
     assert store.columns == columns  # the refused ones declared nothing
     _step(emb, first, [1, 2])
     assert first.step_count == 1
-    del first  # once the first is gone, another may take its place (a resumed training re-creates it)
+    sched = torch.optim.lr_scheduler.StepLR(first, step_size=1)  # holds the optimizer in a reference cycle
+    del first, sched  # once the first is gone, another may take its place (a resumed training re-creates it)
     second = SparseAdam(emb, lr=0.1)
     _step(emb, second, [1])
     assert second.step_count == 2

@@ -19,6 +19,7 @@ drops the rows' gradients (through its ``.grad``), and a dense optimizer given
 
 from __future__ import annotations
 
+import gc
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -145,7 +146,8 @@ class StoreEmbedding(nn.Module):
         if self.max_norm is not None:
             self._renorm(flat, self.max_norm)
         if torch.is_grad_enabled() and proxy.requires_grad:
-            _PROXY_OWNERS[id(proxy)] = self  # the parameter object may have been replaced (module conversions)
+            if _PROXY_OWNERS.get(id(proxy)) is not self:  # a module conversion may have replaced the parameter
+                _PROXY_OWNERS[id(proxy)] = self
             out: torch.Tensor = _Lookup.apply(proxy, self, flat, self._grads.generation)  # type: ignore[no-untyped-call]
         else:  # no autograd, or frozen (requires_grad_(False)): nothing to keep
             out = _serve(self.store, flat, proxy)
@@ -195,6 +197,10 @@ class StoreEmbedding(nn.Module):
     def check_no_optimizer(self, name: str) -> None:
         """Refuse a second optimizer: a step takes the module's gradients, so another would step nothing."""
         current = self._optimizer() if self._optimizer is not None else None
+        if current is not None:
+            del current
+            gc.collect()  # an optimizer the caller dropped may live on in a cycle (an LR scheduler makes one)
+            current = self._optimizer() if self._optimizer is not None else None
         if current is not None:
             described = repr(current)
             del current  # the traceback must not keep the first optimizer alive
