@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -248,3 +250,17 @@ def test_loading_a_checkpoint_of_another_table_or_an_older_commit_is_said(store,
         model.load_state_dict(state)
     with pytest.raises(RuntimeError, match="_extra_state"):
         model.load_state_dict({k: v for k, v in state.items() if k != "emb._extra_state"})  # torch's missing key
+
+
+def test_a_store_older_than_store_uuid_is_told_apart_by_its_path(tmp_path):
+    """tests/data/format_v1 predates the store's uuid: a checkpoint then names the table by its path."""
+    paths = [str(tmp_path / name) for name in ("a", "b")]
+    for path in paths:
+        os.mkdir(path)
+        shutil.copy(os.path.join(os.path.dirname(__file__), "data", "format_v1", "data.mdb"), path)
+    with le.EmbeddingStore.open(paths[0]) as a, le.EmbeddingStore.open(paths[1]) as b:
+        assert a.uuid is None and b.uuid is None
+        state = StoreEmbedding(a).state_dict()
+        StoreEmbedding(a).load_state_dict(state)
+        with pytest.raises(ValueError, match="another table"):
+            StoreEmbedding(b).load_state_dict(state)

@@ -27,7 +27,8 @@ def other_table(saved: Mapping[str, Any], store: TableHandle) -> str | None:
     if not isinstance(saved, Mapping) or "uuid" not in saved:
         return f"it records no table (got {type(saved).__name__}), so it was not saved by this library's torch API"
     current = table_identity(store)
-    if saved["uuid"] != current["uuid"] or saved.get("dim") != current["dim"]:
+    key = "uuid" if current["uuid"] is not None else "path"  # a store older than store_uuid: its path, at least
+    if saved.get(key) != current[key] or saved.get("dim") != current["dim"]:
         return (f"it was saved with the table at {saved.get('path')!r} (uuid {saved['uuid']}, dim {saved.get('dim')}), "
                 f"and the store here is another table: {current['path']!r} (uuid {current['uuid']}, dim "
                 f"{current['dim']}); a store rebuilt by create or restore is another table")

@@ -159,8 +159,7 @@ class StoreOptimizer(torch.optim.Optimizer):
             raise InvalidInputError(
                 f"{type(self).__name__}.step: torch.amp.GradScaler is not supported by store optimizers (it unscales "
                 "parameters' .grad, and the rows' gradients are not there, so they would be applied scaled); "
-                "step this optimizer with opt.step() after scaler.step(dense_opt) only when training without a "
-                "scaler, or use bfloat16 autocast, which needs no GradScaler")
+                "use bfloat16 autocast, which needs no GradScaler, or train without autocast")
 
     def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters, step count and the table they belong to (rows and moments are in the store)."""
