@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
@@ -36,6 +37,9 @@ from .processes import fork
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 from .processes.writer_lock import WriterLock
+
+if TYPE_CHECKING:  # the tensor API's types; torch itself is imported only when get_tensor is called
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +223,13 @@ class EmbeddingStore:
         with self._mutex:
             return self._caught_up().commit
 
+    @property
+    def uuid(self) -> str | None:
+        """The table's identity: a new one at each ``create`` and ``restore``, kept by ``compact``
+        (None for a store written before the format recorded it)."""
+        with self._mutex:
+            return self._active().config.get("store_uuid")
+
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("read-only" if self._readonly else "writable")
         return f"EmbeddingStore({self._path!r}, {mode})"
@@ -235,7 +246,7 @@ class EmbeddingStore:
         """
         return self._gather(MAIN, ids)
 
-    def get_tensor(self, ids: IdsLike, device=None):
+    def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
         """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
         return as_tensor(self.get(ids), device)
 
@@ -494,7 +505,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------- helpers
-def as_tensor(rows: np.ndarray, device=None):
+def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
     """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
     import torch  # the tensor API is the only part of the store that needs torch
 
