@@ -66,6 +66,10 @@ class UnknownIdError(EmbeddingStoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PositionError(EmbeddingStoreError, IndexError):
+    """A position (not a sample ID) is out of range, as indexing a tensor or a ``TensorDataset`` says."""
+
+
 class ReadOnlyError(EmbeddingStoreError, PermissionError):
     """A write was attempted on a read-only handle."""
 

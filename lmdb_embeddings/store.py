@@ -41,10 +41,8 @@ from .processes.staging import StagedStore, check_replace_target
 from .processes.writer_lock import WriterLock
 from .results import StoreStats
 
-if TYPE_CHECKING:  # the tensor API imports torch when it is called: the core runs without it
+if TYPE_CHECKING:  # the tensor API's types; torch itself is imported only when get_tensor is called
     import torch
-
-    DeviceLike = str | int | torch.device | None
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +228,13 @@ class EmbeddingStore:
         with self._mutex:
             return self._caught_up().commit
 
+    @property
+    def uuid(self) -> str | None:
+        """The table's identity: a new one at each ``create`` and ``restore``, kept by ``compact``
+        (None for a store written before the format recorded it)."""
+        with self._mutex:
+            return self._active().config.get("store_uuid")
+
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("read-only" if self._readonly else "writable")
         return f"EmbeddingStore({self._path!r}, {mode})"
@@ -246,7 +251,7 @@ class EmbeddingStore:
         """
         return self._gather(MAIN, ids)
 
-    def get_tensor(self, ids: IdsLike, device: DeviceLike = None) -> torch.Tensor:
+    def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
         """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory).
 
         Raises:
@@ -383,7 +388,11 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Commit pending changes (writable handle), then release the handle. Idempotent."""
+        """Commit pending changes (writable handle), then release the handle. Idempotent.
+
+        A close whose commit fails (``CommitError``: a full disk) changes nothing: the handle
+        stays open with its changes, and the same ``close()`` can be called again.
+        """
         with self._mutex:
             if self._closed:
                 return
@@ -506,7 +515,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------- helpers
-def as_tensor(rows: np.ndarray, device: DeviceLike = None) -> torch.Tensor:
+def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
     """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
     torch = import_needing("torch", "torch", "get_tensor")  # the only part of the store that needs torch
 
