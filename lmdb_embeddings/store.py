@@ -81,8 +81,7 @@ class EmbeddingStore:
             chunk_rows: row slots per chunk (one LMDB value each).
             init: ``"normal"``, ``"zeros"``, ``"uniform"``, ``"xavier"``, ``"kaiming"`` or an
                 array of shape (len(ids), dim). seed: same seed, same table.
-            overwrite: replace an existing store (refused while a writer holds it).
-            progress: show a progress bar (tqdm, on stderr) while the rows are written.
+            overwrite: replace an existing store (refused while a writer holds it). progress: a tqdm bar.
             open_options: see :class:`~lmdb_embeddings.StoreOptions`.
         Raises:
             FileExistsError: a store (or other files) exist at ``path`` and not ``overwrite``.
@@ -252,11 +251,8 @@ class EmbeddingStore:
         return self._gather(MAIN, ids)
 
     def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
-        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory).
-
-        Raises:
-            MissingDependencyError: torch is not installed (an ``ImportError``).
-        """
+        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory);
+        without torch, ``MissingDependencyError`` (an ``ImportError``) says how to install it."""
         return as_tensor(self.get(ids), device)
 
     def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
@@ -429,8 +425,7 @@ class EmbeddingStore:
 
     # ----------------------------------------------------------------------- stats
     def stats(self) -> StoreStats:
-        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``);
-        the keys are those of :class:`~lmdb_embeddings.results.StoreStats`."""
+        """This handle's cache and commit counters and the process's RssAnon: a :class:`StoreStats`."""
         with self._mutex:
             session = self._active()
             table = session.table
