@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -35,6 +33,7 @@ import lmdb_embeddings as le
 
 from . import targets
 from .run import RESULTS, ROOT
+from .scratch import scratch_dir
 
 DIM, BATCH = 128, 256
 _BLOCK = 65_536  # rows per block when building or rewriting the table (bounded memory)
@@ -238,9 +237,8 @@ def main(argv=None) -> int:
     if args.cache_mb is not None:
         READER_OPTIONS["cache_mb"] = args.cache_mb
     names = [n for n in args.only.split(",") if n]
-    work = tempfile.mkdtemp(prefix="bench-big-reads-", dir=args.workdir)
     results = []
-    try:
+    with scratch_dir("bench-big-reads-", parent=args.workdir) as work:  # removed on any exit, SIGTERM included
         path, npy = build(work, args.rows)
         _warm_page_cache(npy, path)
         for round_ in range(args.rounds):
@@ -250,8 +248,6 @@ def main(argv=None) -> int:
                 results.append(res)
                 print(f"[big_reads] round {round_} {name}: ratio {res['ratio']:.3f} (thread CPU ratio "
                       f"{res['cpu_ratio']:.3f}), identical {res['identical']}", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     meta = targets.run_meta(args.rounds, rows=args.rows)
     targets.write_results(args.out, "big_reads", results, meta, render(results, meta))
     return 0 if all(r["identical"] for r in results) else 1

@@ -87,22 +87,23 @@ class StoreOptions:
         want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16
         return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb), floor_bytes / (1 << 20))
 
-    def writer_cache_problem(self, chunk_rows: int, row_bytes: int, rows: int) -> str | None:
-        """Why a writable handle cannot keep ``MIN_WRITER_CHUNKS`` chunks (rows of ``row_bytes`` bytes, all
-        columns) within these options' budget, or None. A chunk is read, changed and kept whole, so those
-        chunks are the least a writer holds: with chunks far larger than ``cache_mb`` the handle would use
-        many times the memory it was given (up to ``MIN_CHUNKS_SLACK`` over it is a fixed overhead)."""
+    def check_writer_cache(self, chunk_rows: int, row_bytes: int, rows: int, call: str) -> None:
+        """Refuse (``InvalidInputError``) a writable handle that could not keep ``MIN_WRITER_CHUNKS`` chunks (rows
+        of ``row_bytes`` bytes, all columns) within these options' budget. A chunk is read, changed and kept
+        whole, so those chunks are the least a writer holds: with chunks far larger than ``cache_mb`` the handle
+        would use many times the memory it was given (up to ``MIN_CHUNKS_SLACK`` over it is a fixed overhead)."""
         need = MIN_WRITER_CHUNKS * chunk_rows * row_bytes
         budget = sum(self.tier_bytes(self.resolved_cache_mb(rows * row_bytes, False, need),
                                      -(-rows // chunk_rows) * chunk_rows * row_bytes))
         if need <= max(budget, MIN_CHUNKS_SLACK):
-            return None
+            return
         mib = 1 << 20
-        return (f"cache_mb={budget / mib:g} cannot hold the {MIN_WRITER_CHUNKS} chunks a writable handle needs at "
-                f"least: a chunk is chunk_rows={chunk_rows} rows x {row_bytes:,} bytes (all columns) = "
-                f"{chunk_rows * row_bytes / mib:,.1f} MiB. Open it with cache_mb >= {-(-need // mib)}, or give the "
-                "store a smaller chunk_rows (create with chunk_rows=None lets the store choose; an existing store: "
-                "dump --format npy, then restore --chunk-rows)")
+        raise InvalidInputError(
+            f"{call}: cache_mb={budget / mib:g} cannot hold the {MIN_WRITER_CHUNKS} chunks a writable handle needs at "
+            f"least: a chunk is chunk_rows={chunk_rows} rows x {row_bytes:,} bytes (all columns) = "
+            f"{chunk_rows * row_bytes / mib:,.1f} MiB. Open it with cache_mb >= {-(-need // mib)}, or give the "
+            "store a smaller chunk_rows (create with chunk_rows=None lets the store choose; an existing store: "
+            "dump --format npy, then restore --chunk-rows)")
 
     def tier_bytes(self, cache_mb: float, table_bytes: int = 0) -> tuple[int, int]:
         """(L1, L2) budgets in bytes, given the resolved total ``cache_mb``.

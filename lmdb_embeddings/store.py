@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import numpy as np
@@ -32,11 +33,17 @@ from .errors import ClosedError, CommitError, EmbeddingStoreError, InvalidInputE
 from .format.builder import build_new_table
 from .format.layout import ColumnSpec, choose_chunk_rows, chunk_size_problem
 from .format.records import MAIN, check_store_dir
+from .ops.progress import bar
+from .optional import import_needing
 from .options import StoreOptions
 from .processes import fork
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 from .processes.writer_lock import WriterLock
+from .results import StoreStats
+
+if TYPE_CHECKING:  # the tensor API's types; torch itself is imported only when get_tensor is called
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path: str | os.PathLike, ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
-               chunk_rows: int | None = None, init: str | ValuesLike = "normal", seed: int = 0, overwrite: bool = False,
-               **open_options) -> EmbeddingStore:
+    def create(cls, path: str | os.PathLike[str], ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
+               chunk_rows: int | None = None, init: str | ValuesLike = "normal", seed: int = 0,
+               overwrite: bool = False, progress: bool = False, **open_options: Any) -> EmbeddingStore:
         """Build a new store at ``path`` and return a writable handle on it.
 
         The store is built in a hidden sibling directory and renamed into place only when
@@ -72,12 +79,11 @@ class EmbeddingStore:
             path: directory of the store (created).
             ids: ``int`` N for IDs 0..N-1, or a 1-D sequence/array/tensor of unique int64 IDs.
             dim: row width. dtype: ``"float32"``, ``"float16"`` or ``"float64"``.
-            chunk_rows: row slots per chunk (one LMDB value each). None (default): chosen from ``dim`` and
-                ``dtype`` to fill a 256 KiB run of LMDB overflow pages (``format.layout.choose_chunk_rows``);
-                ``store.chunk_rows`` tells which. A store keeps its chunking for good.
+            chunk_rows: row slots per chunk (one LMDB value each), for good; None: chosen from ``dim`` and
+                ``dtype`` (``format.layout.choose_chunk_rows``), ``store.chunk_rows`` tells which.
             init: ``"normal"``, ``"zeros"``, ``"uniform"``, ``"xavier"``, ``"kaiming"`` or an
                 array of shape (len(ids), dim). seed: same seed, same table.
-            overwrite: replace an existing store (refused while a writer holds it).
+            overwrite: replace an existing store (refused while a writer holds it). progress: a tqdm bar.
             open_options: see :class:`~lmdb_embeddings.StoreOptions`.
         Raises:
             FileExistsError: a store (or other files) exist at ``path`` and not ``overwrite``.
@@ -85,14 +91,12 @@ class EmbeddingStore:
         """
         options = StoreOptions.from_kwargs(open_options)
         id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
-        rows = id_array if isinstance(id_array, int) else len(id_array)
-        no_room = options.writer_cache_problem(chunk_rows, dim * dt.itemsize, rows)
-        if no_room:
-            raise InvalidInputError(f"create: {no_room}")
+        n = id_array if isinstance(id_array, int) else len(id_array)
+        options.check_writer_cache(chunk_rows, dim * dt.itemsize, n, "create")  # before anything is built
         path = _as_path(path)
         check_replace_target(path, overwrite, "pass overwrite=True")
-        with StagedStore(path, "creating") as stage:
-            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values)
+        with StagedStore(path, "creating") as stage, bar(n, "create", progress, unit="rows") as pbar:
+            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values, pbar.update)
             lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
             stage.swap_in(replace=bool(overwrite))
         store = cls.__new__(cls)
@@ -101,7 +105,7 @@ class EmbeddingStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, readonly: bool = False, **open_options) -> EmbeddingStore:
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, **open_options: Any) -> EmbeddingStore:
         """Open an existing store.
 
         Raises:
@@ -122,7 +126,7 @@ class EmbeddingStore:
         self._session: Session | None = None
         self._closed = False
         self._stats = CacheStats()
-        self._prefetcher: Prefetcher | None = None
+        self._prefetcher = Prefetcher(self._warm)  # its thread starts at the first hint
         fork.track(self)
 
     def _open_session(self, lock: WriterLock | None = None) -> Session:
@@ -159,7 +163,7 @@ class EmbeddingStore:
 
     def _after_fork_in_child(self) -> None:
         self._mutex = threading.RLock()  # another thread of the parent may have held it at fork
-        self._prefetcher = None  # the parent's thread does not exist here
+        self._prefetcher = Prefetcher(self._warm)  # the parent's thread does not exist here
 
     def __getstate__(self) -> dict:
         return {"path": self._path, "options": self._options.as_kwargs()}
@@ -228,6 +232,13 @@ class EmbeddingStore:
         with self._mutex:
             return self._caught_up().commit
 
+    @property
+    def uuid(self) -> str | None:
+        """The table's identity: a new one at each ``create`` and ``restore``, kept by ``compact``
+        (None for a store written before the format recorded it)."""
+        with self._mutex:
+            return self._active().config.get("store_uuid")
+
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("read-only" if self._readonly else "writable")
         return f"EmbeddingStore({self._path!r}, {mode})"
@@ -244,8 +255,9 @@ class EmbeddingStore:
         """
         return self._gather(MAIN, ids)
 
-    def get_tensor(self, ids: IdsLike, device=None):
-        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
+    def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
+        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory);
+        without torch, ``MissingDependencyError`` (an ``ImportError``) says how to install it."""
         return as_tensor(self.get(ids), device)
 
     def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
@@ -269,12 +281,9 @@ class EmbeddingStore:
     def prefetch(self, ids: IdsLike) -> None:
         """A hint that the rows of ``ids`` (all columns) will be needed soon: returns at once, changes nothing any
         call returns, ignores IDs not in the store (``core/prefetch.py``). Call it a batch ahead."""
-        ids = as_ids(ids)
         if self._closed:
             raise ClosedError(f"the handle on {self._path} is closed; open the store again")
-        if self._prefetcher is None:
-            self._prefetcher = Prefetcher(self._warm)
-        self._prefetcher.hint(ids)
+        self._prefetcher.hint(as_ids(ids))
 
     def _warm(self, ids: np.ndarray) -> None:
         with self._mutex:  # the prefetch thread's work, under the mutex as any call
@@ -392,12 +401,15 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Commit pending changes (writable handle), then release the handle. Idempotent."""
+        """Commit pending changes (writable handle), then release the handle. Idempotent.
+
+        A close whose commit fails (``CommitError``: a full disk) changes nothing: the handle
+        stays open with its changes, and the same ``close()`` can be called again.
+        """
         with self._mutex:
             if self._closed:
                 return
-            if self._prefetcher is not None:
-                self._prefetcher.stop()
+            self._prefetcher.stop()
             session = self._session if self._pid == os.getpid() else None
             if session is not None and session.has_changes():
                 session.commit()  # if this raises (disk full), the handle stays open to retry
@@ -430,12 +442,12 @@ class EmbeddingStore:
             pass
 
     # ----------------------------------------------------------------------- stats
-    def stats(self) -> dict:
-        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``)."""
+    def stats(self) -> StoreStats:
+        """This handle's cache and commit counters and the process's RssAnon: a :class:`StoreStats`."""
         with self._mutex:
             out = self._active().counters()
             out["anon_bytes"] = rss_anon_bytes()  # the whole process's RssAnon: cache + interpreter + yours
-            return out
+            return cast(StoreStats, out)
 
 
 # ------------------------------------------------------ writes: all or nothing
@@ -499,9 +511,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------- helpers
-def as_tensor(rows: np.ndarray, device=None):
+def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
     """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
-    import torch  # the tensor API is the only part of the store that needs torch
+    torch = import_needing("torch", "torch", "get_tensor")  # the only part of the store that needs torch
 
     tensor = torch.from_numpy(rows)
     if device is None:

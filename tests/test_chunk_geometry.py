@@ -107,3 +107,13 @@ def test_a_wide_table_with_a_small_cache_stays_within_the_cache(tmp_path):
     proc = run_python(WIDE, str(tmp_path / "wide"), timeout=300)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["grew_mb"] <= 16 + 48, seen  # 16 MiB of cache; the rest: a few chunks of 256 KiB, numpy temporaries
+
+
+def test_a_column_the_cache_cannot_hold_two_chunks_of_is_refused_and_nothing_changes(store_path):
+    # 1024 rows x 2048 float32 = 8 MiB chunks: two fit cache_mb=17, two of each of two such columns do not
+    with le.EmbeddingStore.create(store_path, 10, 2048, chunk_rows=1024, init="zeros", cache_mb=17) as store:
+        with pytest.raises(ValueError, match="ensure_column: cache_mb=17 .*chunk_rows=1024"):
+            store.ensure_column("state", 2048)
+        assert store.columns == {}
+        store.ensure_column("small", 8)  # 2 x 1024 x (2048 + 8) x 4 bytes = 16.06 MiB: fits
+        assert list(store.columns) == ["small"]

@@ -9,7 +9,7 @@ latest commit). The store picks one at open; nothing else branches on the mode.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -162,7 +162,7 @@ class Session:
         table = self.table
         self.read(lambda: table.prefetch(table.index.slots(ids[table.index.contains(ids)])))
 
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, Any]:
         """``store.stats()``: the caches' counters, the commits', the caches' sizes and the table's."""
         table = self.table
         caches = [c.cache for c in table.columns.values()]

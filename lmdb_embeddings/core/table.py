@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError
+from ..errors import CorruptionError, EmbeddingStoreError
 from ..format.layout import ColumnSpec, TableLayout
 from ..format.records import MAIN, column_db_name, state_record
 from ..options import MIN_WRITER_CHUNKS, StoreOptions
@@ -62,7 +62,7 @@ class Table:
         self.columns: dict[str, Column] = {}
         self.new_columns: list[str] = []  # declared since the last commit
         self.attrs_changed = False
-        self.check_cache_room(layout.row_bytes)
+        self.check_cache_room(layout.row_bytes, "open")
         for spec in layout.columns:
             self._register(spec)
         self.split_budget()
@@ -75,7 +75,7 @@ class Table:
 
     def declare_column(self, spec: ColumnSpec) -> None:
         """A new auxiliary column, committed with the next commit (rows start at ``spec.fill``)."""
-        self.check_cache_room(self.row_bytes + spec.row_bytes)
+        self.check_cache_room(self.row_bytes + spec.row_bytes, "ensure_column")
         self._register(spec)
         self.new_columns.append(spec.name)
         self.split_budget()
@@ -108,11 +108,10 @@ class Table:
         in_chunks = -(-self.rows // self.chunk_rows) * self.chunk_rows * row_bytes  # whole chunks of every column
         return self._options.tier_bytes(cache_mb, in_chunks)
 
-    def check_cache_room(self, row_bytes: int) -> None:
+    def check_cache_room(self, row_bytes: int, call: str) -> None:
         """Refuse a writer whose cache budget cannot hold its minimum chunks (``StoreOptions.writer_cache_problem``)."""
-        problem = None if self._readonly else self._options.writer_cache_problem(self.chunk_rows, row_bytes, self.rows)
-        if problem:
-            raise InvalidInputError(problem)
+        if not self._readonly:
+            self._options.check_writer_cache(self.chunk_rows, row_bytes, self.rows, call)
 
     def split_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""

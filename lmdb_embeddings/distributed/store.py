@@ -54,7 +54,18 @@ log = logging.getLogger(__name__)
 _SHOWN = 10
 
 
-class ShardedEmbeddingStore:
+class _LocalHints:
+    """What a sharded store does on this rank alone, through its own shard: never a collective call."""
+
+    _shard: Shard
+
+    def prefetch(self, ids) -> None:
+        """``store.local.prefetch(ids)``: a hint for the rows of ``ids`` this rank owns (the others are unknown to
+        its shard, so ignored); returns at once."""
+        self._shard.store.prefetch(ids)
+
+
+class ShardedEmbeddingStore(_LocalHints):
     """An embedding table sharded over the ranks of a process group; every method is collective.
 
     Create one with :meth:`create` or open one with :meth:`open` on EVERY rank. ``get``,
@@ -179,6 +190,10 @@ class ShardedEmbeddingStore:
         return self._readonly
 
     @property
+    def uuid(self) -> str:  # the table's identity: its shards' token, new at each create and restore
+        return self._manifest.token
+
+    @property
     def local(self) -> EmbeddingStore:
         """This rank's shard: an ``EmbeddingStore`` holding the rows this rank owns.
 
@@ -196,10 +211,6 @@ class ShardedEmbeddingStore:
     def owner_of(self, ids) -> np.ndarray:
         """The rank owning each of ``ids`` in this store (local, not collective)."""
         return owner_of(ids, self.world_size, self.buckets)
-
-    def prefetch(self, ids) -> None:
-        """``store.local.prefetch(ids)``: a hint for the rows of ``ids`` this rank owns; not collective."""
-        self._shard.store.prefetch(ids)
 
     @property
     def columns(self) -> dict:

@@ -15,16 +15,21 @@ Run it with pytest (``tests/test_cache_model.py``)::
     from lmdb_embeddings.testing.cache_model import CacheMachine
     TestCache = CacheMachine.TestCase
 
-Needs hypothesis (a test dependency, not a dependency of the library).
+Needs hypothesis (the ``testing`` extra; without it, importing this module raises
+:class:`~lmdb_embeddings.MissingDependencyError` saying so).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ..core.cache import CacheStats, ColumnCache
+from ..optional import import_needing
+
+import_needing("hypothesis", "hypothesis", "lmdb_embeddings.testing.cache_model")
+
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
 
 FILL = -0.5  # the column's fill: rows a chunk does not hold read as this
 
