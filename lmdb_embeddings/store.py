@@ -368,7 +368,11 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Commit pending changes (writable handle), then release the handle. Idempotent."""
+        """Commit pending changes (writable handle), then release the handle. Idempotent.
+
+        A close whose commit fails (``CommitError``: a full disk) changes nothing: the handle
+        stays open with its changes, and the same ``close()`` can be called again.
+        """
         with self._mutex:
             if self._closed:
                 return
