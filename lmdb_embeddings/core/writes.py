@@ -104,6 +104,7 @@ class WriterSession(Session):
     # -- the pending transaction ---------------------------------------------------------
     def _transaction(self, headroom: int) -> WriteTransaction:
         """The open pending transaction, begun now (after making ``headroom`` bytes of map room) if none is."""
+        self.settle()  # a committed one is applied before a new one replaces it
         pending = self._pending
         if pending is None or pending.outcome is not Outcome.OPEN:
             if pending is None or pending.outcome is not Outcome.NEW:
