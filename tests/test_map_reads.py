@@ -16,7 +16,7 @@ from conftest import run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings.format import chunks as chunk_format
-from lmdb_embeddings.processes import environment
+from lmdb_embeddings.processes.space import SpaceBudget
 
 MIB = 1 << 20
 N, DIM, CHUNK = 20_000, 16, 64  # 313 chunks of 4 KiB
@@ -142,7 +142,7 @@ def test_rollback_forgets_a_spilled_chunk_that_was_read_back(store_path):
 
 
 def test_the_directory_follows_a_map_grown_by_a_writer_of_the_same_process(store_path, monkeypatch):
-    monkeypatch.setattr(environment, "MIN_MAP_SIZE", 8 * MIB)
+    monkeypatch.setattr(SpaceBudget, "MIN_MAP", 8 * MIB)
     with le.EmbeddingStore.create(store_path, 4096, 256, chunk_rows=64, init="zeros") as writer:
         reader = le.EmbeddingStore.open(store_path, readonly=True, cache_mb=0.1)
         try:

@@ -175,6 +175,9 @@ class Session:
                    rows=table.rows, store_commit=table.commit, last_commit_time=table.committed_at)
         return out
 
+    def settle(self) -> None:
+        """Apply what LMDB decided about an interrupted commit (a writer); nothing to do for a reader."""
+
     def release(self) -> None:
         """Give the environment (and a writer's lock) back; the session is unusable afterwards."""
         self.table.clear_caches()
