@@ -9,7 +9,7 @@ import mmap
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_cli, run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings.format.chunks import encode_chunk
@@ -117,3 +117,17 @@ def test_a_column_the_cache_cannot_hold_two_chunks_of_is_refused_and_nothing_cha
         assert store.columns == {}
         store.ensure_column("small", 8)  # 2 x 1024 x (2048 + 8) x 4 bytes = 16.06 MiB: fits
         assert list(store.columns) == ["small"]
+
+
+def test_the_cli_create_and_an_npy_restore_choose_the_chunking_too(tmp_path):
+    made = run_cli("create", str(tmp_path / "c"), "--rows", "100", "--dim", "48", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["chunk_rows"] == choose_chunk_rows(48 * 4)
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    np.save(npy / "ids.npy", np.arange(10))
+    np.save(npy / "embeddings.npy", np.ones((10, 24), np.float16))
+    restored = run_cli("restore", str(npy), str(tmp_path / "r"))
+    assert restored.returncode == 0, restored.stderr
+    with le.EmbeddingStore.open(str(tmp_path / "r"), readonly=True) as store:
+        assert store.chunk_rows == choose_chunk_rows(24 * 2)

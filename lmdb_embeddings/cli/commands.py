@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ids", metavar="FILE", help="an .npy file of unique int64 sample IDs, one per row "
                         "(default: 0..N-1)")
     create.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32", help="default float32")
-    create.add_argument("--chunk-rows", type=_positive_int, default=1024, help="row slots per chunk (default 1024)")
+    create.add_argument("--chunk-rows", type=_positive_int, default=None,
+                        help="row slots per chunk (default: chosen from dim and dtype, as create(chunk_rows=None))")
     create.add_argument("--seed", type=int, default=0, help="seed of the initial values (default 0)")
     create.add_argument("--force", action="store_true", help="replace an existing store at PATH (atomically)")
     json_flag(create)
