@@ -66,6 +66,10 @@ class UnknownIdError(EmbeddingStoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PositionError(EmbeddingStoreError, IndexError):
+    """A position (not a sample ID) is out of range, as indexing a tensor or a ``TensorDataset`` says."""
+
+
 class ReadOnlyError(EmbeddingStoreError, PermissionError):
     """A write was attempted on a read-only handle."""
 
@@ -83,3 +87,8 @@ class TemplateIncompatibleError(EmbeddingStoreError, ValueError):
 
 class ReadOnlyAttributeError(EmbeddingStoreError, AttributeError):
     """An attribute of the CoSiR drop-in that cannot be assigned (the message says what to do instead)."""
+
+
+class MissingDependencyError(EmbeddingStoreError, ImportError):
+    """An optional dependency (torch for the tensor API, pytest for ``lmdb_embeddings.testing``) is not
+    installed; the message says what to install."""

@@ -24,12 +24,13 @@ import logging
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.init import INIT_KINDS
-from ..core.inputs import as_ids, as_positive_int
+from ..core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
 from ..errors import InvalidInputError
 from ..store import EmbeddingStore
 from . import cosir_init, manager_args, sharing
@@ -92,7 +93,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
     through ``logging``.
     """
 
-    def __init__(self, sample_ids, embedding_dim, *args, **kwargs):
+    def __init__(self, sample_ids: IdsLike, embedding_dim: int, *args: Any, **kwargs: Any) -> None:
         a = manager_args.parse(sample_ids, embedding_dim, args, kwargs)
         directory = a.embeddings_dir
         found = existing_table(directory) if directory is not None else None
@@ -129,11 +130,11 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         return len(self._table.view_ids)
 
     # ------------------------------------------------------------- rows by id
-    def get_embeddings(self, sample_ids) -> torch.Tensor:
+    def get_embeddings(self, sample_ids: IdsLike) -> torch.Tensor:
         """Rows of ``sample_ids`` (in order) on ``device``; memory mode: autograd-linked rows of ``embeddings``."""
         return self._table.get(sample_ids)
 
-    def update_embeddings(self, sample_ids, new_embeddings) -> None:
+    def update_embeddings(self, sample_ids: IdsLike, new_embeddings: ValuesLike) -> None:
         """Overwrite rows (any float dtype, any device; a repeated ID keeps its last row)."""
         self._table.put(sample_ids, new_embeddings)
 
