@@ -52,10 +52,10 @@ from .version import __version__
 _LAZY = {
     "EmbeddingDataset": "lmdb_embeddings.torch.dataset",
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
-    "import_cosir": "lmdb_embeddings.compat.cosir_files",
-    "export_cosir": "lmdb_embeddings.compat.cosir_files",
-    "CosirImportError": "lmdb_embeddings.compat.cosir_files",
-    "CosirExportError": "lmdb_embeddings.compat.cosir_files",
+    "import_cosir": "lmdb_embeddings.compat.files",
+    "export_cosir": "lmdb_embeddings.compat.files",
+    "CosirImportError": "lmdb_embeddings.compat.files",
+    "CosirExportError": "lmdb_embeddings.compat.files",
     "ShardedEmbeddingStore": "lmdb_embeddings.distributed.store",
     "ShardedSampler": "lmdb_embeddings.distributed.sampler",
 }

@@ -1,7 +1,7 @@
 """The sub-commands of ``lmdb-embeddings``: parse, call the library function, print.
 
 Each sub-command lives in a function ``cmd_<name>`` that prints the result; the work is
-done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import/export). Exit
+done by ``lmdb_embeddings.ops`` (and ``compat.files`` for the CoSiR import/export). Exit
 codes: 0 ok, 1 a check failed (verify found problems, a store is corrupt), 2 usage or
 input error. Errors print ONE line to stderr, never a traceback; ``--traceback`` shows it
 for unexpected errors when debugging.
@@ -126,7 +126,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_import_cosir(args: argparse.Namespace) -> int:
     # the .pt reader needs torch, which the rest of the CLI never imports: load it only for this command
-    import_cosir = importlib.import_module("lmdb_embeddings.compat.cosir_files").import_cosir
+    import_cosir = importlib.import_module("lmdb_embeddings.compat.files").import_cosir
     result = import_cosir(args.dir, args.path, progress=progress_wanted(args.quiet), overwrite=args.force,
                           chunk_rows=args.chunk_rows)
     if not args.quiet:
@@ -137,7 +137,7 @@ def cmd_import_cosir(args: argparse.Namespace) -> int:
 
 def cmd_export_cosir(args: argparse.Namespace) -> int:
     # the .pt writer needs torch, which the rest of the CLI never imports: load it only for this command
-    export_cosir = importlib.import_module("lmdb_embeddings.compat.cosir_files").export_cosir
+    export_cosir = importlib.import_module("lmdb_embeddings.compat.files").export_cosir
     result = export_cosir(args.path, args.dir, overwrite=args.force, progress=progress_wanted(args.quiet))
     if not args.quiet:
         print(f"exported {result['rows']} rows x {result['dim']} ({result['dtype']}) of commit {result['commit']} "

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.ids import IdIndex
-from ..core.inputs import as_ids, as_values, is_tensor
-from ..errors import ClosedError, InvalidInputError, UnknownIdError
-from ..store import EmbeddingStore
+from ...core.ids import IdIndex
+from ...core.inputs import as_ids, as_values, is_tensor
+from ...errors import ClosedError, InvalidInputError, UnknownIdError
+from ...store import EmbeddingStore
 from . import sharing
 
 log = logging.getLogger(__name__)
@@ -108,19 +108,6 @@ class ManagedTable:
         step = max(1, GROUP_BYTES // max(1, self.dim * self.dtype.itemsize))
         for lo in range(0, n, step):
             yield lo, min(n, lo + step)
-
-    def view_rows(self):
-        """The rows in the caller's order, group by group (numpy, store dtype; pending updates included)."""
-        self.reconcile()
-        for lo, hi in self.groups(len(self.view_ids)):
-            yield self.store.get(self.view_ids[lo:hi])
-
-    def chunk_rows_of(self):
-        """``(ids, rows)`` of every store chunk, in order (pending updates included)."""
-        self.reconcile()
-        for chunk in range(self.n_chunks):
-            ids = self.chunk_ids(chunk)
-            yield ids, self.store.get(ids)
 
     # ---------------------------------------------------------------- reading
     def get(self, ids) -> torch.Tensor:

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.init import INIT_KINDS
-from ..core.inputs import as_ids, as_positive_int
-from ..errors import InvalidInputError
-from ..store import EmbeddingStore
-from . import cosir_init, manager_args, sharing
+from ...core.init import INIT_KINDS
+from ...core.inputs import as_ids, as_positive_int
+from ...errors import InvalidInputError
+from ...store import EmbeddingStore
+from ..files import export_cosir
+from ..init import cosir_init
+from . import manager_args, sharing
 from .attributes import UpstreamAttributes
 from .backing import ManagedTable, UnknownSampleError, close_unreachable
-from .cosir_files import export_cosir
 from .reports import cache_performance, disk_usage
 from .statistics import embedding_statistics
 from .table_dir import check_new_table_strategy, copy_committed_store, existing_table, store_path_in
@@ -113,9 +114,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         self._table = sharing.open_managed(directory, found, a, self._seed, build)
         store = self._table.store
         self._finalizer = weakref.finalize(self, close_unreachable, self._table)
-        self._embedding_dim, self._device, self._storage_mode = a.embedding_dim, a.device, a.storage_mode
-        self._enable_l3_cache = a.enable_l3_cache
-        self._cache_l1_size_mb, self._cache_l2_size_mb = a.cache_l1_size_mb, a.cache_l2_size_mb
+        self._args = a
         self._embeddings_dir = directory
         self._derived: dict = {}
         self._served_chunk: tuple[int, list] | None = None
@@ -289,7 +288,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
 
     def get_disk_usage_info(self) -> dict:
         """Disk and cache figures, with the original's keys (chunk sizes are the raw row bytes)."""
-        return disk_usage(self._table, self._embeddings_dir, self._storage_mode, self._enable_l3_cache)
+        return disk_usage(self._table, self._embeddings_dir, self._args.storage_mode, self._args.enable_l3_cache)
 
     def get_embedding_statistics(self) -> dict:
         """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory)."""
@@ -315,8 +314,8 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         self._finalizer.detach()
 
     def __repr__(self) -> str:
-        state = "closed" if self._table.closed else f"{len(self)} x {self._embedding_dim}"
-        return f"TrainableEmbeddingManager({str(self._embeddings_dir)!r}, {self._storage_mode}, {state})"
+        state = "closed" if self._table.closed else f"{len(self)} x {self._args.embedding_dim}"
+        return f"TrainableEmbeddingManager({str(self._embeddings_dir)!r}, {self._args.storage_mode}, {state})"
 
 
 def _caller_view(ids: np.ndarray, store: EmbeddingStore) -> np.ndarray:
