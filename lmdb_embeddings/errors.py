@@ -87,3 +87,8 @@ class TemplateIncompatibleError(EmbeddingStoreError, ValueError):
 
 class ReadOnlyAttributeError(EmbeddingStoreError, AttributeError):
     """An attribute of the CoSiR drop-in that cannot be assigned (the message says what to do instead)."""
+
+
+class MissingDependencyError(EmbeddingStoreError, ImportError):
+    """An optional dependency (torch for the tensor API, pytest for ``lmdb_embeddings.testing``) is not
+    installed; the message says what to install."""

@@ -1,7 +1,7 @@
 """What a manager holds: its place on the shared store, the row order its caller sees, the memory-mode Parameter.
 
 The store is shared by every manager of this process on the same directory
-(:mod:`~lmdb_embeddings.compat.sharing`), which also keeps the counters of what is pending.
+(:mod:`~lmdb_embeddings.compat.manager.sharing`), which also keeps the counters of what is pending.
 A table never refers back to its manager, so the manager's ``weakref.finalize`` can release
 it when the manager is garbage-collected or the interpreter exits normally: pending updates
 are committed when ``auto_sync`` is on and discarded (logged) when it is off. A crash loses

@@ -24,12 +24,13 @@ import logging
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ...core.init import INIT_KINDS
-from ...core.inputs import as_ids, as_positive_int
+from ...core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
 from ...errors import InvalidInputError
 from ...store import EmbeddingStore
 from ..files import export_cosir
@@ -56,7 +57,7 @@ class UnknownChunkError(InvalidInputError, FileNotFoundError):
 class TrainableEmbeddingManager(UpstreamAttributes):
     """Per-sample trainable embeddings with the upstream managers' interface, stored in LMDB.
 
-    Args (both upstream signatures, see :mod:`~lmdb_embeddings.compat.manager_args`):
+    Args (both upstream signatures, see :mod:`~lmdb_embeddings.compat.manager.manager_args`):
         sample_ids: the sample IDs. Rows are kept sorted by ID (chunk-style calls, as the
             chunk-file managers did) or in the caller's order (``mode=`` or a positional
             ``embeddings_dir``, as the memmap manager did).
@@ -85,7 +86,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
             third positional argument is ``embeddings_dir``.
 
     Managers of one process on one ``embeddings_dir`` share one writable store
-    (:mod:`~lmdb_embeddings.compat.sharing`): each sees the others' rows, uncommitted ones
+    (:mod:`~lmdb_embeddings.compat.manager.sharing`): each sees the others' rows, uncommitted ones
     included, and a sync through any of them commits everything pending. ``close()`` (or
     leaving a ``with`` block, or the manager being garbage-collected, or the interpreter
     exiting normally) commits pending updates when ``auto_sync`` is on; when it is off they
@@ -93,7 +94,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
     through ``logging``.
     """
 
-    def __init__(self, sample_ids, embedding_dim, *args, **kwargs):
+    def __init__(self, sample_ids: IdsLike, embedding_dim: int, *args: Any, **kwargs: Any) -> None:
         a = manager_args.parse(sample_ids, embedding_dim, args, kwargs)
         directory = a.embeddings_dir
         found = existing_table(directory) if directory is not None else None
@@ -128,11 +129,11 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         return len(self._table.view_ids)
 
     # ------------------------------------------------------------- rows by id
-    def get_embeddings(self, sample_ids) -> torch.Tensor:
+    def get_embeddings(self, sample_ids: IdsLike) -> torch.Tensor:
         """Rows of ``sample_ids`` (in order) on ``device``; memory mode: autograd-linked rows of ``embeddings``."""
         return self._table.get(sample_ids)
 
-    def update_embeddings(self, sample_ids, new_embeddings) -> None:
+    def update_embeddings(self, sample_ids: IdsLike, new_embeddings: ValuesLike) -> None:
         """Overwrite rows (any float dtype, any device; a repeated ID keeps its last row)."""
         self._table.put(sample_ids, new_embeddings)
 
@@ -238,7 +239,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
     def initialize(self, strategy, feature_manager=None, model=None, device="cpu", factor=1.0,
                    normalize=False) -> None:
         """Set every row: ``zeros``/``normal``/``uniform``/``xavier``/``kaiming``, or ``imgtxt``/``txt``/``img``
-        from the feature manager's features (:mod:`~lmdb_embeddings.compat.cosir_init` says which method)."""
+        from the feature manager's features (:mod:`~lmdb_embeddings.compat.init.cosir_init` says which method)."""
         cosir_init.check_strategy(strategy)
         if strategy in INIT_KINDS:
             cosir_init.fill(self._table, strategy, self._seed)
