@@ -26,6 +26,8 @@ from .layout import ColumnSpec, TableLayout
 from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 
 _TXN_BYTES = 64 << 20
+_FIRST_MAP_MAX = 1 << 30  # the map starts at most this large and grows with what is written
+_MAP_SLACK = 1 << 20  # a commit's own pages (free list, branch pages, meta)
 
 
 class StoreBuilder:
@@ -36,27 +38,49 @@ class StoreBuilder:
         # Not synced per transaction: nothing here is visible until finish() has synced the
         # whole environment and the caller has swapped the directory in; the kernel writes
         # back in the background while we encode, instead of one fsync per transaction.
-        self._env = lmdb.open(directory, subdir=True, map_size=max(2 * table_bytes + (64 << 20),
-                                                                    environment.MIN_MAP_SIZE),
+        # The layout's row count is a claim (a dump read from a pipe cannot be sized up front):
+        # the map starts from it, bounded, and grows with what is actually written (_make_room).
+        first_map = min(max(2 * table_bytes + (64 << 20), environment.MIN_MAP_SIZE), _FIRST_MAP_MAX)
+        self._env = lmdb.open(directory, subdir=True, map_size=first_map,
                               max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
                               metasync=False, writemap=False, meminit=False, max_spare_txns=0)
+        self._page = self._env.stat()["psize"]
         self._meta_db = self._env.open_db(META_DB)
         self._ids_db = self._env.open_db(IDS_DB)
         self._column_dbs = [self._env.open_db(column_db_name(c.name)) for c in layout.columns]
         self._txn = None
         self._txn_bytes = 0
+        self._room = 0  # map bytes the open transaction may still fill
         self._next_ids = self._next_chunk = 0
         self._encoder = ChunkEncoder()
 
     def _put(self, db, chunk: int, rows: np.ndarray) -> None:
-        if self._txn is None:
-            self._txn = self._env.begin(write=True)
         value = self._encoder.encode(rows, chunk, 0)
+        need = 2 * len(value) + self._page + 64  # its leaf node, or its overflow pages (page-rounded)
+        if self._txn is not None and need > self._room:
+            self._commit_txn()
+        if self._txn is None:
+            self._room = self._make_room(max(need, 2 * _TXN_BYTES))
+            self._txn = self._env.begin(write=True)
         self._txn.put(chunk_key(chunk), value, db=db, append=True)
+        self._room -= need
         self._txn_bytes += len(value)
         if self._txn_bytes >= _TXN_BYTES:
-            self._txn.commit()
-            self._txn, self._txn_bytes = None, 0
+            self._commit_txn()
+
+    def _commit_txn(self) -> None:
+        self._txn.commit()
+        self._txn, self._txn_bytes = None, 0
+
+    def _make_room(self, need: int) -> int:
+        """Grow the map (no transaction is open) until ``need`` more bytes fit; returns the room left."""
+        info = self._env.info()
+        used = (info["last_pgno"] + 1) * self._page
+        size = info["map_size"]
+        if size - used < need + _MAP_SLACK:
+            size = max(2 * size, used + 2 * (need + _MAP_SLACK))
+            self._env.set_mapsize(size)
+        return size - used - _MAP_SLACK
 
     def add_ids(self, chunk: int, ids: np.ndarray) -> None:
         """The IDs of chunk ``chunk`` (chunks in order)."""
