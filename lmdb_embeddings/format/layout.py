@@ -135,8 +135,8 @@ class TableLayout:
             committed_at = record.get("committed_at")
             layout = cls(chunk_rows=_int(record["chunk_rows"], "chunk_rows", 1),
                          rows=_int(record["rows"], "rows", 0, MAX_ROWS), columns=columns,
-                         config=_map(record.get("config") or {}, "config"),
-                         attrs=_map(record.get("attrs") or {}, "attrs"),
+                         config=_map(record.get("config"), "config"),
+                         attrs=_map(record.get("attrs"), "attrs"),
                          commit=_int(record.get("commit", 0), "commit", 0, MAX_COMMIT),
                          committed_at=None if committed_at is None else _timestamp(committed_at))
         except (KeyError, TypeError, ValueError, AttributeError, EmbeddingStoreError) as exc:
@@ -208,6 +208,8 @@ def _text(value, name: str) -> str:
 
 
 def _map(value, name: str) -> dict:
+    if value is None:  # absent
+        return {}
     if not isinstance(value, dict):
         raise ValueError(f"{name} is {type(value).__name__}, not a map")
     return dict(value)
