@@ -8,6 +8,10 @@ carries the per-destination counts of the exchange that follows). If any rank fa
 every rank raises the same class (the lowest failing rank's), with that rank's message
 broadcast to all, before anything is applied anywhere; no rank is left waiting in a
 collective the others skipped, so nothing hangs.
+
+Every torch collective goes through :meth:`Collective.run`: a failure of the group itself (a rank
+killed or hung past the timeout) cannot be agreed on, so it becomes ``ProcessGroupError`` there,
+saying where the store stands (failures.py), and the handle attempts no collective after it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.distributed as dist
 
 from .. import errors
 from ..errors import EmbeddingStoreError, ProcessGroupError
-from .failures import REOPEN, explained
+from .failures import REOPEN
 
 # Every error class of the package, most specific first (a class before its bases): an
 # exception gets the code of the first class it is an instance of. Derived from errors.py,
@@ -84,7 +88,7 @@ class Collective:
     def _failed(self, what: str) -> ProcessGroupError:
         if self.where_it_stands is None:  # no store handle yet (create, open): they say it
             return ProcessGroupError(what)
-        return explained(f"{what}; {self.where_it_stands()}. To go on, {REOPEN}")
+        return ProcessGroupError(f"{what}; {self.where_it_stands()}. To go on, {REOPEN}")
 
     def all_gather_ints(self, values) -> np.ndarray:
         """Every rank's int64 vector (same length everywhere), as a (world_size, k) array."""

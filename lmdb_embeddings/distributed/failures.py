@@ -2,12 +2,13 @@
 timeout, or the network broke.
 
 torch raises a raw ``RuntimeError`` from inside the collective; :meth:`Collective.run` turns it into
-:class:`ProcessGroupError` and refuses every later collective of that group (the ranks are out of step
-for good). Here a collective call of the store adds what the user needs next: where the store on disk
-stands and what to do. A failed group never leaves the store inconsistent: each shard commits in one
-LMDB transaction, the manifest decides, and the next collective ``open`` brings every shard to the
-manifest's commit (twophase.py). The handle is then only good for ``close()``, which releases this
-rank's shard without any collective.
+:class:`ProcessGroupError` and refuses every later collective of that handle (the ranks are out of
+step for good). The messages built here say what the user needs next: where the store on disk stands
+(:func:`where_it_stands` for any call, :func:`commit_failed` for a commit, :func:`collective_open` for
+``open``/``create``) and what to do. A failed group never leaves the store inconsistent: each shard
+commits in one LMDB transaction, the manifest decides, and the next collective ``open`` brings every
+shard to the manifest's commit (twophase.py). The handle is then only good for ``close()``, which
+releases this rank's shard without any collective.
 """
 
 from __future__ import annotations
@@ -19,13 +20,6 @@ from ..errors import ProcessGroupCommitError, ProcessGroupError
 
 REOPEN = ("close this handle (it takes part in no more collective calls) and open the store again on every rank "
           "(in a new process group if a rank died)")
-
-
-def explained(text: str, cls: type[ProcessGroupError] = ProcessGroupError) -> ProcessGroupError:
-    """A ProcessGroupError whose message already says where the store stands (not explained again)."""
-    error = cls(text)
-    error.explained = True
-    return error
 
 
 def where_it_stands(protocol, readonly: bool) -> str:
@@ -49,7 +43,7 @@ def collective_open(call: str, path: str) -> Iterator[None]:
         else:
             where = f"nothing was opened; the store at {path} is consistent (the next open finishes any recovery)"
             todo = "Open it again on every rank"
-        raise explained(f"{call}: {exc}; {where}. {todo}, in a new process group if a rank died") from exc
+        raise ProcessGroupError(f"{call}: {exc}; {where}. {todo}, in a new process group if a rank died") from exc
 
 
 def commit_failed(failure: str, path: str, commit: int, rank: int, made: bool | None) -> ProcessGroupError:
@@ -68,4 +62,4 @@ def commit_failed(failure: str, path: str, commit: int, rank: int, made: bool | 
                  f"every shard prepared it): the store is at commit {commit - 1} or {commit} on every shard, "
                  "and the next open settles which")
     text = f"commit (rank {rank}): the process group failed ({failure}); {where}. To go on, {REOPEN}"
-    return explained(text, ProcessGroupCommitError)
+    return ProcessGroupCommitError(text)

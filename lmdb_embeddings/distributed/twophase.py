@@ -66,19 +66,23 @@ class TwoPhaseCommit:
             codes = c.all_gather_ints([error_code(error)])[:, 0]
         if codes.any():
             self._abandon(prepared=error is None)
-            c.raise_if_failed(codes, error, f"commit {target} failed, every shard is back at commit {committed} "
-                                            "and the changes since were discarded: ")
+            with self.failing_as_commit(target, made=False):  # (its message is broadcast)
+                c.raise_if_failed(codes, error, f"commit {target} failed, every shard is back at commit "
+                                                f"{committed} and the changes since were discarded: ")
         manifest = dataclasses.replace(self.manifest, commit=target, rows=int(rows), shards=list(self.manifest.shards))
         _, error = attempt(write_manifest, self.path, manifest) if c.rank == 0 else (None, None)
         made = error is None or isinstance(error, ManifestSyncError)  # the rename is the decision
         with self.failing_as_commit(target, made=made if c.rank == 0 else None, manifest=manifest):
             gathered = c.all_gather_ints([error_code(error), made])
-        if not gathered[0, 1]:
+        made = bool(gathered[0, 1])  # now every rank knows
+        if not made:
             self._abandon(prepared=True)
-            c.raise_if_failed(gathered[:, 0], error, f"commit {target} failed, every shard is back at commit "
-                                                     f"{committed} and the changes since were discarded: ")
-        self.manifest = manifest
-        c.raise_if_failed(gathered[:, 0], error)  # made, but its durability is in doubt: say so everywhere
+        else:
+            self.manifest = manifest
+        with self.failing_as_commit(target, made=made, manifest=manifest):
+            c.raise_if_failed(gathered[:, 0], error, "" if made else f"commit {target} failed, every shard is back "
+                                                                      f"at commit {committed} and the changes since "
+                                                                      "were discarded: ")
 
     @contextlib.contextmanager
     def failing_as_commit(self, target: int, made: bool | None, manifest: Manifest | None = None):
