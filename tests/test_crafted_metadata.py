@@ -272,3 +272,31 @@ def test_the_restored_store_grows_its_map_with_the_data(tmp_path, monkeypatch):
     restore_store(dump, target)
     with le.EmbeddingStore.open(target, readonly=True) as store:
         assert store.get(np.arange(rows)).tobytes() == values.tobytes()
+
+
+LIVE_STATES = {"commit-2**64-1": "commit=2**64 - 1", "reverts-malformed": "commit=5, reverts=[[1]]",
+               "columns-list": "commit=5, columns=[1]"}
+CRAFT_IN_CHILD = r"""
+import sys, lmdb
+from lmdb_embeddings.format import records
+env = lmdb.open(sys.argv[1], max_dbs=64)
+with env.begin(write=True) as txn:
+    db = env.open_db(b"meta", txn=txn)
+    record = records.unpack_record(txn.get(b"state", db=db), b"state")
+    exec("record.update(" + sys.argv[2] + ")")
+    txn.put(b"state", records.pack_record(record), db=db)
+"""
+
+
+@pytest.mark.parametrize("case", sorted(LIVE_STATES))
+def test_a_reader_catching_up_with_a_crafted_state_record_gets_a_clear_error(tmp_path, case):
+    """A read-only handle that is open when another process writes a crafted state record (valid checksum).
+    Before: a raw OverflowError (commit 2**64-1 into the cache's int64 versions) or AttributeError."""
+    path = str(tmp_path / "store")
+    small_store(path)
+    with le.EmbeddingStore.open(path, readonly=True) as reader:
+        reader.get([1])
+        subprocess.run([sys.executable, "-c", CRAFT_IN_CHILD, path, LIVE_STATES[case]], check=True, timeout=60,
+                       env=subprocess_env(), cwd=ROOT)
+        with pytest.raises(le.CorruptionError, match="state record is damaged"):
+            reader.get([1])

@@ -22,7 +22,8 @@ from .chunks import ID_DTYPE
 from .records import MAIN, MAX_COMMIT
 
 __all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "chunk_size_problem", "ID_DTYPE",
-           "MAX_CHUNK_BYTES", "MAX_ROWS", "check_reverts"]
+           "MAX_CHUNK_BYTES", "MAX_ROWS", "check_reverts",
+           "parse_state"]
 
 #: A chunk is one LMDB value and is decoded (and initialised) whole: beyond this it cannot be a unit of I/O.
 MAX_CHUNK_BYTES = 1 << 30
@@ -168,6 +169,27 @@ class TableLayout:
             problems.append("attrs have keys that are not strings")
         if problems:
             raise error(f"{what}: the table description is invalid ({'; '.join(problems)})")
+
+
+def parse_state(state, what: str) -> tuple[int, int, dict, dict]:
+    """``(rows, commit, columns, attrs)`` of a store's ``state`` record, checked as an open checks it.
+
+    A reader catching up with a newer commit reads the record alone (the config is already known).
+    """
+    try:
+        record = _map(state, "the state record")
+        rows, commit = _int(record["rows"], "rows", 0, MAX_ROWS), _int(record["commit"], "commit", 0, MAX_COMMIT)
+        columns, attrs = _map(record.get("columns"), "columns"), _map(record.get("attrs"), "attrs")
+        for name, column in columns.items():
+            column = _map(column, f"column {name!r}")
+            ColumnSpec(_text(name, "a column name"), _int(column["width"], "a column width", 1),
+                       as_dtype(column["dtype"]), _real(column.get("fill", 0.0), "a column fill"))
+        if record.get("committed_at") is not None:
+            _timestamp(record["committed_at"])
+        check_reverts(record.get("reverts"))
+    except (KeyError, TypeError, ValueError, AttributeError, EmbeddingStoreError) as exc:
+        raise CorruptionError(f"{what}: the store state record is damaged ({_why(exc)})") from None
+    return rows, commit, columns, attrs
 
 
 def check_reverts(reverts) -> None:
