@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
 
 from .run import run_child
+from .scratch import scratch_dir
 from .workloads import suite
 
 
@@ -45,8 +45,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     workload = next(w for w in suite("full") if w.name == args.workload)
     first, second = args.labels.split(",")
-    work = tempfile.mkdtemp(prefix="ab-order-")
-    try:
+    with scratch_dir("ab-order-") as work:  # removed on any exit, SIGTERM and Ctrl-C included
         for round_ in range(args.rounds):
             pair = [first, second] if round_ % 2 == 0 else [second, first]
             for label in ["memmap_epoch", *pair]:
@@ -63,8 +62,6 @@ def main(argv=None) -> None:
                       f"{res.get('median_get_ms', 0):.3f} ms  put {res.get('median_put_ms', 0):.3f} ms  commit "
                       f"{res.get('commit_s', 0):.3f} s  {res.get('error', '')}", flush=True)
                 shutil.rmtree(spec["dir"], ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -32,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lmdb_embeddings as le  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 
 _WRAPPER = r"""
 import json, sys
@@ -86,13 +86,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    work = args.dir or tempfile.mkdtemp(prefix="bench_dump_restore-")
-    os.makedirs(work, exist_ok=True)
-    try:
+    with scratch_dir("bench_dump_restore-", keep=args.dir) as work:  # removed on any exit, SIGTERM too
         results = run(work, args.rows, args.dim)
-    finally:
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import threading
 import time
 
@@ -22,6 +20,8 @@ import numpy as np
 import lmdb_embeddings as le
 from lmdb_embeddings.processes.memory import rss_anon_bytes
 
+from .scratch import scratch_dir
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,9 +29,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-mb", type=float, default=128)
     parser.add_argument("--chunk-rows", type=int, default=1024)
     args = parser.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="bench-memory-")
-    path = os.path.join(work, "s")
-    try:
+    with scratch_dir("bench-memory-") as work:  # removed on any exit, SIGTERM and Ctrl-C included
+        path = os.path.join(work, "s")
         le.EmbeddingStore.create(path, args.rows, 128, chunk_rows=args.chunk_rows).close()
         store = le.EmbeddingStore.open(path, cache_mb=args.cache_mb)
         at_open = rss_anon_bytes()
@@ -55,8 +54,6 @@ def main(argv=None) -> dict:
         peak[0] = max(peak[0], rss_anon_bytes())
         cache = store.stats()["cache_bytes"]
         store.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     mib = 1 << 20
     result = {"rows": args.rows, "table_mb": args.rows * 128 * 4 / mib, "cache_mb": args.cache_mb,
               "anon_at_open_mb": at_open / mib, "peak_anon_mb": peak[0] / mib, "cache_bytes_mb": cache / mib,

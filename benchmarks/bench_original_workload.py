@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import lmdb_embeddings as le  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 
 ORIGINAL_BEST_S = 0.140
 TARGET_MS = 5.0
@@ -47,8 +47,7 @@ CONFIGS = {
 
 def run_workload(base: str, config: dict, seed: int) -> dict:
     """One run of the original's timed section on a fresh manager; returns seconds and counters."""
-    directory = tempfile.mkdtemp(prefix="orig_workload_", dir=base)
-    try:
+    with scratch_dir("orig_workload_", parent=base) as directory:
         m = le.TrainableEmbeddingManager(sample_ids=list(range(N_IDS)), embedding_dim=DIM, device="cpu",
                                          storage_mode="disk", embeddings_dir=directory, chunk_size=CHUNK,
                                          **config)
@@ -71,8 +70,6 @@ def run_workload(base: str, config: dict, seed: int) -> dict:
         m.close()
         return {"total_s": total, "loop_s": loop, "cpu_s": cpu,
                 "sync_operations": perf["sync_operations"] - syncs_before, "cache_hit_rate": perf["cache_hit_rate"]}
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def fsync_cost(base: str, n: int) -> float:
@@ -94,8 +91,7 @@ def fsync_cost(base: str, n: int) -> float:
 
 def commit_cost(base: str, dirty_chunks: int, n: int) -> float:
     """Median seconds of one store.commit() writing ``dirty_chunks`` chunks of this workload's shape."""
-    path = tempfile.mkdtemp(prefix="commit_probe_", dir=base)
-    try:
+    with scratch_dir("commit_probe_", parent=base) as path:
         store = le.EmbeddingStore.create(os.path.join(path, "s"), N_IDS, DIM, chunk_rows=CHUNK)
         rows = np.random.default_rng(0).standard_normal((dirty_chunks, DIM)).astype(np.float32)
         ids = np.arange(dirty_chunks) * CHUNK  # one row in each of the first chunks
@@ -107,14 +103,11 @@ def commit_cost(base: str, dirty_chunks: int, n: int) -> float:
             times.append(time.perf_counter() - t)
         store.close()
         return statistics.median(times)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def chunk_path_vs_plain(base: str, n: int) -> dict:
     """Median seconds: manager chunk get -> step -> update, vs store get_tensor -> step -> put of the same rows."""
-    path = tempfile.mkdtemp(prefix="chunk_probe_", dir=base)
-    try:
+    with scratch_dir("chunk_probe_", parent=base) as path:
         m = le.TrainableEmbeddingManager(list(range(N_IDS)), DIM, device="cpu", storage_mode="disk",
                                          embeddings_dir=path, chunk_size=CHUNK, auto_sync=False)
         store = m.store
@@ -136,8 +129,6 @@ def chunk_path_vs_plain(base: str, n: int) -> dict:
         m.force_sync_all_chunks()
         m.close()
         return out
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv=None) -> int:

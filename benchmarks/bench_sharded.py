@@ -24,12 +24,10 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lmdb_embeddings as le  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler  # noqa: E402
 from lmdb_embeddings.torch import SparseAdam, StoreEmbedding  # noqa: E402
 
@@ -156,8 +155,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_sharded-")
-    try:
+    with scratch_dir("bench_sharded-", keep=args.workdir) as workdir:  # removed on any exit, SIGTERM too
         report = {"rows": args.rows, "dim": args.dim, "batch_size": args.batch_size, "steps": args.steps,
                   "backend": args.backend, "worlds": {}}
         for world in args.worlds:
@@ -177,9 +175,6 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

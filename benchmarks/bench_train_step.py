@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -31,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lmdb_embeddings as le  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from lmdb_embeddings.torch import SparseAdam, StoreEmbedding  # noqa: E402
 
 
@@ -97,62 +96,60 @@ def main(argv=None) -> dict:
     batches = [torch.randint(0, n, (b,), generator=gen) for _ in range(total)]
     target = torch.randn(b, d, generator=gen).to(device)
 
-    workdir = args.path or tempfile.mkdtemp(prefix="bench_train_step_")
-    path = os.path.join(workdir, "store")
-    t = time.perf_counter()
-    store = le.EmbeddingStore.create(path, n, d, chunk_rows=args.chunk_rows, seed=0, overwrite=True,
-                                     cache_mb=cache_mb, l1_fraction=0.95)
-    create_s = time.perf_counter() - t
-    emb = StoreEmbedding(store).to(device)
-    store_opt = SparseAdam(emb, lr=1e-3)
-
-    ref = torch.nn.Embedding(n, d, sparse=True)
-    with torch.no_grad():
-        ref.weight.normal_(0, 0.01, generator=gen)
-    ref = ref.to(device)
-    ref_opt = torch.optim.SparseAdam(ref.parameters(), lr=1e-3)
-
-    warm = batches[: args.warmup]
-    t = time.perf_counter()
-    run_steps(emb, store_opt, warm, target, device, Phases())
-    warm_store_s = time.perf_counter() - t
-    run_steps(ref, ref_opt, warm, target, device, Phases())
-
-    mem_times, store_times = [], []
-    mem_phases, store_phases = Phases(), Phases()
-    for r in range(args.rounds):
-        part = batches[args.warmup + r * args.steps : args.warmup + (r + 1) * args.steps]
-        mem_times.append(run_steps(ref, ref_opt, part, target, device, mem_phases))
-        store_times.append(run_steps(emb, store_opt, part, target, device, store_phases))
-        print(f"round {r}: in-memory {mem_times[-1] * 1e3:.2f} ms/step, store {store_times[-1] * 1e3:.2f} ms/step, "
-              f"ratio {store_times[-1] / mem_times[-1]:.2f}", flush=True)
-
-    ratios = [s / m for s, m in zip(store_times, mem_times, strict=True)]
-    timed_steps = args.rounds * args.steps
-    result = {
-        "rows": n, "dim": d, "batch": b, "device": str(device), "threads": args.threads,
-        "chunk_rows": args.chunk_rows, "cache_mb": round(cache_mb), "rounds": args.rounds, "steps": args.steps,
-        "create_s": round(create_s, 2), "store_warmup_s": round(warm_store_s, 2),
-        "in_memory_ms_per_step": round(statistics.median(mem_times) * 1e3, 3),
-        "store_ms_per_step": round(statistics.median(store_times) * 1e3, 3),
-        "in_memory_steps_per_s": round(1 / statistics.median(mem_times), 1),
-        "store_steps_per_s": round(1 / statistics.median(store_times), 1),
-        "ratio_median": round(statistics.median(ratios), 3),
-        "ratio_per_round": [round(x, 3) for x in ratios],
-        "in_memory_phase_ms": {k: round(v / timed_steps * 1e3, 3) for k, v in mem_phases.seconds.items()},
-        "store_phase_ms": {k: round(v / timed_steps * 1e3, 3) for k, v in store_phases.seconds.items()},
-        "store_stats": {k: store.stats()[k] for k in ("hit_rate", "chunks_loaded", "dirty_chunks", "cache_bytes")},
-    }
-    if not args.no_commit:
-        steps_since_commit = args.warmup + timed_steps
+    with scratch_dir("bench_train_step_", keep=args.path) as workdir:  # removed on any exit, SIGTERM too
+        path = os.path.join(workdir, "store")
         t = time.perf_counter()
-        store.commit()
-        commit_s = time.perf_counter() - t
-        result["commit_s"] = round(commit_s, 2)
-        result["commit_ms_per_step_amortized"] = round(commit_s / steps_since_commit * 1e3, 3)
-    store.close()
-    if args.path is None:
-        shutil.rmtree(workdir, ignore_errors=True)
+        store = le.EmbeddingStore.create(path, n, d, chunk_rows=args.chunk_rows, seed=0, overwrite=True,
+                                         cache_mb=cache_mb, l1_fraction=0.95)
+        create_s = time.perf_counter() - t
+        emb = StoreEmbedding(store).to(device)
+        store_opt = SparseAdam(emb, lr=1e-3)
+
+        ref = torch.nn.Embedding(n, d, sparse=True)
+        with torch.no_grad():
+            ref.weight.normal_(0, 0.01, generator=gen)
+        ref = ref.to(device)
+        ref_opt = torch.optim.SparseAdam(ref.parameters(), lr=1e-3)
+
+        warm = batches[: args.warmup]
+        t = time.perf_counter()
+        run_steps(emb, store_opt, warm, target, device, Phases())
+        warm_store_s = time.perf_counter() - t
+        run_steps(ref, ref_opt, warm, target, device, Phases())
+
+        mem_times, store_times = [], []
+        mem_phases, store_phases = Phases(), Phases()
+        for r in range(args.rounds):
+            part = batches[args.warmup + r * args.steps : args.warmup + (r + 1) * args.steps]
+            mem_times.append(run_steps(ref, ref_opt, part, target, device, mem_phases))
+            store_times.append(run_steps(emb, store_opt, part, target, device, store_phases))
+            print(f"round {r}: in-memory {mem_times[-1] * 1e3:.2f} ms/step, store {store_times[-1] * 1e3:.2f} ms/step, "
+                  f"ratio {store_times[-1] / mem_times[-1]:.2f}", flush=True)
+
+        ratios = [s / m for s, m in zip(store_times, mem_times, strict=True)]
+        timed_steps = args.rounds * args.steps
+        result = {
+            "rows": n, "dim": d, "batch": b, "device": str(device), "threads": args.threads,
+            "chunk_rows": args.chunk_rows, "cache_mb": round(cache_mb), "rounds": args.rounds, "steps": args.steps,
+            "create_s": round(create_s, 2), "store_warmup_s": round(warm_store_s, 2),
+            "in_memory_ms_per_step": round(statistics.median(mem_times) * 1e3, 3),
+            "store_ms_per_step": round(statistics.median(store_times) * 1e3, 3),
+            "in_memory_steps_per_s": round(1 / statistics.median(mem_times), 1),
+            "store_steps_per_s": round(1 / statistics.median(store_times), 1),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_per_round": [round(x, 3) for x in ratios],
+            "in_memory_phase_ms": {k: round(v / timed_steps * 1e3, 3) for k, v in mem_phases.seconds.items()},
+            "store_phase_ms": {k: round(v / timed_steps * 1e3, 3) for k, v in store_phases.seconds.items()},
+            "store_stats": {k: store.stats()[k] for k in ("hit_rate", "chunks_loaded", "dirty_chunks", "cache_bytes")},
+        }
+        if not args.no_commit:
+            steps_since_commit = args.warmup + timed_steps
+            t = time.perf_counter()
+            store.commit()
+            commit_s = time.perf_counter() - t
+            result["commit_s"] = round(commit_s, 2)
+            result["commit_ms_per_step_amortized"] = round(commit_s / steps_since_commit * 1e3, 3)
+        store.close()
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lmdb_embeddings as le  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 
 
 def run_epochs(get, put, commit, n: int, batch: int, epochs: int, seed: int = 0) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
 
     numpy_rate = run_epochs(lambda ids: table[ids], np_put, lambda: None, args.rows, args.batch, args.epochs)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("bench-core-epoch-") as tmp:  # removed on any exit, SIGTERM and Ctrl-C included
         path = os.path.join(tmp, "store")
         with le.EmbeddingStore.create(path, args.rows, args.dim, cache_mb=args.cache_mb) as store:
             store_rate = run_epochs(store.get, store.put, store.commit, args.rows, args.batch, args.epochs)

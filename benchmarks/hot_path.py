@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
 import lmdb_embeddings as le
 from lmdb_embeddings.core.inputs import as_ids, as_values, check_unique
+
+from .scratch import scratch_dir
 
 
 def best_us(fn, calls: int) -> float:
@@ -39,8 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
     n, dim, b, calls = args.rows, args.dim, args.batch, args.calls
-    work = tempfile.mkdtemp(prefix="bench-hot-")
-    try:
+    with scratch_dir("bench-hot-") as work:  # removed on any exit, SIGTERM and Ctrl-C included
         store = le.EmbeddingStore.create(os.path.join(work, "s"), n, dim)
         store.get(np.arange(n))
         rng = np.random.default_rng(0)
@@ -71,8 +70,6 @@ def main(argv=None) -> None:
             print(f"{'reader get([i])':28s} {best_us(lambda i: reader.get([picks[i]]), calls):8.2f} us")
             print(f"{'reader get(batch)':28s} {best_us(lambda i: reader.get(batches[i]), calls):8.2f} us")
         print(f"{'memmap mm[[i]]':28s} {best_us(lambda i: mm[[picks[i]]], calls):8.2f} us")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ prints pyinstrument's text report (setup and verification included, so read the
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 from . import worker
+from .scratch import scratch_dir
 from .workloads import suite
 
 
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
 
     (wl,) = [w for w in suite(args.suite) if w.name == args.workload]
     impl, options, cap = wl.runs[args.label]
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+    with scratch_dir("bench-profile-") as tmp:  # removed on any exit, SIGTERM and Ctrl-C included
         max_batches = cap if cap is not None else wl.max_batches
         spec = {"workload": wl.as_dict() | {"runs": {}, "max_batches": max_batches}, "impl": impl,
                 "options": options, "dir": tmp + "/t"}

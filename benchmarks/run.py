@@ -20,6 +20,7 @@ import time
 
 from . import report
 from .procstat import AnonSampler
+from .scratch import scratch_dir
 from .workloads import suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,10 @@ def run_child(argv: list[str], timeout: float) -> dict:
             proc.kill()
             out, err = proc.communicate()
             return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
+        except BaseException:  # SIGTERM or Ctrl-C here: the child goes too (its stores are being removed)
+            proc.kill()
+            proc.wait()
+            raise
     result = {"wall_s": time.perf_counter() - start, "peak_anon_mb": sampler.peak_kib / 1024}
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -81,19 +86,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out_dir = args.out or (RESULTS if args.suite == "full" else tempfile.mkdtemp(prefix="bench-out-"))
     os.makedirs(out_dir, exist_ok=True)
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-work-")
     only = set(args.only.split(",")) if args.only else None
     labels = set(args.labels.split(",")) if args.labels else None
     meta = {"suite": args.suite, "python": platform.python_version(), "cpus": os.cpu_count(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rounds": args.rounds,
             "commit": _git_commit()}
     results = []
-    try:
+    with scratch_dir("bench-work-", keep=args.workdir) as work:  # the stores: removed on any exit, SIGTERM too
         for round_ in range(args.rounds):
             results += _one_round(args, work, only, labels, round_)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     report.add_ratios(results)
     for r in results:
         r["meta"] = meta

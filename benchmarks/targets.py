@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,6 +35,7 @@ import numpy as np
 import lmdb_embeddings as le
 
 from .run import RESULTS, ROOT, _git_commit
+from .scratch import scratch_dir
 
 DIM = 128
 
@@ -217,9 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
-    work = tempfile.mkdtemp(prefix="bench-targets-")
     results = []
-    try:
+    with scratch_dir("bench-targets-") as work:  # removed on any exit, SIGTERM and Ctrl-C included
         for round_ in range(args.rounds):
             for name in names:
                 fn, rows, _, _ = TARGETS[name]
@@ -227,8 +225,6 @@ def main(argv=None) -> int:
                 res.update(target=name, round=round_, rows=args.rows or rows)
                 results.append(res)
                 print(f"[targets] round {round_} {name}: ratio {res['ratio']:.3f}", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     meta = {"commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rounds": args.rounds, "cpus": os.cpu_count()}
     os.makedirs(args.out, exist_ok=True)

@@ -11,23 +11,21 @@ RssAnon), with it the dirty pages are the file's own shared pages.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import lmdb
 import numpy as np
 
 from .procstat import status_kib
+from .scratch import scratch_dir
 
 VALUE_BYTES = 1024 * 128 * 4  # one default chunk (1024 rows x 128 float32)
 
 
 def probe(writemap: bool, total_mb: int) -> str:
-    path = tempfile.mkdtemp(prefix="writemap-probe-")
-    try:
+    with scratch_dir("writemap-probe-") as path:  # removed on any exit, SIGTERM and Ctrl-C included
         env = lmdb.open(path, map_size=(4 * total_mb << 20) + (256 << 20), sync=True, writemap=writemap,
                         meminit=False)
         value = np.random.default_rng(0).random(VALUE_BYTES // 4, dtype=np.float32).tobytes()
@@ -44,8 +42,6 @@ def probe(writemap: bool, total_mb: int) -> str:
         env.close()
         return (f"writemap={writemap}: {total_mb} MB in one write txn: RssAnon {before // 1024} MB before, "
                 f"{dirty // 1024} MB with the txn open; put {put_s:.2f} s, commit (write + fsync) {commit_s:.2f} s")
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 
@@ -35,18 +37,26 @@ def label_of(ids: torch.Tensor) -> torch.Tensor:
 
 
 def train_epoch(emb: StoreEmbedding, head: torch.nn.Module, opts: list, ids: np.ndarray, batch_size: int,
-                workers: int, seed: int) -> list[float]:
-    """One shuffled pass over ``ids``; returns the batch losses."""
+                workers: int, seed: int, progress_lines: int = 10) -> list[float]:
+    """One shuffled pass over ``ids``; returns the batch losses. Prints a progress line every
+    ``1/progress_lines`` of the epoch (a long epoch is never silent)."""
     loader = DataLoader(torch.from_numpy(ids), batch_size=batch_size, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=False)
     losses = []
-    for batch in loader:
+    every = max(1, len(loader) // progress_lines)
+    started = time.perf_counter()
+    for step, batch in enumerate(loader, 1):
         loss = torch.nn.functional.cross_entropy(head(emb(batch)), label_of(batch))
         loss.backward()
         for opt in opts:
             opt.step()
             opt.zero_grad()
         losses.append(loss.item())
+        if step % every == 0 and step < len(loader):
+            rows = min(step * batch_size, len(ids))
+            rate = rows / (time.perf_counter() - started)
+            print(f"  {step / len(loader):4.0%} of the epoch: {rows:,} rows, {rate:,.0f} rows/s, "
+                  f"batch loss {np.mean(losses[-every:]):.3f}", flush=True)
     return losses
 
 
@@ -119,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", action="store_true", help="keep the store directory afterwards")
     args = parser.parse_args(argv)
     owned = args.path is None
+    # SIGTERM (kill, a CI timeout) raises like Ctrl-C does, so the finally below removes the temporary store
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     path = args.path or os.path.join(tempfile.mkdtemp(prefix="lmdb_embeddings_demo_"), "store")
     try:
         return run(path, args.rows, args.dim, args.batch_size, args.workers, args.epochs)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 
 import numpy as np
@@ -26,10 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler  # noqa: E402
-from lmdb_embeddings.torch import SparseAdam, StoreEmbedding  # noqa: E402
+from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler
+from lmdb_embeddings.torch import SparseAdam, StoreEmbedding
 
 ATTR = "example."
 

@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -33,10 +32,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, StoreEmbedding  # noqa: E402
+import lmdb_embeddings as le
+from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, StoreEmbedding
 
 log = logging.getLogger("train_with_store")
 ATTR = "example."  # prefix of this script's store attrs
@@ -135,11 +132,11 @@ def train(args) -> dict:
             loss.backward()
             dense_opt.step()
             sparse_opt.step()
-            total += float(loss) * len(ids)
+            total += loss.item() * len(ids)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(ids)
             if args.log_every and step % args.log_every == 0:
-                print(f"epoch {epoch} step {step} loss {float(loss):.4f}", flush=True)
+                print(f"epoch {epoch} step {step} loss {loss.item():.4f}", flush=True)
             if args.sleep_per_step:
                 time.sleep(args.sleep_per_step)
         store.set_attr(ATTR + "head", _to_bytes(model.head.state_dict()))

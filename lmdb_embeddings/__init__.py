@@ -3,6 +3,7 @@
 The public surface, all importable from here (``import lmdb_embeddings as le``):
 
 * :class:`EmbeddingStore` and its :class:`StoreOptions`;
+* the typed dictionaries the API returns (:class:`StoreStats`, :class:`StoreInfo`, ...);
 * every error class (all derive from :class:`EmbeddingStoreError`);
 * the operations the CLI runs, as library functions: :func:`dump_store`,
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
@@ -21,7 +22,7 @@ the writer lock, fork), ``ops`` (dump/restore/verify/info/compact), ``cli``, ``c
 
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ClosedError,
@@ -31,6 +32,7 @@ from .errors import (
     FormatVersionError,
     InvalidInputError,
     InvalidTypeError,
+    MissingDependencyError,
     NotAStoreError,
     ReadOnlyError,
     StorageError,
@@ -44,9 +46,18 @@ from .format.dump_file import DumpFileError
 from .format.npy_dir import NpyInputError
 from .format.records import FORMAT_VERSION
 from .ops import compact_store, dump_store, restore_store, store_info, verify_store
+from .optional import import_needing
 from .options import StoreOptions
+from .results import CompactResult, DumpResult, RestoreResult, StoreInfo, StoreStats, VerifyReport
 from .store import EmbeddingStore
 from .version import __version__
+
+if TYPE_CHECKING:  # what type checkers see of the names imported on first use (below)
+    from .compat.cosir_files import CosirExportError, CosirImportError, export_cosir, import_cosir
+    from .compat.manager import TrainableEmbeddingManager
+    from .distributed.sampler import ShardedSampler
+    from .distributed.store import ShardedEmbeddingStore
+    from .torch.dataset import EmbeddingDataset
 
 # name -> module that defines it; these need torch, so they are imported on first use
 _LAZY = {
@@ -78,6 +89,7 @@ __all__ = [
     "FormatVersionError",
     "InvalidInputError",
     "InvalidTypeError",
+    "MissingDependencyError",
     "NotAStoreError",
     "NpyInputError",
     "ReadOnlyError",
@@ -95,14 +107,22 @@ __all__ = [
     "compact_store",
     "import_cosir",
     "export_cosir",
+    # what they return (TypedDicts)
+    "StoreStats",
+    "StoreInfo",
+    "VerifyReport",
+    "DumpResult",
+    "RestoreResult",
+    "CompactResult",
     "FORMAT_VERSION",
     "__version__",
 ]
 
 
-def __getattr__(name: str):
-    """The torch-dependent names, imported on first use (the core never imports torch)."""
+def __getattr__(name: str) -> Any:
+    """The torch-dependent names, imported on first use (the core never imports torch); without torch,
+    a :class:`MissingDependencyError` that says how to install it."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lmdb_embeddings' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    return getattr(import_needing(module, "torch", f"lmdb_embeddings.{name}"), name)

@@ -66,6 +66,10 @@ class UnknownIdError(EmbeddingStoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PositionError(EmbeddingStoreError, IndexError):
+    """A position (not a sample ID) is out of range, as indexing a tensor or a ``TensorDataset`` says."""
+
+
 class ReadOnlyError(EmbeddingStoreError, PermissionError):
     """A write was attempted on a read-only handle."""
 
@@ -93,3 +97,8 @@ class ProcessGroupError(EmbeddingStoreError):
 
 class ProcessGroupCommitError(CommitError, ProcessGroupError):
     """A sharded ``commit()`` whose process group failed; the message says which commit the store is at."""
+
+
+class MissingDependencyError(EmbeddingStoreError, ImportError):
+    """An optional dependency (torch for the tensor API, pytest for ``lmdb_embeddings.testing``) is not
+    installed; the message says what to install."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import numpy as np
@@ -31,11 +32,17 @@ from .errors import ClosedError, CommitError, EmbeddingStoreError, InvalidInputE
 from .format.builder import build_new_table
 from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
+from .ops.progress import bar
+from .optional import import_needing
 from .options import StoreOptions
 from .processes import fork
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 from .processes.writer_lock import WriterLock
+from .results import StoreStats
+
+if TYPE_CHECKING:  # the tensor API's types; torch itself is imported only when get_tensor is called
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +66,9 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path: str | os.PathLike, ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
+    def create(cls, path: str | os.PathLike[str], ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
                chunk_rows: int = 1024, init: str | ValuesLike = "normal", seed: int = 0, overwrite: bool = False,
-               **open_options) -> EmbeddingStore:
+               progress: bool = False, **open_options: Any) -> EmbeddingStore:
         """Build a new store at ``path`` and return a writable handle on it.
 
         The store is built in a hidden sibling directory and renamed into place only when
@@ -74,7 +81,7 @@ class EmbeddingStore:
             chunk_rows: row slots per chunk (one LMDB value each).
             init: ``"normal"``, ``"zeros"``, ``"uniform"``, ``"xavier"``, ``"kaiming"`` or an
                 array of shape (len(ids), dim). seed: same seed, same table.
-            overwrite: replace an existing store (refused while a writer holds it).
+            overwrite: replace an existing store (refused while a writer holds it). progress: a tqdm bar.
             open_options: see :class:`~lmdb_embeddings.StoreOptions`.
         Raises:
             FileExistsError: a store (or other files) exist at ``path`` and not ``overwrite``.
@@ -84,8 +91,9 @@ class EmbeddingStore:
         id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
         path = _as_path(path)
         check_replace_target(path, overwrite, "pass overwrite=True")
-        with StagedStore(path, "creating") as stage:
-            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values)
+        n = id_array if isinstance(id_array, int) else len(id_array)
+        with StagedStore(path, "creating") as stage, bar(n, "create", progress, unit="rows") as pbar:
+            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values, pbar.update)
             lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
             stage.swap_in(replace=bool(overwrite))
         store = cls.__new__(cls)
@@ -94,7 +102,7 @@ class EmbeddingStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, readonly: bool = False, **open_options) -> EmbeddingStore:
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, **open_options: Any) -> EmbeddingStore:
         """Open an existing store.
 
         Raises:
@@ -219,6 +227,13 @@ class EmbeddingStore:
         with self._mutex:
             return self._caught_up().commit
 
+    @property
+    def uuid(self) -> str | None:
+        """The table's identity: a new one at each ``create`` and ``restore``, kept by ``compact``
+        (None for a store written before the format recorded it)."""
+        with self._mutex:
+            return self._active().config.get("store_uuid")
+
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("read-only" if self._readonly else "writable")
         return f"EmbeddingStore({self._path!r}, {mode})"
@@ -235,8 +250,9 @@ class EmbeddingStore:
         """
         return self._gather(MAIN, ids)
 
-    def get_tensor(self, ids: IdsLike, device=None):
-        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory)."""
+    def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
+        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory);
+        without torch, ``MissingDependencyError`` (an ``ImportError``) says how to install it."""
         return as_tensor(self.get(ids), device)
 
     def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
@@ -368,7 +384,11 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Commit pending changes (writable handle), then release the handle. Idempotent."""
+        """Commit pending changes (writable handle), then release the handle. Idempotent.
+
+        A close whose commit fails (``CommitError``: a full disk) changes nothing: the handle
+        stays open with its changes, and the same ``close()`` can be called again.
+        """
         with self._mutex:
             if self._closed:
                 return
@@ -404,13 +424,13 @@ class EmbeddingStore:
             pass
 
     # ----------------------------------------------------------------------- stats
-    def stats(self) -> dict:
-        """Cache and commit counters of this handle, and the process's anonymous memory (``anon_bytes``)."""
+    def stats(self) -> StoreStats:
+        """This handle's cache and commit counters and the process's RssAnon: a :class:`StoreStats`."""
         with self._mutex:
             session = self._active()
             table = session.table
             caches = [c.cache for c in table.columns.values()]
-            out = self._stats.as_dict()
+            out: dict[str, Any] = self._stats.as_dict()
             l1, l2 = table.tier_bytes()
             out.update(
                 commits=session.commits,
@@ -426,7 +446,7 @@ class EmbeddingStore:
                 last_commit_time=table.committed_at,
                 anon_bytes=rss_anon_bytes(),  # the whole process's RssAnon: cache + interpreter + yours
             )
-            return out
+            return cast(StoreStats, out)
 
 
 # ------------------------------------------------------ writes: all or nothing
@@ -490,9 +510,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------- helpers
-def as_tensor(rows: np.ndarray, device=None):
+def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
     """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
-    import torch  # the tensor API is the only part of the store that needs torch
+    torch = import_needing("torch", "torch", "get_tensor")  # the only part of the store that needs torch
 
     tensor = torch.from_numpy(rows)
     if device is None:

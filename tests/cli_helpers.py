@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
 import numpy as np
-from conftest import run_cli
+from conftest import ROOT, run_cli, subprocess_env
 
 import lmdb_embeddings as le
 
@@ -17,6 +25,27 @@ def assert_one_line_error(proc, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def stderr_on_tty(*args: str) -> str:
+    """Run the CLI with its stderr on a terminal (100 columns wide); what it wrote there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.run([sys.executable, "-m", "lmdb_embeddings", *args], stdout=subprocess.PIPE,
+                          stderr=slave, env=subprocess_env(), cwd=ROOT, timeout=120)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
 
 
 def ok(*args: str, timeout: float = 120):

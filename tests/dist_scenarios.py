@@ -343,6 +343,46 @@ def _compare_tables(store, single, opt, initial: np.ndarray) -> dict:
             "attrs_equal": store.attrs == single.attrs}
 
 
+def habits(rank: int, world: int, workdir: str) -> dict:
+    """nn.Embedding's habits on a sharded store: zero_grad through a parent, padding_idx, freezing,
+    checkpoints of the module and the optimizer; what cannot work there is refused on every rank."""
+    target = torch.linspace(-1.0, 1.0, DIM)
+    padding = int(GLOBAL_IDS[0])
+    store = ShardedEmbeddingStore.create(os.path.join(workdir, "habits"), GLOBAL_IDS, DIM, chunk_rows=CR, seed=5,
+                                         cache_mb=8)
+    single = _single(workdir, rank, "habits", seed=5)
+    initial = single.get(GLOBAL_IDS)
+    initial_padding = single.get([padding])
+    models = [torch.nn.Sequential(StoreEmbedding(s, padding_idx=padding)) for s in (store, single)]
+    opts = [SparseAdam(m[0], lr=0.05) for m in models]
+    batches = [[padding, *_batch(r, 20, world)] for r in range(world)]
+
+    def loss(model, ids) -> torch.Tensor:
+        return ((model(torch.tensor(ids, dtype=torch.int64)) - target) ** 2).sum()
+
+    for model, opt, mine in ((models[0], opts[0], [batches[rank]]), (models[1], opts[1], batches)):
+        sum(loss(model, b) for b in mine).backward()
+        model.zero_grad()  # through the parent: this backward is dropped
+        sum(loss(model, b) for b in mine).backward()
+        opt.step()
+    out = _compare_tables(store, single, opts[0], initial)
+    out["padding_unchanged"] = _same(store.get([padding]), initial_padding) and _same(single.get([padding]),
+                                                                                     initial_padding)
+    models[0].requires_grad_(False)
+    out["frozen_output_requires_grad"] = bool(models[0](torch.tensor(batches[rank])).requires_grad)
+    state = models[0].state_dict()
+    out["state_uuid_is_the_token"] = state["0._extra_state"]["uuid"] == store.uuid
+    models[0].load_state_dict(state)
+    opt_state = opts[0].state_dict()
+    opts[0].load_state_dict(opt_state)
+    out["opt_state_step"] = opt_state["step"]
+    out["max_norm"] = _outcome(lambda: StoreEmbedding(store, max_norm=1.0))
+    out["deepcopy"] = _outcome(lambda: __import__("copy").deepcopy(models[0]))
+    store.close()
+    single.close()
+    return out
+
+
 # --------------------------------------------------------------------------- commit loop
 def commit_loop(rank: int, world: int, workdir: str, path: str, min_commit: int, rows: int, rounds: int) -> dict:
     """Create (first run) or open (recovering) the store, check it holds ONE round, then commit rounds.
@@ -423,7 +463,8 @@ def writer_and_readers(rank: int, world: int, workdir: str, rows: int = 2000, re
 
 def suite(rank: int, world: int, workdir: str, optimizers: list, two_groups: bool) -> dict:
     """Everything one launch checks (one process start per rank for all of it: CI time)."""
-    out = {"contract": contract(rank, world, workdir), "training": training(rank, world, workdir, optimizers)}
+    out = {"contract": contract(rank, world, workdir), "training": training(rank, world, workdir, optimizers),
+           "habits": habits(rank, world, workdir)}
     if two_groups:
         out["two_groups"] = writer_and_readers(rank, world, workdir)
     return out

@@ -59,7 +59,7 @@ def test_truncation_at_random_offsets_is_detected(tmp_path, dump_10k):
     for offset, (case, proc) in zip(offsets, results, strict=True):
         line = _check_failed_cleanly(case, proc)
         assert "truncated" in line or "only" in line, (offset, line)
-        assert proc.returncode == 2
+        assert proc.returncode == 1
 
 
 def test_single_byte_flips_are_detected(tmp_path, dump_10k):
@@ -100,5 +100,5 @@ def test_missing_inputs_and_paths_are_one_line_errors(tmp_path):
                  ("info", str(tmp_path)), ("verify", "--json", str(tmp_path))):
         proc = run_cli(*args)
         assert_one_line_error(proc)
-        assert proc.returncode == 2, args
+        assert proc.returncode == 1, args
     assert os.listdir(tmp_path) == []

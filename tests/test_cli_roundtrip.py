@@ -90,7 +90,7 @@ def test_restore_refuses_existing_store_and_force_replaces_it(tmp_path):
     try:
         proc = run_cli("restore", dump, b, "--force")
         assert_one_line_error(proc, f"pid {os.getpid()}")
-        assert proc.returncode == 2
+        assert proc.returncode == 1
     finally:
         writer.close()
     assert_same_store(before, read_store(b))

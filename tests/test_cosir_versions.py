@@ -18,8 +18,7 @@ Eras (upstream blob, first commit):
   2026-04-28  76705dc (fec794f): template_config.json + TemplateIncompatibleError
 
 Where the upstream scripts open a second manager on a directory whose first manager is still open,
-these replays close the first one: the spec requires that a second writer in the same process
-raises (see the research notes for the conflict with issue 13 item 6).
+so do these replays: managers of one process share one store (issue 21; tests/test_manager_sharing.py).
 """
 
 from __future__ import annotations
@@ -720,11 +719,14 @@ def test_upstream_feature_embedding_script_sequence(tmp_path):
     phase1 = base / "phase1_save"
     em._copy_to(phase1)
     _, original = em.get_all_embeddings()
-    em.close()
-    reload = le.TrainableEmbeddingManager(sample_ids=sample_ids, embedding_dim=DIM,
+    reload = le.TrainableEmbeddingManager(sample_ids=sample_ids, embedding_dim=DIM,  # 2d: `em` is still open
                                           embeddings_dir=str(base / "roundtrip"), mode="ram")
     assert torch.equal(reload.get_embeddings(batch_ids).detach(), -new)
+    em.update_embeddings(batch_ids, new)  # section 3 trains through `em`: `reload` sees it
+    assert torch.equal(reload.get_embeddings(batch_ids).detach(), new)
+    em.update_embeddings(batch_ids, -new)
     reload.close()
+    em.close()
     mm = le.TrainableEmbeddingManager(sample_ids=sample_ids, embedding_dim=DIM, embeddings_dir=str(base / "mmap"),
                                       mode="mmap")
     mm.update_embeddings(batch_ids, new)

@@ -32,6 +32,18 @@ def test_sharded_training_equals_the_single_store_run(dist_suite):
     assert sum(r[optimizers[0]]["remote_lookups"] for r in training) > 0  # gradients did travel to owners
 
 
+def test_store_embedding_habits_hold_on_a_sharded_store(dist_suite):
+    """zero_grad through a parent drops a backward, padding_idx is never written, freezing, checkpoints of the
+    module (its uuid is the shards' token) and the optimizer; max_norm and deepcopy are refused on every rank."""
+    _, results, _ = dist_suite
+    for rank, r in enumerate(r["habits"] for r in results):
+        assert r["trained"] and r["rows_close"] and r["state_close"] and r["attrs_equal"], (rank, r)
+        assert r["padding_unchanged"] and not r["frozen_output_requires_grad"], (rank, r)
+        assert r["state_uuid_is_the_token"] and r["opt_state_step"] == 1, (rank, r)
+        assert r["max_norm"] == "InvalidInputError|ValueError|ESE", (rank, r)
+        assert r["deepcopy"] == "InvalidTypeError|TypeError|ESE", (rank, r)
+
+
 def test_the_example_runs_under_torchrun(tmp_path):
     path = str(tmp_path / "sharded")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", EXAMPLE,

@@ -284,12 +284,16 @@ def test_unknown_and_repeated_ids(tmp_path):
     m.close()
 
 
-def test_second_manager_on_an_open_dir_says_close_the_first(tmp_path):
+def test_a_plain_writable_handle_in_this_process_refuses_a_manager(tmp_path):
+    """Managers on one directory share their store (tests/test_manager_sharing.py); a plain writer does not."""
     first = make(tmp_path)
-    with pytest.raises(le.EmbeddingStoreError, match="close"):
-        make(tmp_path)
+    path = first.store_path
     first.close()
-    second = make(tmp_path)  # fine once the first is closed
+    with le.EmbeddingStore.open(path):
+        with pytest.raises(le.WriterLockedError, match="EmbeddingStore handle") as info:
+            make(tmp_path)
+        assert info.value.holder_pid == os.getpid()
+    second = make(tmp_path)  # fine once the writer is closed
     del second  # dropped without close(): an unreachable manager does not block the next one
     third = make(tmp_path)
     third.close()
@@ -322,6 +326,30 @@ def test_resume_adds_new_ids_and_checks_dim(tmp_path):
         make(tmp_path, embedding_dim=DIM + 1)
 
 
+def kill_9_once(code: str, *args: str, ready, pause: float = 0.0) -> list[str]:
+    """Run ``code`` in a child until ``ready(lines printed so far)``, wait ``pause`` s, kill -9 it; all its lines."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env(), cwd=ROOT)
+    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the readline below
+    watchdog.start()
+    try:
+        lines: list[str] = []
+        while not ready(lines):
+            line = proc.stdout.readline()
+            assert line, f"child ended early: {proc.stderr.read()}"
+            lines.append(line.strip())
+        threading.Event().wait(pause)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return lines + proc.stdout.read().split("\n")
+
+
 def test_resume_after_kill_9_between_two_syncs(tmp_path):
     emb = str(tmp_path / "emb")
     child = textwrap.dedent(f"""
@@ -335,24 +363,7 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
         print("READY", flush=True)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=subprocess_env(), cwd=ROOT)
-    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the readline below
-    watchdog.start()
-    try:
-        lines = []
-        while "READY" not in lines:
-            line = proc.stdout.readline()
-            assert line, f"child ended early: {proc.stderr.read()}"
-            lines.append(line.strip())
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_once(child, ready=lambda lines: "READY" in lines)
     m = make(tmp_path)
     for step in range(4):  # updates 1-4 were committed by the two auto-syncs
         assert torch.all(m.get_embeddings([step * 7, step * 7 + 1]) == float(step + 1))

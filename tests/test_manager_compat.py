@@ -70,14 +70,14 @@ def test_export_cosir_replaces_only_cosir_files(tmp_path):
     out = tmp_path / "out"
     assert le.export_cosir(m.store_path, out)["files"] == 5
     again = run_cli("export-cosir", m.store_path, str(out))
-    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
     (out / "embeddings_chunk_9.pt").write_bytes(b"stale")  # a leftover of a bigger table
     assert run_cli("export-cosir", "--force", m.store_path, str(out)).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [f"embeddings_chunk_{k}.pt" for k in range(5)]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     refused = run_cli("export-cosir", "--force", m.store_path, str(tmp_path / "other"))
-    assert refused.returncode == 2 and "notes.txt" in refused.stderr
+    assert refused.returncode == 1 and "notes.txt" in refused.stderr
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
     with pytest.raises(le.CosirExportError):
         le.export_cosir(m.store_path, os.path.join(m.store_path, "inside"))

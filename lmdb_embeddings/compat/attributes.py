@@ -124,7 +124,8 @@ class UpstreamAttributes:
                        "the store's caches are configured when the manager is created",
                        "The 2025-09 ``MultiTierCache`` calls: ``get_cache_info()``, ``adaptive_eviction()``.")
     store = _read_only("store", lambda self: self._table.store, "create a new manager on another embeddings_dir",
-                       "The underlying :class:`EmbeddingStore` (writable handle).")
+                       "The underlying :class:`EmbeddingStore` (writable handle, shared by every manager of this "
+                       "process on the same directory: close the managers, not it).")
     store_path = _read_only("store_path", lambda self: self._table.store.path,
                             "create a new manager on another embeddings_dir", "The store's directory.")
     num_chunks = _read_only("num_chunks", lambda self: self._table.n_chunks, "it follows chunk_size",

@@ -1,15 +1,17 @@
-"""What a manager holds: one writable store, the row order its caller sees, the memory-mode Parameter, the counters.
+"""What a manager holds: its place on the shared store, the row order its caller sees, the memory-mode Parameter.
 
-It never refers back to the manager, so the manager's ``weakref.finalize`` can close it when
-the manager is garbage-collected or the interpreter exits normally: pending updates are
-committed when ``auto_sync`` is on and discarded (logged) when it is off. A crash loses only
-what was not committed.
+The store is shared by every manager of this process on the same directory
+(:mod:`~lmdb_embeddings.compat.sharing`), which also keeps the counters of what is pending.
+A table never refers back to its manager, so the manager's ``weakref.finalize`` can release
+it when the manager is garbage-collected or the interpreter exits normally: pending updates
+are committed when ``auto_sync`` is on and discarded (logged) when it is off. A crash loses
+only what was not committed.
 
 Memory mode (``storage_mode="memory"`` / ``mode="ram"``) keeps the rows in one
 ``nn.Parameter`` on ``device`` (what upstream callers index and hand to their optimizer);
-every update goes to the Parameter and to the store; writes made straight into the
-Parameter (``embeddings.data[...] = ...``, an optimizer step) reach the store at the next
-full sync (:meth:`ManagedTable.reconcile`).
+every update goes to the Parameter and to the store (and into the other managers'
+Parameters); writes made straight into the Parameter (``embeddings.data[...] = ...``, an
+optimizer step) reach the store at the next full sync (:meth:`ManagedTable.reconcile`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..core.ids import IdIndex
 from ..core.inputs import as_ids, as_values, is_tensor
 from ..errors import ClosedError, InvalidInputError, UnknownIdError
 from ..store import EmbeddingStore
+from . import sharing
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,10 @@ class UnknownSampleError(UnknownIdError, ValueError):
 class ManagedTable:
     """The rows of one manager: ``view_ids`` is the order the caller sees, ``store_ids`` the store's row order."""
 
-    def __init__(self, store: EmbeddingStore, view_ids: np.ndarray | None, *, device, memory: bool,
-                 auto_sync: bool, sync_batch_size: int, cache_options: dict):
-        self.store = store
-        self.cache_options = cache_options
+    def __init__(self, share, view_ids: np.ndarray | None, *, device, memory: bool, auto_sync: bool,
+                 sync_batch_size: int):
+        self.share = share
+        store = share.store
         self.chunk_rows, self.dim, self.dtype = store.chunk_rows, store.dim, store.dtype
         self.store_ids = store.ids
         self.store_index = IdIndex(self.store_ids)
@@ -55,12 +58,35 @@ class ManagedTable:
         self.auto_sync = auto_sync
         self.sync_batch_size = sync_batch_size
         self.updates_since_sync = 0
-        self.pending_rows = 0
-        self.sync_operations = 0
-        self.dirty: set[int] = set()
         self.closed = False
         self._pid = os.getpid()
-        self.param = nn.Parameter(self._read_view()) if memory else None
+        self.param = None
+        if memory:  # managers with the same rows in the same order on the same device share one Parameter
+            self.param = share.matching_param(self.view_ids, self.device)
+            if self.param is None:
+                self.param = nn.Parameter(self._read_view())
+
+    # ------------------------------------------------------ the shared store
+    @property
+    def store(self) -> EmbeddingStore:
+        return self.share.store
+
+    @property
+    def cache_options(self) -> dict:
+        return self.share.cache_options
+
+    @property
+    def dirty(self) -> set[int]:
+        """Store chunks changed (through any manager on the store) since the last commit."""
+        return self.share.dirty
+
+    @property
+    def pending_rows(self) -> int:
+        return self.share.pending_rows
+
+    @property
+    def sync_operations(self) -> int:
+        return self.share.sync_operations
 
     # ----------------------------------------------------------------- layout
     @property
@@ -150,7 +176,7 @@ class ManagedTable:
         self.note_update()
 
     def write(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Write checked rows (store dtype, unique ids) to the store and, in memory mode, to the Parameter."""
+        """Write checked rows (store dtype, unique ids) to the store and to every manager's Parameter."""
         try:
             slots = self.store_index.slots(ids)
         except UnknownIdError as exc:
@@ -159,11 +185,19 @@ class ManagedTable:
         if self.param is not None:
             positions = slots if self.view_index is self.store_index else self.view_index.slots(ids)
             self.param.data[self._index(positions)] = torch.tensor(rows, device=self.device)
-        self.dirty.update(np.unique(slots // self.chunk_rows).tolist())
-        self.pending_rows += len(ids)
+        self.share.wrote(self, ids, rows, slots)
+
+    def mirror(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows another manager wrote into the store: into this Parameter too (ids not held here are skipped)."""
+        positions, found = self.view_index.find(ids)
+        if not found.all():
+            positions, rows = positions[found], rows[found]
+        if len(positions):
+            self.param.data[self._index(positions)] = torch.tensor(rows, device=self.device)
 
     def note_update(self) -> None:
         self.updates_since_sync += 1
+        self.share.updates += 1
         if self.auto_sync and self.updates_since_sync >= max(1, self.sync_batch_size):
             self.commit()
 
@@ -176,7 +210,7 @@ class ManagedTable:
         """
         self._check_open()
         self.reconcile()
-        clean = self.updates_since_sync == 0 and not self.dirty
+        clean = self.share.updates == 0 and not self.share.dirty
         try:
             yield
         except BaseException:
@@ -194,6 +228,12 @@ class ManagedTable:
         if self.param is None:
             return 0
         self._check_open()
+        return self.reconcile_rows()
+
+    def reconcile_rows(self) -> int:
+        """:meth:`reconcile` without the open check (the finalizer's last commit uses it too)."""
+        if self.param is None:
+            return 0
         data = self.param.detach()
         if not bool(torch.isfinite(data).all()):
             raise InvalidInputError("manager.embeddings holds NaN or inf values; they cannot be saved (nothing was "
@@ -205,78 +245,59 @@ class ManagedTable:
             current = data[lo:hi].cpu().numpy()
             changed = (current.view(as_bits) != self.store.get(ids).view(as_bits)).any(1)
             if changed.any():
-                self.store.put(ids[changed], current[changed])
-                self.dirty.update(np.unique(self.store_index.slots(ids[changed]) // self.chunk_rows).tolist())
-                written += int(changed.sum())
-        self.pending_rows += written
+                ids, rows = ids[changed], current[changed]
+                self.store.put(ids, rows)
+                self.share.wrote(self, ids, rows, self.store_index.slots(ids))
+                written += len(ids)
         return written
 
     def commit(self, full: bool = False) -> None:
-        """One store commit of every update so far (``full``: also what was written into the Parameter)."""
+        """One store commit of everything pending through every manager on the store (``full``: also what was
+        written into their Parameters)."""
         self._check_open()
-        written = self.reconcile() if full else 0
-        changed = self.updates_since_sync > 0 or written > 0
-        self.store.commit()
-        if changed:
-            self.sync_operations += 1
-        self._synced()
+        self.share.commit(full)
 
     def rollback(self) -> None:
-        """Forget every uncommitted change (memory mode: the Parameter is reloaded in place)."""
-        self.store.rollback()
-        self._synced()
-        if self.param is not None:
-            self.param.data.copy_(self._read_view())
+        """Forget every uncommitted change of every manager on the store (Parameters are reloaded in place)."""
+        self.share.rollback()
 
-    def _synced(self) -> None:
-        self.updates_since_sync = 0
-        self.pending_rows = 0
-        self.dirty.clear()
+    def reload(self) -> None:
+        """The Parameter, reloaded in place from the store."""
+        self.param.data.copy_(self._read_view())
 
-    def replace_store(self, store: EmbeddingStore) -> None:
-        """Continue on ``store``, a copy of the committed table (``save_final_embeddings``)."""
-        self.store.close()
-        self.store = store
+    def own_param(self) -> None:
+        """Stop sharing the Parameter: this table gets its own copy."""
+        self.param = nn.Parameter(self.param.detach().clone())
+
+    def replace_store(self, target: str) -> None:
+        """Continue on the store at ``target``, a copy of the committed table (``save_final_embeddings``)."""
+        sharing.move(self, target)
 
     # -------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:
         if self.closed:
             raise ClosedError("this TrainableEmbeddingManager was closed; create a new one on its embeddings_dir")
 
-    def close(self) -> None:
-        """Commit pending changes (``auto_sync`` on) or discard them (off), then release the store."""
+    def close(self, discard: bool = False) -> None:
+        """Commit pending changes (``auto_sync`` on) or leave them (off; discarded with the last manager on the
+        store, or with ``discard``), then release the store. A failed commit raises and changes nothing."""
         if self.closed:
             return
         if self._pid != os.getpid():  # a forked child never touches its parent's store
             self.closed = True
             return
-        try:
-            if self.auto_sync:
-                if self.reconcile() or self.updates_since_sync:
-                    self.commit()
-            elif self.updates_since_sync:
-                log.warning("discarding %d uncommitted updates of %s (auto_sync is off; call force_sync_all_chunks() "
-                         "to keep them)", self.updates_since_sync, self.store.path)
-                self.store.rollback()
-        finally:
-            self.closed = True
-            self.store.close()
+        sharing.release(self, discard)
 
 
 def close_unreachable(table: ManagedTable) -> None:
     """``weakref.finalize`` callback of a manager that was garbage-collected or alive at interpreter exit."""
-    if table.closed:
+    if table.closed or table._pid != os.getpid():
         return
-    pending = table.updates_since_sync
     try:
-        table.close()
+        sharing.release_unreachable(table)
     except Exception:  # nothing can be raised to anyone from a finalizer: say it
-        log.exception("could not commit and close %s of a TrainableEmbeddingManager that was not closed",
+        log.exception("could not release the store %s of a TrainableEmbeddingManager that was not closed",
                       table.store.path)
-        return
-    if pending and table.auto_sync:
-        log.info("committed %d pending updates of a TrainableEmbeddingManager that was not closed (%s)", pending,
-                 table.store.path)
 
 
 def last_wins(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,21 +24,22 @@ import logging
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.init import INIT_KINDS
-from ..core.inputs import as_ids, as_positive_int
+from ..core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
 from ..errors import InvalidInputError
 from ..store import EmbeddingStore
-from . import cosir_init, manager_args
+from . import cosir_init, manager_args, sharing
 from .attributes import UpstreamAttributes
 from .backing import ManagedTable, UnknownSampleError, close_unreachable
 from .cosir_files import export_cosir
 from .reports import cache_performance, disk_usage
 from .statistics import embedding_statistics
-from .table_dir import check_new_table_strategy, copy_committed_store, existing_table, open_table, store_path_in
+from .table_dir import check_new_table_strategy, copy_committed_store, existing_table, store_path_in
 from .templates import check_template_config, load_rows, store_template, template_dir, write_memmap_dir
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,20 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         enable_l3_cache: accepted; the OS page cache under LMDB's memory map is the third tier.
         seed: extension: seed of the initial values.
 
-    ``close()`` (or leaving a ``with`` block, or the manager being garbage-collected, or the
-    interpreter exiting normally) commits pending updates when ``auto_sync`` is on and
-    discards them when it is off. Nothing is printed; messages go through ``logging``.
+        mode: ``"ram"`` or ``"mmap"``: a memmap-style call (2026-04 on), whose defaults are
+            ``initialization_strategy="zeros"``, ``device="cpu"``, ``storage_mode=None``; its
+            third positional argument is ``embeddings_dir``.
+
+    Managers of one process on one ``embeddings_dir`` share one writable store
+    (:mod:`~lmdb_embeddings.compat.sharing`): each sees the others' rows, uncommitted ones
+    included, and a sync through any of them commits everything pending. ``close()`` (or
+    leaving a ``with`` block, or the manager being garbage-collected, or the interpreter
+    exiting normally) commits pending updates when ``auto_sync`` is on; when it is off they
+    are discarded with the last manager on the store. Nothing is printed; messages go
+    through ``logging``.
     """
 
-    def __init__(self, sample_ids, embedding_dim, *args, **kwargs):
+    def __init__(self, sample_ids: IdsLike, embedding_dim: int, *args: Any, **kwargs: Any) -> None:
         a = manager_args.parse(sample_ids, embedding_dim, args, kwargs)
         directory = a.embeddings_dir
         found = existing_table(directory) if directory is not None else None
@@ -96,15 +105,14 @@ class TrainableEmbeddingManager(UpstreamAttributes):
             directory = Path(tempfile.mkdtemp(prefix="embeddings_"))
         directory.mkdir(parents=True, exist_ok=True)
         self._seed = a.seed if a.seed is not None else torch.initial_seed() % (1 << 63)
-        store, options = open_table(directory, found, a, self._seed)
-        try:
-            view = _caller_view(a.ids, store) if a.caller_order else None
-            self._table = ManagedTable(store, view, device=a.device, memory=a.memory, auto_sync=a.auto_sync,
-                                       sync_batch_size=a.sync_batch_size, cache_options=options)
-        except BaseException:
-            store.rollback()
-            store.close()
-            raise
+
+        def build(share) -> ManagedTable:
+            view = _caller_view(a.ids, share.store) if a.caller_order else None
+            return ManagedTable(share, view, device=a.device, memory=a.memory, auto_sync=a.auto_sync,
+                                sync_batch_size=a.sync_batch_size)
+
+        self._table = sharing.open_managed(directory, found, a, self._seed, build)
+        store = self._table.store
         self._finalizer = weakref.finalize(self, close_unreachable, self._table)
         self._embedding_dim, self._device, self._storage_mode = a.embedding_dim, a.device, a.storage_mode
         self._enable_l3_cache = a.enable_l3_cache
@@ -116,15 +124,17 @@ class TrainableEmbeddingManager(UpstreamAttributes):
                  "(every %d updates)", store.path, len(self._table.view_ids), a.embedding_dim, store.chunk_rows,
                  a.storage_mode, "caller's" if a.caller_order else "sorted", a.auto_sync, a.sync_batch_size)
 
+    __init__.__signature__ = manager_args.init_signature()
+
     def __len__(self) -> int:
         return len(self._table.view_ids)
 
     # ------------------------------------------------------------- rows by id
-    def get_embeddings(self, sample_ids) -> torch.Tensor:
+    def get_embeddings(self, sample_ids: IdsLike) -> torch.Tensor:
         """Rows of ``sample_ids`` (in order) on ``device``; memory mode: autograd-linked rows of ``embeddings``."""
         return self._table.get(sample_ids)
 
-    def update_embeddings(self, sample_ids, new_embeddings) -> None:
+    def update_embeddings(self, sample_ids: IdsLike, new_embeddings: ValuesLike) -> None:
         """Overwrite rows (any float dtype, any device; a repeated ID keeps its last row)."""
         self._table.put(sample_ids, new_embeddings)
 
@@ -218,7 +228,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
             new_dir.mkdir(parents=True, exist_ok=True)
             target = store_path_in(new_dir)
             copy_committed_store(self.store_path, target)
-            self._table.replace_store(EmbeddingStore.open(target, **self._table.cache_options))
+            self._table.replace_store(target)
             self._embeddings_dir = new_dir
         log.info("final embeddings saved to %s (%s)", new_dir, format)
 
@@ -289,17 +299,21 @@ class TrainableEmbeddingManager(UpstreamAttributes):
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Release the store. Pending updates are committed if ``auto_sync`` is on, else discarded."""
-        self._finalizer.detach()
+        """Release the store; with ``auto_sync`` on, commit everything pending first.
+
+        With ``auto_sync`` off the updates not synced are discarded when this is the last manager
+        on the store, and left to the others otherwise. A close whose commit fails (a full disk)
+        raises and changes nothing: the manager stays usable and ``close()`` can be called again.
+        """
         self._table.close()
+        self._finalizer.detach()
 
     def __enter__(self) -> TrainableEmbeddingManager:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self._table.closed:
-            self._table.rollback()
-        self.close()
+        self._table.close(discard=exc_type is not None)  # an exception: nothing is committed
+        self._finalizer.detach()
 
     def __repr__(self) -> str:
         state = "closed" if self._table.closed else f"{len(self)} x {self._embedding_dim}"

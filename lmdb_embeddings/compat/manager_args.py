@@ -55,6 +55,17 @@ def _memmap_style(sample_ids, embedding_dim, embeddings_dir=None, mode="ram", in
 _SIGNATURES = {"chunk": inspect.signature(_chunk_style), "memmap": inspect.signature(_memmap_style)}
 
 
+def init_signature() -> inspect.Signature:
+    """What ``inspect.signature`` and ``help()`` show for the constructor: the chunk-style keywords with their
+    defaults (the SPEC's list), then ``mode`` (a memmap-style call) and ``seed``, keyword-only."""
+    chunk = _SIGNATURES["chunk"]
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [p for p in chunk.parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    params.append(inspect.Parameter("mode", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params += [p for p in chunk.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return chunk.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+
 @dataclass(frozen=True)
 class ManagerArgs:
     """The constructor's arguments, checked, with the defaults of the signature the call used."""

@@ -106,20 +106,18 @@ def _open_existing(path: str, directory: Path, args: ManagerArgs) -> tuple[Embed
         missing = args.ids[~np.isin(args.ids, probe.ids)]
     finally:
         probe.close()
-    if dim != args.embedding_dim:
-        raise InvalidInputError(f"the store at {path} holds rows of dim {dim}, not embedding_dim="
-                                f"{args.embedding_dim}; pass embedding_dim={dim} or use another embeddings_dir")
+    check_dim(path, dim, args.embedding_dim)
     if args.chunk_size is not None and args.chunk_size != chunk_rows:
         log.info("%s keeps its chunk size %d (chunk_size=%d ignored)", path, chunk_rows, args.chunk_size)
     options = cache_options(args, rows + len(missing), chunk_rows, itemsize)
     try:
         store = EmbeddingStore.open(path, **options)
     except WriterLockedError as exc:
-        if exc.holder_pid == os.getpid():
+        if exc.holder_pid == os.getpid():  # managers share one store; a plain writable handle does not
             raise WriterLockedError(
-                f"{directory} is still open in this process (another TrainableEmbeddingManager or EmbeddingStore "
-                "writer): call close() on the first manager (or use it in a `with` block) before creating a second "
-                "one on the same embeddings_dir", holder_pid=exc.holder_pid) from None
+                f"{path} is open for writing in this process (pid {exc.holder_pid}) by an EmbeddingStore handle: "
+                f"close it before creating a TrainableEmbeddingManager on {directory} (managers on one directory "
+                "share their store; a plain writable handle cannot)", holder_pid=exc.holder_pid) from None
         raise
     if len(missing):
         log.info("adding %d sample ids that %s did not hold yet", len(missing), path)
@@ -134,6 +132,12 @@ def _open_existing(path: str, directory: Path, args: ManagerArgs) -> tuple[Embed
     if extra > 0:
         log.info("%s holds %d sample ids beyond those passed; they are kept and managed too", path, extra)
     return store, options
+
+
+def check_dim(path: str, dim: int, embedding_dim: int) -> None:
+    if dim != embedding_dim:
+        raise InvalidInputError(f"the store at {path} holds rows of dim {dim}, not embedding_dim={embedding_dim}; "
+                                f"pass embedding_dim={dim} or use another embeddings_dir")
 
 
 def copy_committed_store(src: str, target: str) -> None:

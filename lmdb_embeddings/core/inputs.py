@@ -26,7 +26,7 @@ def is_tensor(obj) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
 
 
-def to_numpy(obj):
+def to_numpy(obj: Any) -> Any:
     if is_tensor(obj):
         tensor = obj.detach().cpu()
         try:

@@ -182,6 +182,10 @@ class ShardedEmbeddingStore:
         return self._readonly
 
     @property
+    def uuid(self) -> str:  # the table's identity: its shards' token, new at each create and restore
+        return self._manifest.token
+
+    @property
     def local(self) -> EmbeddingStore:
         """This rank's shard: an ``EmbeddingStore`` holding the rows this rank owns.
 

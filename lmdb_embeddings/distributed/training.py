@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..torch.embedding import RowGradients
+from ..torch.gradients import RowGradients
 from .collective import attempt
 from .exchange import Exchange
 from .shard import Shard

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import lmdb
 import numpy as np
@@ -140,24 +141,25 @@ class StoreBuilder:
 
 
 def build_new_table(directory: str, ids: np.ndarray | int, dim: int, dtype: np.dtype, chunk_rows: int, spec: dict,
-                    seed: int, values: np.ndarray | None) -> None:
+                    seed: int, values: np.ndarray | None, on_chunk: Callable[[int], None] | None = None) -> None:
     """Write ``create``'s new store into the (empty) ``directory``, one chunk at a time.
 
     ``ids``: the IDs in row order, or an int N for 0..N-1 (made a chunk at a time). The
     initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
     ``values`` (row i of ``ids[i]``), so memory stays bounded whatever the table size.
+    ``on_chunk(rows)`` is called after each chunk of rows is written (progress bars).
     """
     n = ids if isinstance(ids, int) else len(ids)
     layout = TableLayout(chunk_rows=chunk_rows, rows=n, columns=(ColumnSpec(MAIN, dim, dtype),),
                          config={"init": spec, "seed": seed})
     try:
-        _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values)
+        _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values, on_chunk or (lambda rows: None))
     except lmdb.Error as exc:  # e.g. the disk filled up: the caller removes the directory
         raise StorageError(f"writing the new store in {directory} failed ({exc}); nothing was changed at the "
                            "target") from None
 
 
-def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values) -> None:
+def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values, on_chunk) -> None:
     n = layout.rows
     builder = StoreBuilder(directory, layout)
     try:
@@ -171,6 +173,7 @@ def _build(directory, layout, ids, dim, dtype, chunk_rows, spec, seed, values) -
             else:
                 rows = values[lo:hi]
             builder.add_chunk(chunk, [rows])
+            on_chunk(hi - lo)
         builder.finish()
     finally:
         builder.close()

@@ -41,13 +41,13 @@ def check_store_dir(path: str) -> None:
     """Raise the one right error if ``path`` holds no store (the only place that decides it)."""
     if not os.path.lexists(path):
         raise StoreNotFoundError(f"no store at {path}: the path does not exist; create one with "
-                                 "EmbeddingStore.create")
+                                 "EmbeddingStore.create or lmdb-embeddings create")
     if not os.path.isdir(path):
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store: it is not a directory")
     if not is_store(path):
         if not os.listdir(path):
             raise StoreNotFoundError(f"no store at {path}: the directory is empty; create one with "
-                                     "EmbeddingStore.create")
+                                     "EmbeddingStore.create or lmdb-embeddings create")
         raise NotAStoreError(f"{path} is not an lmdb_embeddings store (no {DATA_FILE} in it)")
 
 

@@ -14,6 +14,8 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import lmdb
 
@@ -25,6 +27,7 @@ from ..format.records import check_store_dir
 from ..format.snapshot import Snapshot
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
 from ..processes.staging import StagedStore, check_replace_target
+from ..results import DumpResult, RestoreResult
 from ..version import __version__
 from .progress import bar
 from .verify import verify_store
@@ -46,7 +49,8 @@ def _check_parent(path: str) -> None:
 STDIO = "-"  # as OUT of dump: the standard output; as IN of restore: the standard input
 
 
-def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False, open_source=None) -> dict:
+def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = False,
+               open_source: Callable[[str], Any] | None = None) -> DumpResult:
     """Write the committed state of the store at ``path`` to ``out``; returns a summary.
 
     ``out`` ``"-"`` streams a native dump to the standard output (for ``| ssh`` or ``| zstd``).
@@ -169,7 +173,7 @@ def check_restore_target(path: str, force: bool) -> bool:
 
 
 def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
-                  chunk_rows: int | None = None, progress: bool = False) -> dict:
+                  chunk_rows: int | None = None, progress: bool = False) -> RestoreResult:
     """Build the store at ``path`` from the dump ``src`` (native file or npy directory; ``"-"``: a
     native dump streamed on the standard input)."""
     path = os.path.abspath(path)

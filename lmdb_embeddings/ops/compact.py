@@ -13,6 +13,7 @@ no training reads the store.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import lmdb
@@ -23,11 +24,15 @@ from ..format.snapshot import Snapshot
 from ..fsutil import allocated_bytes
 from ..processes import environment
 from ..processes.staging import StagedStore
+from ..results import CompactResult
+from .info import store_info
 from .progress import bar
 from .verify import verify_store
 
+POLL_SECONDS = 0.2  # how often the bar looks at the size of the copy being written
 
-def compact_store(path: str, *, progress: bool = False) -> dict:
+
+def compact_store(path: str, *, progress: bool = False) -> CompactResult:
     """Compact the store at ``path`` in place; returns the disk it took before and after (allocated bytes).
 
     Raises:
@@ -54,11 +59,12 @@ def compact_store(path: str, *, progress: bool = False) -> dict:
 
 def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
     """LMDB's compacting copy of ``path`` into ``tmp``, verified; returns the disk its data file takes."""
+    lm = store_info(path)["lmdb"]
+    expected = (lm["pages_in_tables"] + 2) * lm["page_size"]  # the live pages and the two meta pages
     shared = environment.acquire(path, write=False)
     try:
-        with bar(1, "compact", progress, unit="copy") as pbar:
-            shared.copy_compacted(tmp)
-            pbar.update(1)
+        with bar(expected, "compact", progress) as pbar:
+            _copy_watching(lambda: shared.copy_compacted(tmp), os.path.join(tmp, DATA_FILE), pbar)
     except lmdb.Error as exc:
         raise EmbeddingStoreError(f"{path}: the compacting copy failed ({exc})") from None
     finally:
@@ -69,3 +75,27 @@ def _copy_compacted(path: str, tmp: str, progress: bool) -> int:
         raise CorruptionError(f"{path}: the compacted copy fails verification ({first['part']} chunk "
                               f"{first['chunk']}: {first['error']}); the store was left unchanged")
     return allocated_bytes(os.path.join(tmp, DATA_FILE))
+
+
+def _copy_watching(copy, target: str, pbar) -> None:
+    """Run ``copy()`` (one LMDB call, GIL released) in a thread while the bar follows the size of ``target``."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            copy()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="compact-copy", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            if os.path.exists(target):
+                pbar.update(max(0, min(os.path.getsize(target), pbar.total) - pbar.n))
+    finally:
+        worker.join()  # even on Ctrl-C: the copy must end before its directory is removed
+    if failure:
+        raise failure[0]
+    pbar.update(pbar.total - pbar.n)

@@ -10,9 +10,10 @@ from ..format.records import DATA_FILE, check_store_dir, read_format
 from ..format.snapshot import Snapshot
 from ..fsutil import allocated_bytes, dir_size
 from ..processes.writer_lock import holder_pid
+from ..results import StoreInfo
 
 
-def store_info(path: str) -> dict:
+def store_info(path: str) -> StoreInfo:
     """What ``info`` prints: the table, its last commit, LMDB's own figures and the writer."""
     path = os.path.abspath(path)
     check_store_dir(path)

@@ -22,6 +22,7 @@ from ..errors import CorruptionError
 from ..format.chunks import ID_DTYPE, chunk_key, key_index
 from ..format.records import MAIN, check_store_dir
 from ..format.snapshot import Snapshot
+from ..results import VerifyReport
 from .progress import bar
 
 _SHOWN_DUPLICATES = 10
@@ -47,7 +48,7 @@ def new_report(path: str, **fields) -> tuple[dict, Callable[[str, int | None, st
     return report, problem
 
 
-def verify_store(path: str, *, progress: bool = False) -> dict:
+def verify_store(path: str, *, progress: bool = False) -> VerifyReport:
     """Check the whole store; returns a report with ``ok`` and the list of ``problems``."""
     path = os.path.abspath(path)
     check_store_dir(path)

@@ -5,10 +5,16 @@
 * :class:`TableContract` — every table sink written and read back by its source (store
   builder -> snapshot, dump writer -> dump reader, npy writer -> npy reader), bit-exact.
 
-Needs pytest (a test dependency, not a dependency of the library).
+Needs pytest, which the library itself does not: ``pip install pytest`` (or the ``testing``
+extra, ``pip install "lmdb-embedding-store[testing]"``); without it, importing this package
+raises :class:`~lmdb_embeddings.MissingDependencyError` saying so.
 """
 
-from .store_contract import HANDLE_KINDS, StoreContract
-from .table_contract import TableContract
+from ..optional import import_needing
+
+import_needing("pytest", "pytest", "lmdb_embeddings.testing")  # before the suites import it
+
+from .store_contract import HANDLE_KINDS, StoreContract  # noqa: E402
+from .table_contract import TableContract  # noqa: E402
 
 __all__ = ["StoreContract", "TableContract", "HANDLE_KINDS"]

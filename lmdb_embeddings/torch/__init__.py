@@ -12,11 +12,18 @@ The optimizers reproduce ``torch.optim.SGD`` / ``Adagrad`` / ``SparseAdam`` on t
 gradients of ``nn.Embedding(sparse=True)`` bit for bit (``SparseAdamW`` adds decoupled
 weight decay on the rows it touches). Their state lives in auxiliary columns of the store
 (docs/FORMAT.md, "Optimizer state"), so a reopened store resumes exactly.
+
+``StoreEmbedding`` keeps ``nn.Embedding``'s habits (``zero_grad`` from any parent,
+``requires_grad_``, ``.half()``/``.to(dtype)``, ``padding_idx``, ``max_norm``, deepcopy/pickle/
+``torch.save``, ``state_dict``); ``clip_grad_norm_`` is torch's, seeing the rows' gradients too.
 """
 
 from __future__ import annotations
 
+from .clipping import clip_grad_norm_
 from .embedding import StoreEmbedding
+from .handle import ShardedTableHandle, TableHandle
 from .optimizers import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreOptimizer
 
-__all__ = ["StoreEmbedding", "StoreOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "SparseAdamW"]
+__all__ = ["StoreEmbedding", "StoreOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "SparseAdamW",
+           "clip_grad_norm_", "TableHandle", "ShardedTableHandle"]

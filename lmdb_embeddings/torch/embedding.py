@@ -1,92 +1,123 @@
-"""StoreEmbedding: an ``nn.Module`` that serves rows of an :class:`EmbeddingStore` into autograd.
+"""StoreEmbedding: an ``nn.Module`` that serves rows of a store into autograd, with ``nn.Embedding``'s habits.
 
 ``torch.nn.Embedding`` keeps its table as a Parameter; here the table is the store (maybe
 larger than RAM), so ``forward`` copies only the requested rows out of the store. The
-lookup is a custom autograd Function whose backward does not propagate anywhere: it
-hands the per-position output gradient (what ``nn.Embedding(sparse=True)`` puts in a
-sparse gradient's values) to the module, which keeps it until an optimizer's ``step``
-takes it. Nothing is kept for outputs that never see a backward, so evaluation with
-autograd on does not pile up memory.
+lookup is a custom autograd Function whose backward hands the per-position output gradient
+(what ``nn.Embedding(sparse=True)`` puts in a sparse gradient's values) to the module's
+:class:`~.gradients.GradientBuffer`, which keeps it until an optimizer's ``step`` takes it.
+Nothing is kept for outputs that never see a backward, so evaluation with autograd on does
+not pile up memory.
 
-``take_gradients`` assembles those pieces exactly as torch accumulates sparse embedding
-gradients (one uncoalesced sparse tensor per backward, summed with torch's sparse add),
-which is what lets the optimizers match torch's numerics bit for bit.
+The module has ONE parameter, ``proxy``: zero elements, standing for the rows. It is what
+torch's module machinery acts on, so the habits of ``nn.Embedding`` carry over:
+``.to(device)`` / ``.half()`` / ``.double()`` set where and in which dtype rows are served
+(gradients are cast back to the optimizer's dtype), ``requires_grad_(False)`` freezes the
+rows, ``zero_grad()`` of the module, of any parent or of an optimizer holding the proxy
+drops the rows' gradients (through its ``.grad``), and a dense optimizer given
+``model.parameters()`` finds nothing to update in it.
 """
 
 from __future__ import annotations
 
-import threading
+import gc
+import math
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..core.inputs import as_ids, to_numpy
-from ..errors import InvalidInputError, InvalidTypeError
+from ..errors import InvalidInputError, InvalidTypeError, ReadOnlyError, UnknownIdError
 from ..store import EmbeddingStore
+from .checkpoint import check_model_checkpoint, table_identity
+from .gradients import GradientBuffer, RowGradients
+from .handle import TableHandle, is_sharded
 
+if TYPE_CHECKING:
+    from .optimizers import StoreOptimizer
 
-@dataclass
-class RowGradients:
-    """The gradient of one step: unique sample IDs and a sparse (len(ids), dim) CPU tensor.
+#: sample IDs of any shape: an int, nested sequences, a numpy array or an integer tensor (any device)
+IdsInput = int | Sequence[Any] | np.ndarray | torch.Tensor
 
-    ``grad`` is indexed by position in ``ids`` (row ``i`` belongs to ``ids[i]``) and is left
-    uncoalesced when it came from a single backward pass, as torch's is.
-    """
-
-    ids: np.ndarray
-    grad: torch.Tensor
-    parts: int
+_EXTRA_STATE = "_extra_state"  # torch's key for a module's extra state in state_dict()
+# id(proxy) -> its StoreEmbedding, so that functions given model.parameters() find the rows' module
+_PROXY_OWNERS: weakref.WeakValueDictionary[int, StoreEmbedding] = weakref.WeakValueDictionary()
+_SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _Lookup(torch.autograd.Function):
-    """rows = store[ids]; backward hands grad_output to the StoreEmbedding that served them."""
+    """rows = store[ids] in the proxy's device and dtype; backward hands grad_output to the module."""
 
     @staticmethod
-    def forward(ctx, anchor, module, flat_ids, generation):
+    def forward(ctx: Any, proxy: torch.Tensor, module: StoreEmbedding, flat_ids: np.ndarray,
+                generation: int) -> torch.Tensor:
         ctx.module = weakref.ref(module)
         ctx.flat_ids = flat_ids
         ctx.generation = generation
-        return module.store.get_tensor(flat_ids, device=anchor.device)
+        return _serve(module.store, flat_ids, proxy)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         module = ctx.module()
         if module is not None:
-            module._receive(ctx.flat_ids, grad_output, ctx.generation)
-        return None, None, None, None
+            module._grads.receive(ctx.flat_ids, grad_output, ctx.generation)
+        # a (zero-size) gradient for the proxy, so DDP and hooks see the parameter take part
+        return torch.zeros(0, dtype=grad_output.dtype, device=grad_output.device), None, None, None
 
 
 class StoreEmbedding(nn.Module):
     """Rows of ``store`` as an embedding layer: ``emb(ids)`` -> ``ids.shape + (dim,)`` tensor.
 
-    The output lives on the module's device (``emb.to("cuda")``; host rows go through
-    pinned memory with non-blocking copies) in the store's dtype and takes part in
-    autograd. Gradients of the rows served since the last optimizer step are kept until
-    a :class:`~lmdb_embeddings.torch.StoreOptimizer` step applies them; the module itself
-    has no parameters (the table is the store), so a dense optimizer over
-    ``model.parameters()`` leaves it alone.
+    Args:
+        store: an :class:`~lmdb_embeddings.EmbeddingStore` (or a ``ShardedEmbeddingStore``).
+        padding_idx: a sample ID whose row gets no gradient and is never written (as
+            ``nn.Embedding``'s ``padding_idx``, but an ID of the table, not a position).
+        max_norm: as ``nn.Embedding``: each row looked up whose ``norm_type``-norm exceeds it is
+            renormalised to norm ``max_norm`` and written back to the store (a put like any
+            update: durable at the next commit). Needs a writable, unsharded store.
+        norm_type: the p of the p-norm for ``max_norm`` (default 2).
+
+    The output lives on the module's device (``emb.to("cuda")``; host rows go through pinned
+    memory with non-blocking copies) in the module's dtype (the store's, until ``.half()``,
+    ``.float()``, ``.double()`` or ``.to(dtype)``) and takes part in autograd. Gradients of the
+    rows served since the last optimizer step are kept until a
+    :class:`~lmdb_embeddings.torch.StoreOptimizer` step applies them; ``zero_grad()`` drops them.
+    ``state_dict()`` holds what identifies the table (no rows: they are in the store) and
+    ``load_state_dict`` says when it is another table or an older commit. The module pickles,
+    deep-copies and ``torch.save``s with a reference to its store, re-opened read-only where it
+    is loaded.
     """
 
-    def __init__(self, store: EmbeddingStore):
+    proxy: nn.Parameter
+
+    def __init__(self, store: TableHandle, padding_idx: int | None = None, max_norm: float | None = None,
+                 norm_type: float = 2.0):
         super().__init__()
-        if not isinstance(store, EmbeddingStore) and not hasattr(store, "optimizer_step"):  # or a sharded store
+        sharded = is_sharded(store)
+        if not isinstance(store, EmbeddingStore) and not sharded:
             raise InvalidTypeError(
                 f"StoreEmbedding needs an lmdb_embeddings.EmbeddingStore, got {type(store).__name__}; "
                 "open one with EmbeddingStore.open(path)")
         self.store = store
-        # Zero-size buffer: nn.Module.to()/cuda() move it, so it tells which device to serve on.
-        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
-        self._grad_anchor = torch.empty(0, requires_grad=True)
-        self._lock = threading.Lock()
-        self._generation = 0
-        self._received: list[tuple[np.ndarray, torch.Tensor]] = []
+        self.padding_idx = _checked_padding(store, padding_idx)
+        self.max_norm, self.norm_type = _checked_max_norm(store, max_norm, norm_type, sharded)
+        dtype = torch.from_numpy(np.empty(0, store.dtype)).dtype
+        self.proxy = nn.Parameter(torch.empty(0, dtype=dtype))
+        self._grads = self._new_gradient_buffer()
+        self._optimizer: weakref.ref[StoreOptimizer] | None = None
 
+    # -- what it is ----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self._device_anchor.device
+        return self.proxy.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rows are served in (the store's unless the module was converted)."""
+        return self.proxy.dtype
 
     @property
     def embedding_dim(self) -> int:
@@ -97,58 +128,178 @@ class StoreEmbedding(nn.Module):
         return len(self.store)
 
     def extra_repr(self) -> str:
-        return f"{self.store.path!r}, device={self.device}"
+        extra = [f"{self.store.path!r}", f"device={self.device}", f"dtype={self.dtype}"]
+        if self.padding_idx is not None:
+            extra.append(f"padding_idx={self.padding_idx}")
+        if self.max_norm is not None:
+            extra.append(f"max_norm={self.max_norm}, norm_type={self.norm_type}")
+        return ", ".join(extra)
 
-    def forward(self, ids) -> torch.Tensor:
+    # -- lookups ---------------------------------------------------------------------------
+    def forward(self, ids: IdsInput) -> torch.Tensor:
         flat, shape = _flat_ids(ids)
-        if not torch.is_grad_enabled():
-            return self.store.get_tensor(flat, device=self.device).reshape(*shape, self.store.dim)
-        anchor = self._grad_anchor
-        if anchor.device != self.device:
-            anchor = self._grad_anchor = torch.empty(0, device=self.device, requires_grad=True)
-        out = _Lookup.apply(anchor, self, flat, self._generation)
+        proxy = self.proxy
+        if proxy.dtype not in _SERVED_DTYPES:
+            raise InvalidTypeError(
+                f"StoreEmbedding serves rows as float16, bfloat16, float32 or float64, and the module was converted "
+                f"to {proxy.dtype}; convert it back with .float() (or .half(), .bfloat16(), .double())")
+        if self.max_norm is not None:
+            self._renorm(flat, self.max_norm)
+        if torch.is_grad_enabled() and proxy.requires_grad:
+            if _PROXY_OWNERS.get(id(proxy)) is not self:  # a module conversion may have replaced the parameter
+                _PROXY_OWNERS[id(proxy)] = self
+            out: torch.Tensor = _Lookup.apply(proxy, self, flat, self._grads.generation)  # type: ignore[no-untyped-call]
+        else:  # no autograd, or frozen (requires_grad_(False)): nothing to keep
+            out = _serve(self.store, flat, proxy)
         return out.reshape(*shape, self.store.dim)
 
-    def _receive(self, flat_ids: np.ndarray, grad: torch.Tensor, generation: int) -> None:
-        with self._lock:
-            if generation == self._generation:  # rows served before the last step are done
-                self._received.append((flat_ids, grad))
+    def _renorm(self, flat: np.ndarray, max_norm: float) -> None:
+        """As ``nn.Embedding(max_norm=...)``: rescale the looked-up rows over ``max_norm`` in place, in the store."""
+        ids = np.unique(flat)
+        if self.padding_idx is not None:
+            ids = ids[ids != self.padding_idx]
+        if len(ids) == 0:
+            return
+        rows = torch.from_numpy(self.store.get(ids))
+        before = rows.clone()
+        with torch.no_grad():
+            torch.embedding_renorm_(rows, torch.arange(len(ids)), max_norm, self.norm_type)
+        changed = (rows != before).any(dim=1).numpy()
+        if changed.any():
+            self.store.put(ids[changed], rows.numpy()[changed])
 
+    # -- gradients -------------------------------------------------------------------------
     @property
     def has_gradients(self) -> bool:
-        return bool(self._received)
+        return self._grads.pending
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients received since the last step (torch's sparse ``zero_()`` empties them too)."""
+        """Drop the gradients received since the last step (as torch drops a parameter's ``.grad``)."""
         super().zero_grad(set_to_none)
-        with self._lock:
-            self._received = []
+        self._grads.clear()
 
     def take_gradients(self) -> RowGradients | None:
         """Remove and return the gradients received since the last step (None if there are none).
 
         Starts a new step: gradients of rows served before this call are ignored from now on.
         """
-        with self._lock:
-            received, self._received = self._received, []
-            self._generation += 1
-        if not received:
-            return None
-        dim = self.store.dim
-        all_ids = np.concatenate([ids for ids, _ in received])
-        unique, inverse = np.unique(all_ids, return_inverse=True)
-        inverse = torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
-        total, start = None, 0
-        for ids, grad in received:
-            values = _to_host(grad).reshape(len(ids), dim)
-            part = torch.sparse_coo_tensor(inverse[start : start + len(ids)].unsqueeze(0), values,
-                                           (len(unique), dim), check_invariants=False)
-            start += len(ids)
-            total = part if total is None else total + part  # how torch accumulates sparse grads
-        return RowGradients(unique, total, len(received))
+        return self._grads.take()
+
+    def pending_gradients(self) -> RowGradients | None:
+        """The gradients received since the last step, left in place (gradient clipping reads them)."""
+        return self._grads.peek()
+
+    def scale_gradients_(self, factor: float) -> None:
+        """Multiply the gradients received since the last step by ``factor`` (gradient clipping)."""
+        self._grads.scale_(factor)
+
+    # -- one optimizer -----------------------------------------------------------------------
+    def check_no_optimizer(self, name: str) -> None:
+        """Refuse a second optimizer: a step takes the module's gradients, so another would step nothing."""
+        current = self._optimizer() if self._optimizer is not None else None
+        if current is not None:
+            del current
+            gc.collect()  # an optimizer the caller dropped may live on in a cycle (an LR scheduler makes one)
+            current = self._optimizer() if self._optimizer is not None else None
+        if current is not None:
+            described = repr(current)
+            del current  # the traceback must not keep the first optimizer alive
+            raise InvalidInputError(
+                f"{name}: this StoreEmbedding already has an optimizer, {described}; one optimizer per "
+                "StoreEmbedding (a step takes the gradients the module holds, so a second one would step nothing). "
+                "Delete the first one (del opt) before making another, or give the second its own "
+                "StoreEmbedding(store)")
+
+    def attach_optimizer(self, optimizer: StoreOptimizer) -> None:
+        self.check_no_optimizer(type(optimizer).__name__)
+        self._optimizer = weakref.ref(optimizer)
+
+    # -- checkpoints, pickle, deepcopy -------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """What identifies the table now (path, uuid, commit, rows, dim, dtype): ``state_dict()`` holds this."""
+        return table_identity(self.store)
+
+    def set_extra_state(self, state: Any) -> None:
+        check_model_checkpoint(state, self.store)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + _EXTRA_STATE] = self.get_extra_state()  # the proxy holds nothing worth saving
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        key = prefix + _EXTRA_STATE  # torch passes strict=True here and applies the caller's strict to the keys
+        if key in state_dict:
+            self.set_extra_state(state_dict[key])
+        elif strict:
+            missing_keys.append(key)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in (key, prefix + "proxy"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's attributes with the store as a reference (it pickles as its path and options)."""
+        state = self.__dict__.copy()
+        state["_grads"] = None  # a lock, and gradients of this process's graph
+        state["_optimizer"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._grads = self._new_gradient_buffer()
+
+    def _new_gradient_buffer(self) -> GradientBuffer:
+        _PROXY_OWNERS[id(self.proxy)] = self
+        module = weakref.ref(self)
+
+        def proxy() -> torch.Tensor | None:
+            owner = module()
+            return None if owner is None else owner.proxy
+
+        return GradientBuffer(proxy, self.store.dim, self.padding_idx)
 
 
-def _flat_ids(ids) -> tuple[np.ndarray, tuple[int, ...]]:
+def owner_of_proxy(tensor: torch.Tensor) -> StoreEmbedding | None:
+    """The StoreEmbedding whose ``proxy`` parameter ``tensor`` is (None for any other tensor)."""
+    owner = _PROXY_OWNERS.get(id(tensor))
+    return owner if owner is not None and owner.proxy is tensor else None
+
+
+def _serve(store: TableHandle, flat_ids: np.ndarray, proxy: torch.Tensor) -> torch.Tensor:
+    """The rows of ``flat_ids`` on the proxy's device, in its dtype."""
+    rows = store.get_tensor(flat_ids, device=proxy.device)
+    return rows if rows.dtype == proxy.dtype else rows.to(proxy.dtype)
+
+
+def _checked_padding(store: TableHandle, padding_idx: Any) -> int | None:
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise InvalidTypeError(f"StoreEmbedding: padding_idx must be a sample ID (an int), got {padding_idx!r}")
+    padding = int(padding_idx)
+    if isinstance(store, EmbeddingStore) and padding not in store:
+        raise UnknownIdError(f"StoreEmbedding: padding_idx={padding} is not an ID of the store {store.path}; "
+                             "padding_idx names the sample ID whose row is the padding row")
+    return padding
+
+
+def _checked_max_norm(store: TableHandle, max_norm: Any, norm_type: Any,
+                      sharded: bool) -> tuple[float | None, float]:
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not float(value) > 0 or math.isnan(float(value))):
+            raise InvalidInputError(f"StoreEmbedding: {name} must be a number > 0, got {value!r}")
+    if max_norm is None:
+        return None, float(norm_type)
+    if sharded:
+        raise InvalidInputError("StoreEmbedding: max_norm is not supported on a ShardedEmbeddingStore (the rows a "
+                                "rank renormalises may be looked up by other ranks in the same step); renormalise "
+                                "in the model instead")
+    if store.readonly:
+        raise ReadOnlyError(f"StoreEmbedding: max_norm rewrites the rows it renormalises, and the store {store.path} "
+                            "is open read-only; open it with readonly=False, or leave max_norm out")
+    return float(max_norm), float(norm_type)
+
+
+def _flat_ids(ids: IdsInput) -> tuple[np.ndarray, tuple[int, ...]]:
     """IDs of any shape (tensor on any device, array, list) -> (flat int64 array, shape)."""
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -158,17 +309,4 @@ def _flat_ids(ids) -> tuple[np.ndarray, tuple[int, ...]]:
     arr = np.asarray(to_numpy(ids))
     if arr.dtype == object:
         raise InvalidInputError("StoreEmbedding: ids must be a rectangular array of integers")
-    shape = arr.shape
-    return as_ids(arr.reshape(-1), "StoreEmbedding ids"), shape
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``tensor``; from CUDA through a pinned buffer with a non-blocking copy."""
-    if tensor.device.type == "cpu":
-        return tensor
-    if tensor.device.type == "cuda":
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        torch.cuda.current_stream(tensor.device).synchronize()
-        return host
-    return tensor.cpu()
+    return as_ids(arr.reshape(-1), "StoreEmbedding ids"), arr.shape

@@ -20,27 +20,41 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 import numpy as np
 import torch
 
 from ..errors import EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
-from .embedding import RowGradients, StoreEmbedding
+from .checkpoint import other_table, table_identity
+from .embedding import StoreEmbedding
+from .gradients import RowGradients
+from .handle import TableHandle, is_sharded
 
 log = logging.getLogger(__name__)
+
+#: what :meth:`StoreOptimizer.compute_update` returns: (ids, rows, state by name, step count)
+Update = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], int]
 
 
 class StoreOptimizer(torch.optim.Optimizer):
     """Base class: hyper-parameters in ``param_groups[0]`` (so LR schedulers work), state in the store.
 
-    ``param_groups[0]["params"]`` holds one zero-size placeholder tensor: torch's
-    Optimizer needs a parameter, the real ones are the store's rows.
+    ``param_groups[0]["params"]`` holds the embedding's zero-size ``proxy`` parameter, the
+    stand-in for its rows; the rows and their state are in the store. One optimizer per
+    StoreEmbedding, one parameter group: ``add_param_group`` refuses other parameters (give
+    them a ``torch.optim`` optimizer of their own).
     """
 
     state_names: tuple[str, ...] = ()  # per-row state tensors, each a column of width dim
     counts_steps = False  # keeps a per-table step count (attr)
+    fixed_hyperparameters: tuple[str, ...] = ()  # hyper-parameters the stored state was made with
+    # torch.amp.GradScaler hands an optimizer with this flag its scale instead of unscaling the
+    # parameters' .grad itself, which would leave the rows' gradients scaled: step() refuses it
+    _step_supports_amp_scaling = True
 
-    def __init__(self, embedding: StoreEmbedding, defaults: dict):
+    def __init__(self, embedding: StoreEmbedding, defaults: dict[str, Any]):
         name = type(self).__name__
         if not isinstance(embedding, StoreEmbedding):
             raise InvalidTypeError(
@@ -50,14 +64,15 @@ class StoreOptimizer(torch.optim.Optimizer):
         if store.readonly:
             raise ReadOnlyError(f"{name}: the store {store.path} is open read-only; open it with readonly=False "
                                 "to train")
-        self._placeholder = torch.empty(0)
-        super().__init__([self._placeholder], defaults)
+        embedding.check_no_optimizer(name)
         self.embedding = embedding
-        self.store = store
+        self.store: TableHandle = store
+        super().__init__([embedding.proxy], defaults)
         self.prefix = f"opt.{self.state_prefix()}"
         # float16 tables keep float32 state and do the math in float32 (half moments underflow).
         self.compute_dtype = np.dtype(np.float32) if store.dtype == np.float16 else store.dtype
         self._declare_state()
+        embedding.attach_optimizer(self)
 
     @classmethod
     def state_prefix(cls) -> str:
@@ -94,32 +109,100 @@ class StoreOptimizer(torch.optim.Optimizer):
             self.store.ensure_column(column, self.store.dim, self.compute_dtype.name, fill)
 
     # -- torch.optim.Optimizer interface ---------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only the embedding's own group, once: other parameters need an optimizer of their own."""
+        params = param_group.get("params")
+        own = isinstance(params, list) and len(params) == 1 and params[0] is self.embedding.proxy
+        if self.param_groups or not own:
+            raise InvalidInputError(
+                f"{type(self).__name__}.add_param_group: a store optimizer updates the rows of its StoreEmbedding "
+                "only, in one parameter group; optimize other parameters with a torch.optim optimizer of their own "
+                "(e.g. torch.optim.Adam(head.parameters()))")
+        super().add_param_group(param_group)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.embedding.zero_grad(set_to_none)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply the gradients received since the last step to exactly those rows; write rows and state.
 
-        A store with an ``optimizer_step`` method (``ShardedEmbeddingStore``) runs the step
-        itself, at the rows' owners: ``step`` is then a collective call.
+        A sharded store (``ShardedEmbeddingStore``) runs the step itself, at the rows' owners:
+        ``step`` is then a collective call.
 
         Raises (before anything is written; the step's gradients are dropped):
-            ValueError: the update is NaN/inf (a NaN/inf gradient, or an overflow of the store dtype).
+            ValueError: the update is NaN/inf (a NaN/inf gradient, or an overflow of the store dtype),
+                or a ``torch.amp.GradScaler`` drives the step (the rows' gradients would stay scaled).
         """
+        self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grads = self.embedding.take_gradients()
-        owner_step = getattr(self.store, "optimizer_step", None)
-        if owner_step is not None:
-            owner_step(self, grads)
+        if is_sharded(self.store):
+            self.store.optimizer_step(self, grads)  # type: ignore[attr-defined]
         elif grads is not None:
             self.write_update(self.store, *self.compute_update(self.store, grads))
         return loss
 
-    def compute_update(self, store, grads: RowGradients) -> tuple:
+    def _refuse_grad_scaler(self) -> None:
+        if hasattr(self, "found_inf") or hasattr(self, "grad_scale"):
+            for name in ("found_inf", "grad_scale"):
+                self.__dict__.pop(name, None)  # GradScaler deletes them only after a step that returned
+            raise InvalidInputError(
+                f"{type(self).__name__}.step: torch.amp.GradScaler is not supported by store optimizers (it unscales "
+                "parameters' .grad, and the rows' gradients are not there, so they would be applied scaled); "
+                "use bfloat16 autocast, which needs no GradScaler, or train without autocast")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyper-parameters, step count and the table they belong to (rows and moments are in the store)."""
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = [0]
+        return {"state": {}, "param_groups": [group], "optimizer": type(self).__name__,
+                "table": table_identity(self.store), "step": self.step_count}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the hyper-parameters of :meth:`state_dict`, after checking it goes with this table and step.
+
+        Raises:
+            ValueError: it is not a store optimizer's state_dict, it is another optimizer's, it
+                comes from another table, or the store's state is at another step than it was.
+        """
+        name = type(self).__name__
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(groups, list) or len(groups) != 1 or "table" not in state_dict:
+            raise InvalidInputError(
+                f"{name}.load_state_dict: this is not the state_dict of a store optimizer (it needs one param group "
+                "and a 'table' entry); load the state_dict that opt.state_dict() returned")
+        if state_dict.get("optimizer") != name:
+            raise InvalidInputError(f"{name}.load_state_dict: the state_dict is {state_dict.get('optimizer')}'s, "
+                                    f"not {name}'s")
+        problem = other_table(state_dict["table"], self.store)
+        if problem is not None:
+            raise InvalidInputError(f"{name}.load_state_dict: {problem}; its optimizer state is not in this store")
+        if int(state_dict.get("step", -1)) != self.step_count:
+            raise InvalidInputError(
+                f"{name}.load_state_dict: the state_dict was taken at step {state_dict.get('step')} and the state of "
+                f"{name} in {self.store.path} is at step {self.step_count}: the rows and moments in the store belong "
+                "to another point of the training (open the store at the commit the state_dict was taken with)")
+        saved = {k: v for k, v in groups[0].items() if k != "params"}
+        group = self.param_groups[0]
+        missing = sorted(set(group) - set(saved) - {"params"})
+        changed = [k for k in self.fixed_hyperparameters if k in saved and saved[k] != group[k]]
+        if missing or changed:
+            raise InvalidInputError(
+                f"{name}.load_state_dict: the state_dict's param group " +
+                (f"lacks {missing}" if missing else f"has other {changed} than the state in the store was made with"))
+        group.update(saved)
+
+    def compute_update(self, store: TableHandle, grads: RowGradients) -> Update:
         """``(ids, rows, state, step)``: the updated rows and state of ``grads``' rows, read from ``store``.
 
         Writes nothing; raises ValueError if an update is NaN/inf.
@@ -138,11 +221,13 @@ class StoreOptimizer(torch.optim.Optimizer):
         out_state = {s: _checked(t.numpy(), self.compute_dtype, name, s) for s, t in state.items()}
         return ids, out_rows, out_state, step
 
-    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict, step: int, group: dict) -> None:
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int,
+                group: dict[str, Any]) -> None:
         """Update ``rows`` and ``state`` (dense (n, dim) CPU tensors) in place from sparse ``grad``."""
         raise NotImplementedError
 
-    def write_update(self, store, ids: np.ndarray, rows: np.ndarray, state: dict, step: int) -> None:
+    def write_update(self, store: TableHandle, ids: np.ndarray, rows: np.ndarray, state: dict[str, np.ndarray],
+                     step: int) -> None:
         """Write what :meth:`compute_update` returned: step count, state, then the rows."""
         if self.counts_steps:
             store.set_attr(self.step_attr, step)
@@ -164,9 +249,9 @@ class SparseSGD(StoreOptimizer):
     gradients; both are refused here with a pointer to SparseAdam/SparseAdagrad.
     """
 
-    def __init__(self, embedding, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
-                 differentiable: bool = False, fused=None):
+    def __init__(self, embedding: StoreEmbedding, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
         _check_nonneg("lr", lr)
         for option, value in (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay),
                               ("nesterov", nesterov)):
@@ -180,7 +265,8 @@ class SparseSGD(StoreOptimizer):
         _check_unsupported("SparseSGD", differentiable=differentiable, fused=fused)
         super().__init__(embedding, {"lr": float(lr), "maximize": bool(maximize)})
 
-    def _update(self, rows, grad, state, step, group):
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int,
+                group: dict[str, Any]) -> None:
         rows.add_(grad, alpha=-group["lr"])
 
 
@@ -189,10 +275,11 @@ class SparseAdagrad(StoreOptimizer):
 
     state_names = ("sum",)
     counts_steps = True
+    fixed_hyperparameters = ("initial_accumulator_value",)
 
-    def __init__(self, embedding, lr: float = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
-                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach=None, *,
-                 maximize: bool = False, differentiable: bool = False, fused=None):
+    def __init__(self, embedding: StoreEmbedding, lr: float = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None):
         _check_nonneg("lr", lr)
         _check_nonneg("lr_decay", lr_decay)
         _check_nonneg("initial_accumulator_value", initial_accumulator_value)
@@ -209,7 +296,8 @@ class SparseAdagrad(StoreOptimizer):
     def state_fill(self, state: str) -> float:
         return self._initial
 
-    def _update(self, rows, grad, state, step, group):
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int,
+                group: dict[str, Any]) -> None:
         # torch.optim.adagrad._single_tensor_adagrad, sparse branch
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
         # Same operations as torch's sparse branch; sparse_mask of our touched-rows slice is a copy, and
@@ -228,13 +316,14 @@ class SparseAdam(StoreOptimizer):
     state_names = ("exp_avg", "exp_avg_sq")
     counts_steps = True
 
-    def __init__(self, embedding, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 maximize: bool = False):
+    def __init__(self, embedding: StoreEmbedding, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False):
         _check_adam("SparseAdam", lr, betas, eps)
         super().__init__(embedding, {"lr": float(lr), "betas": (float(betas[0]), float(betas[1])),
                                      "eps": float(eps), "maximize": bool(maximize)})
 
-    def _update(self, rows, grad, state, step, group):
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int,
+                group: dict[str, Any]) -> None:
         _sparse_adam(rows, grad, state["exp_avg"], state["exp_avg_sq"], step, group)
 
 
@@ -244,9 +333,10 @@ class SparseAdamW(StoreOptimizer):
     state_names = ("exp_avg", "exp_avg_sq")
     counts_steps = True
 
-    def __init__(self, embedding, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
-                 capturable: bool = False, differentiable: bool = False, fused=None):
+    def __init__(self, embedding: StoreEmbedding, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None):
         _check_adam("SparseAdamW", lr, betas, eps)
         _check_nonneg("weight_decay", weight_decay)
         if amsgrad:
@@ -257,13 +347,15 @@ class SparseAdamW(StoreOptimizer):
                                      "eps": float(eps), "weight_decay": float(weight_decay),
                                      "maximize": bool(maximize)})
 
-    def _update(self, rows, grad, state, step, group):
+    def _update(self, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], step: int,
+                group: dict[str, Any]) -> None:
         rows.mul_(1 - group["lr"] * group["weight_decay"])  # as torch.optim.AdamW, before the Adam step
         _sparse_adam(rows, grad, state["exp_avg"], state["exp_avg_sq"], step, group)
 
 
 # ------------------------------------------------------------------------- helpers
-def _sparse_adam(param, grad, exp_avg, exp_avg_sq, step, group) -> None:
+def _sparse_adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                 group: dict[str, Any]) -> None:
     """torch.optim._functional.sparse_adam for one parameter, same operations in the same order.
 
     Our tensors hold exactly the touched rows, so the coalesced gradient's indices are
@@ -318,18 +410,18 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
-def _is_real(value) -> bool:
+def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def _check_nonneg(name: str, value) -> None:
+def _check_nonneg(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if not _is_real(value) or value < 0:
         raise InvalidInputError(f"invalid {name}: {value!r} (must be a finite number >= 0)")
 
 
-def _check_adam(owner: str, lr, betas, eps) -> None:
+def _check_adam(owner: str, lr: Any, betas: Any, eps: Any) -> None:
     _check_nonneg("lr", lr)
     _check_nonneg("eps", eps)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -339,11 +431,11 @@ def _check_adam(owner: str, lr, betas, eps) -> None:
             raise InvalidInputError(f"{owner}: invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
 
 
-def _check_unsupported(owner: str, **flags) -> None:
+def _check_unsupported(owner: str, **flags: Any) -> None:
     for name, value in flags.items():
         if value:
             raise InvalidInputError(f"{owner}: {name}={value!r} is not supported by a store-backed optimizer; "
                                     f"leave it at its default")
 
 
-__all__ = ["StoreOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "SparseAdamW", "RowGradients"]
+__all__ = ["StoreOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "SparseAdamW", "RowGradients", "Update"]

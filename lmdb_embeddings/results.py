@@ -1,0 +1,149 @@
+"""The dictionaries the API returns, as ``TypedDict``s: what ``stats()`` and the operations hold.
+
+They are plain ``dict``s at run time (``json.dumps`` takes them as they are); the types let a
+type checker (mypy, pyright) check the keys a caller reads. A sharded store's ``info``,
+``verify`` and ``restore`` give the same keys plus those marked below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class StoreStats(TypedDict):
+    """``EmbeddingStore.stats()``: this handle's cache and commit counters."""
+
+    l1_hits: int
+    l1_misses: int
+    l2_hits: int
+    l2_misses: int
+    hit_rate: float  # (l1_hits + l2_hits) / lookups, 0.0 before any lookup
+    chunks_loaded: int  # chunks read from LMDB (and checksummed)
+    commits: int  # commits made by this handle
+    bytes_committed: int
+    dirty_chunks: int  # chunks changed since the last commit
+    spilled_chunks: int  # dirty chunks written into the pending transaction (the cache was full)
+    cache_bytes: int
+    cache_budget_bytes: int
+    l1_chunks: int
+    l2_chunks: int
+    rows: int
+    store_commit: int  # the store's commit count as this handle sees it
+    last_commit_time: float | None  # unix time of that commit
+    anon_bytes: int  # the whole process's anonymous resident memory (RssAnon)
+
+
+class ColumnInfo(TypedDict):
+    width: int
+    dtype: str
+    fill: float
+
+
+class LmdbFigures(TypedDict):
+    page_size: int
+    map_size: int
+    pages_in_use: int
+    pages_in_tables: int
+    free_pages: int
+    readers: int
+    max_readers: int
+    databases: list[str]
+
+
+class _StoreInfo(TypedDict):
+    path: str
+    rows: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+    chunks: int
+    columns: dict[str, ColumnInfo]  # the auxiliary columns (optimizer state)
+    format_version: int
+    commit_count: int
+    last_commit: str | None  # ISO 8601, UTC
+    last_commit_unix: float | None
+    attrs: list[str]  # the names of the store's attrs
+    bytes_on_disk: int  # every file of the store, allocated blocks
+    data_file_bytes: int  # data.mdb, allocated blocks
+    data_file_size: int  # data.mdb, apparent size (sparse beyond the committed pages)
+    committed_bytes: int
+    table_bytes: int  # rows x (row bytes + ID bytes): what the table itself takes
+    lmdb: LmdbFigures
+    writer_pid: int | None
+    writer_active: bool
+    init: dict[str, Any] | None
+    seed: int | None
+
+
+class StoreInfo(_StoreInfo, total=False):
+    """``store_info(path)`` (``lmdb-embeddings info --json``)."""
+
+    sharded: dict[str, Any]  # a sharded store: world_size and each shard's figures
+
+
+class VerifyProblem(TypedDict):
+    part: str  # "ids", "column 'embeddings'", "metadata", ...
+    chunk: int | None
+    error: str
+
+
+class _VerifyReport(TypedDict):
+    path: str
+    ok: bool
+    problems: list[VerifyProblem]
+    bad_chunks: list[int]
+    chunks_checked: int
+
+
+class VerifyReport(_VerifyReport, total=False):
+    """``verify_store(path)``; the table's figures are there when its metadata could be read."""
+
+    rows: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+    chunks: int
+    commit: int
+    columns: list[str]
+
+
+class DumpResult(TypedDict):
+    """``dump_store(path, out)``."""
+
+    path: str
+    out: str
+    format: str
+    rows: int
+    chunks: int
+    columns: list[str]
+    commit: int  # the commit the dump holds
+    bytes: int
+    seconds: float
+
+
+class _RestoreResult(TypedDict):
+    path: str
+    source: str
+    format: str
+    rows: int
+    dim: int
+    dtype: str
+    columns: list[str]
+    replaced: bool  # an old store at path was replaced (force)
+    seconds: float
+
+
+class RestoreResult(_RestoreResult, total=False):
+    """``restore_store(src, path)``."""
+
+    shards: int  # restore --shards W
+
+
+class CompactResult(TypedDict):
+    """``compact_store(path)``: the disk the data file took before and after (allocated bytes)."""
+
+    path: str
+    bytes_before: int
+    bytes_after: int
+    compacted: bool  # False: the copy would not have been smaller, the store was left as it was
+    seconds: float
