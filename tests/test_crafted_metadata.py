@@ -28,6 +28,13 @@ from lmdb_embeddings.ops.verify import MAX_LISTED
 
 
 # ------------------------------------------------------------------------------ crafting
+def refused(proc, *needles: str) -> str:
+    """A failed operation on bad input: exit 1, one line on stderr, no traceback."""
+    line = assert_one_line_cli_error(proc, *needles)
+    assert proc.returncode == 1, (proc.returncode, line)
+    return line
+
+
 def set_record(path: str, key: bytes, **changes) -> None:
     """Rewrite one metadata record of the store at ``path`` with ``changes``, its checksum recomputed."""
     env = lmdb.open(path, max_dbs=64)
@@ -179,7 +186,7 @@ def test_restore_refuses_a_crafted_dump_with_valid_checksums_and_leaves_nothing(
     else:
         craft_dump(source_dump, crafted, **changes)
     proc = cli("restore", crafted, target)
-    line = assert_one_line_cli_error(proc, "crafted.lemb")
+    line = refused(proc, "crafted.lemb")
     assert any(word in line for word in ("is invalid", "is damaged", "is not valid")), line
     assert not os.path.exists(target) and hidden_entries(str(tmp_path), "restored") == []
 
@@ -236,7 +243,7 @@ def test_a_crafted_store_directory_is_a_clear_error_at_every_entry_point(tmp_pat
         elif case in METADATA_ONLY.get(command, ()):
             assert proc.returncode == 0, proc.stderr
         else:
-            assert_one_line_cli_error(proc)
+            refused(proc)
             assert not os.path.exists(tmp_path / "out.lemb")
 
 
@@ -249,9 +256,9 @@ def test_a_header_claiming_2_to_the_62_rows_is_truncated_from_a_file_and_from_st
         layout = dataclasses.replace(reader.layout, rows=2**62)
     with open(crafted, "wb") as f:
         dump_file.DumpWriter(f, layout, {})  # the header alone: the file ends there
-    from_file = assert_one_line_cli_error(cli("restore", crafted, target))
+    from_file = refused(cli("restore", crafted, target))
     with open(crafted, "rb") as f:
-        from_stdin = assert_one_line_cli_error(cli("restore", "-", target, stdin=f))
+        from_stdin = refused(cli("restore", "-", target, stdin=f))
     for line in (from_file, from_stdin):
         assert "truncated" in line and "id block 0" in line, line
     assert not os.path.exists(target) and hidden_entries(str(tmp_path), "restored") == []
