@@ -268,9 +268,12 @@ def test_the_restored_store_grows_its_map_with_the_data(tmp_path, monkeypatch):
     """The builder's map starts small and grows: a table larger than the first map restores bit-exact."""
     from lmdb_embeddings.format import builder
     from lmdb_embeddings.ops import dump_store, restore_store
+    from lmdb_embeddings.processes.space import SpaceBudget
 
     monkeypatch.setattr(builder, "_FIRST_MAP_MAX", 4 << 20)
     monkeypatch.setattr(builder, "_TXN_BYTES", 1 << 20)
+    monkeypatch.setattr(SpaceBudget, "MIN_MAP", 1 << 20)  # else the first transaction makes 256 MiB of room
+    monkeypatch.setattr(SpaceBudget, "MAP_SLACK", 1 << 20)
     path, dump, target = str(tmp_path / "store"), str(tmp_path / "d.lemb"), str(tmp_path / "restored")
     rows = (4 << 20) // (64 * 4) * 4  # a 16 MiB table: four times the first map
     values = np.random.default_rng(1).standard_normal((rows, 64)).astype(np.float32)
