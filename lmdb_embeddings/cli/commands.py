@@ -181,11 +181,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"OK: {report['path']}: {report['chunks_checked']} chunks of {report['rows']} rows "
               f"({', '.join(report['columns'])}) are sound")
     else:
-        print(f"FAILED: {report['path']}: {len(report['problems'])} problem(s); bad chunks: "
-              f"{', '.join(map(str, report['bad_chunks'])) or 'none (metadata/ids)'}")
+        more = report.get("problems_not_listed", 0)
+        print(f"FAILED: {report['path']}: {len(report['problems']) + more} problem(s); bad chunks: "
+              f"{', '.join(map(str, report['bad_chunks'])) or 'none (metadata/ids)'}{', ...' if more else ''}")
         for p in report["problems"]:
             chunk = f"chunk {p['chunk']}: " if p["chunk"] is not None else ""
             print(f"  {p['part']}: {chunk}{p['error']}")
+        if more:
+            print(f"  ... and {more} more problem(s), not listed")
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
