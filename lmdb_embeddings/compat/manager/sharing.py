@@ -31,8 +31,8 @@ import threading
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ..store import EmbeddingStore
+from ...errors import InvalidInputError
+from ...store import EmbeddingStore
 from .table_dir import check_dim, open_table, store_path_in
 
 log = logging.getLogger(__name__)
