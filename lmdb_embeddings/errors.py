@@ -40,7 +40,18 @@ class StorageError(EmbeddingStoreError, OSError):
 
 
 class CommitError(StorageError):
-    """A commit failed at the storage layer (disk full, I/O error); see the message."""
+    """A commit (or a write that needed the pending transaction) failed at the storage layer; see the message.
+
+    ``reason``: what failed, in a few words (``"the disk is full: 12,288 bytes of disk needed"``).
+    ``rolled_back``: True when the handle was rolled back to the last commit (LMDB lost a
+    transaction holding changes spilled from the cache); False when the store keeps its last
+    commit and the handle its uncommitted changes, so the same ``commit()`` can be retried.
+    """
+
+    def __init__(self, message: str, reason: str | None = None, rolled_back: bool = False):
+        super().__init__(message)
+        self.reason = reason or message
+        self.rolled_back = rolled_back
 
 
 class StoreExistsError(EmbeddingStoreError, FileExistsError):
@@ -87,6 +98,16 @@ class TemplateIncompatibleError(EmbeddingStoreError, ValueError):
 
 class ReadOnlyAttributeError(EmbeddingStoreError, AttributeError):
     """An attribute of the CoSiR drop-in that cannot be assigned (the message says what to do instead)."""
+
+
+class ProcessGroupError(EmbeddingStoreError):
+    """A collective call of a sharded store failed because its process group did: a rank died, hung past
+    the group's timeout, or the network failed. The message says where the store on disk stands; the
+    handle takes part in no more collective calls: close it and open the store again on every rank."""
+
+
+class ProcessGroupCommitError(CommitError, ProcessGroupError):
+    """A sharded ``commit()`` whose process group failed; the message says which commit the store is at."""
 
 
 class MissingDependencyError(EmbeddingStoreError, ImportError):

@@ -28,7 +28,7 @@ from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
 from .core.writes import WriterSession
-from .errors import ClosedError, CommitError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
+from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .format.builder import build_new_table
 from .format.layout import ColumnSpec, chunk_size_problem
 from .format.records import MAIN, check_store_dir
@@ -149,6 +149,7 @@ class EmbeddingStore:
             self._pid = os.getpid()
         if self._session is None:
             self._session = self._open_session()
+        self._session.settle()  # a commit Python was interrupted around: the handle learns what LMDB did
         return self._session
 
     def _writer(self, call: str) -> WriterSession:
@@ -265,9 +266,9 @@ class EmbeddingStore:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            table = session.table
 
             def read() -> tuple[np.ndarray, dict]:
+                table = session.table  # bound inside the read: it follows a store swapped in at the path
                 rows = _column(table, column).cache.gather(table.index.slots(ids))
                 return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
 
@@ -277,8 +278,7 @@ class EmbeddingStore:
         ids = as_ids(ids)
         with self._mutex:
             session = self._active()
-            table = session.table
-            return session.read(lambda: _column(table, name).cache.gather(table.index.slots(ids)))
+            return session.read(lambda: _gather_from(session.table, name, ids))  # the table as the read finds it
 
     # --------------------------------------------------------------------- writing
     def put(self, ids: IdsLike, values: ValuesLike) -> None:
@@ -293,14 +293,14 @@ class EmbeddingStore:
         """
         with self._mutex:
             session = self._writer("put")
-            _scatter(session, MAIN, ids, values, "put")
+            _put(session, MAIN, ids, values, "put")
             if session.note_update():
                 session.commit()
 
     def put_column(self, name: str, ids: IdsLike, values: ValuesLike) -> None:
         """Overwrite rows of an auxiliary column (same rules as :meth:`put`, not counted by ``commit_every``)."""
         with self._mutex:
-            _scatter(self._writer("put_column"), name, ids, values, "put_column")
+            _put(self._writer("put_column"), name, ids, values, "put_column")
 
     def add(self, ids: IdsLike, values: ValuesLike | None = None) -> None:
         """Append NEW ids (readable at once, durable at commit); values default to the init.
@@ -317,7 +317,7 @@ class EmbeddingStore:
                 vals = table.init_values(table.rows, len(new_ids))
             else:
                 vals = as_values(values, len(new_ids), table.dim, table.dtype, "add")
-            _append(session, new_ids, vals)
+            session.append_rows(new_ids, vals)
             if session.note_update():
                 session.commit()
 
@@ -449,67 +449,17 @@ class EmbeddingStore:
             return cast(StoreStats, out)
 
 
-# ------------------------------------------------------ writes: all or nothing
-def _scatter(session: WriterSession, name: str, ids, values, call: str) -> None:
-    """``put``/``put_column``: every check first, then the rows, all or nothing.
-
-    A call over more chunks than L1 holds is served in groups (``core/cache.py``). Such a
-    call first reads (and checksums) every chunk it will overwrite, so a damaged chunk fails
-    it before anything is written; if a later group still fails (a spill refused for disk
-    space), the rows the earlier groups overwrote are put back. It costs one extra gather,
-    only for calls larger than the cache.
-    """
+# ----------------------------------------------------------------------- helpers
+def _put(session: WriterSession, name: str, ids, values, call: str) -> None:
+    """``put``/``put_column``: every check first, then the session writes the rows, all or nothing."""
     table = session.table
     column = _column(table, name)
     ids = as_ids(ids)
     check_unique(ids, call)
     vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
-    slots = table.index.slots(ids)
-    cache = column.cache
-    if cache.fits_at_once(slots):
-        cache.scatter(slots, vals)  # one group: every chunk is made resident before any row is written
-        return
-    before = cache.gather(slots)
-    try:
-        cache.scatter(slots, vals)
-    except BaseException as exc:
-        try:
-            cache.scatter(slots, before)
-        except BaseException:
-            _roll_back_after(session, call, exc)
-        if session.lost_spills:
-            _roll_back_after(session, call, exc)
-        raise
+    session.put_rows(column, table.index.slots(ids), vals, call)
 
 
-def _append(session: WriterSession, new_ids: np.ndarray, values: np.ndarray) -> None:
-    """``add``: the new IDs and rows, or (if writing them fails) none of them."""
-    table, spilled = session.table, session.spilled
-    start = table.rows
-    try:
-        table.append(new_ids, values)
-    except BaseException as exc:
-        if session.spilled != spilled or session.lost_spills:  # rows of this call went into the transaction
-            _roll_back_after(session, "add", exc)
-        table.forget_rows_from(start)
-        raise
-
-
-def _roll_back_after(session: WriterSession, call: str, exc: BaseException):
-    """The failed call cannot be undone alone (its rows reached the pending transaction): roll back."""
-    commit = session.table.commit
-    session.rollback()
-    reason = getattr(exc, "reason", None) or _one_line(exc)
-    raise CommitError(f"{call} failed ({reason}) after changed chunks had been spilled from the cache "
-                      f"into the pending transaction, so this handle was rolled back to the last commit ({commit})"
-                      ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join((str(exc) or type(exc).__name__).split())
-
-
-# ----------------------------------------------------------------------- helpers
 def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
     """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
     torch = import_needing("torch", "torch", "get_tensor")  # the only part of the store that needs torch
@@ -572,6 +522,10 @@ def _create_ids(ids) -> np.ndarray | int:
     id_array = as_ids(ids, "ids")
     check_unique(id_array, "create")
     return id_array
+
+
+def _gather_from(table: Table, name: str, ids: np.ndarray) -> np.ndarray:
+    return _column(table, name).cache.gather(table.index.slots(ids))
 
 
 def _column(table: Table, name: str) -> Column:

@@ -133,6 +133,24 @@ def fill_disk(directory: str, leave: int = 0) -> str:
     return path
 
 
+def build_fault_shim(directory: str) -> str:
+    """Compile the LD_PRELOAD fault shim (tests/torture/eio_shim.c) into ``directory``; its path.
+
+    Skips the test when no C compiler is found."""
+    import shutil
+
+    import pytest
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("fault injection needs a C compiler to build the LD_PRELOAD shim (none found)")
+    out = os.path.join(directory, "eio_shim.so")
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", out, os.path.join(HERE, "torture", "eio_shim.c"),
+                           "-ldl"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def damage_stored_row(path: str, row: bytes, at: int = 3, mask: int = 0x40) -> None:
     """Flip bits of byte ``at`` of the stored copy of ``row`` in a store's data file (its bytes are unique there)."""
     data_file = os.path.join(path, "data.mdb")

@@ -8,7 +8,7 @@ import pytest
 
 from lmdb_embeddings import EmbeddingStore
 from lmdb_embeddings.core.cache import CacheStats, ColumnCache
-from lmdb_embeddings.processes import environment
+from lmdb_embeddings.processes.space import SpaceBudget
 
 MIB = 1 << 20
 
@@ -111,7 +111,7 @@ def test_spill_then_commit_then_keep_training(store_path):
 @pytest.fixture
 def small_map(monkeypatch):
     """Start every environment at an 8 MiB map, so growth is exercised with little data."""
-    monkeypatch.setattr(environment, "MIN_MAP_SIZE", 8 * MIB)
+    monkeypatch.setattr(SpaceBudget, "MIN_MAP", 8 * MIB)
 
 
 def test_map_grows_for_commits(store_path, small_map):

@@ -18,7 +18,7 @@ from guarantees_lib import cli_ok, committed_table, hidden_entries, one_line, py
 
 import lmdb_embeddings as le
 from lmdb_embeddings.format.snapshot import Snapshot
-from lmdb_embeddings.processes import environment
+from lmdb_embeddings.processes import environment, shared_env
 
 ROWS, DIM = 2000, 16
 
@@ -202,8 +202,8 @@ def test_reader_looks_at_the_path_only_when_the_store_changed(tmp_path, monkeypa
     new commit seen (the periodic look is switched off here)."""
     monkeypatch.setattr(environment, "IDENTITY_CHECK_S", 1e9)
     looks = []
-    real = environment.data_file_identity
-    monkeypatch.setattr(environment, "data_file_identity", lambda d: looks.append(d) or real(d))
+    real = shared_env.data_file_identity
+    monkeypatch.setattr(shared_env, "data_file_identity", lambda d: looks.append(d) or real(d))
     path = str(tmp_path / "store")
     build(path, 0.0)
     with le.EmbeddingStore.open(path, readonly=True) as reader:

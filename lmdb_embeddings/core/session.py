@@ -122,6 +122,9 @@ class Session:
     def has_changes(self) -> bool:
         return False
 
+    def settle(self) -> None:
+        """Apply what LMDB decided about an interrupted commit (a writer); nothing to do for a reader."""
+
     def release(self) -> None:
         """Give the environment (and a writer's lock) back; the session is unusable afterwards."""
         self.table.clear_caches()

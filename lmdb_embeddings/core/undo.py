@@ -18,16 +18,14 @@ failed commit) leaves the last commit's log intact. :func:`revert_last_commit` a
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
 
-import lmdb
-
 from ..errors import CommitError, CorruptionError, EmbeddingStoreError
 from ..format.records import META_DB, check_store_dir, pack_record, read_record, unpack_record
 from ..processes import environment
+from ..processes.transaction import ReservationError, WriteTransaction
 from ..processes.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -50,38 +48,31 @@ def split_entry_key(entry: bytes) -> tuple[bytes, bytes]:
 
 
 class UndoLog:
-    """The writer's side: empty the log in a new transaction, capture pre-images, write the mark."""
+    """The writer's side, inside a :class:`~lmdb_embeddings.processes.transaction.WriteTransaction`:
+    empty the log when the transaction begins, capture pre-images, write the mark."""
 
-    def __init__(self, env: environment.SharedEnv):
-        self.env = env
+    def start(self, pending: WriteTransaction) -> None:
+        """A new pending transaction: empty the log (it described the previous commit)."""
+        existing = pending.env.cached_db(UNDO_DB)
+        db = pending.db(UNDO_DB)  # created in the transaction if new (forgotten if it aborts)
+        if existing is not None:
+            pending.txn.drop(db, delete=False)
 
-    def start(self, txn: lmdb.Transaction, created: list[bytes]) -> None:
-        """A new pending transaction: empty the log (it described the previous commit).
-
-        A database created here is appended to ``created`` (forgotten if the txn aborts).
-        """
-        db = self.env.cached_db(UNDO_DB)
-        if db is None:
-            self.env.create_db(UNDO_DB, txn)
-            created.append(UNDO_DB)
-        else:
-            txn.drop(db, delete=False)
-
-    def capture(self, txn: lmdb.Transaction, db_name: bytes, db, key: bytes) -> None:
-        """Before ``txn`` first writes ``key`` of ``db``: keep its committed value (or its absence).
+    def capture(self, pending: WriteTransaction, db_name: bytes, db, key: bytes) -> None:
+        """Before ``pending`` first writes ``key`` of ``db``: keep its committed value (or its absence).
 
         The pre-image is copied out of LMDB's map before anything is written (a write may
         move the page it lives on).
         """
-        undo = self.env.cached_db(UNDO_DB)
+        txn, undo = pending.txn, pending.db(UNDO_DB)
         entry = entry_key(db_name, key)
         if txn.get(entry, db=undo) is not None:
             return
         old = txn.get(key, db=db) if db is not None else None
         txn.put(entry, _ABSENT if old is None else _VALUE + bytes(old), db=undo)
 
-    def mark(self, txn: lmdb.Transaction, undoes: int, restores: int) -> None:
-        txn.put(MARK, pack_record({"undoes": int(undoes), "restores": int(restores)}), db=self.env.cached_db(UNDO_DB))
+    def mark(self, pending: WriteTransaction, undoes: int, restores: int) -> None:
+        pending.txn.put(MARK, pack_record({"undoes": int(undoes), "restores": int(restores)}), db=pending.db(UNDO_DB))
 
 
 def revert_history(history, commit: int, rows: int) -> list[list[int]]:
@@ -142,11 +133,16 @@ def _apply(shared: environment.SharedEnv, path: str) -> dict:
     with shared.reading() as txn:
         stat = txn.stat(undo_db)
     size = (stat["leaf_pages"] + stat["branch_pages"] + stat["overflow_pages"] + 16) * stat["psize"]
-    shared.ensure_headroom(size)
-    _reserve(shared, path, size)
     with shared.lock:
-        txn = shared.env.begin(write=True, buffers=True)
+        pending = WriteTransaction(shared)
         try:
+            pending.reserve(2 * size)  # each pre-image put back, and the log's own pages
+        except ReservationError as exc:
+            raise CommitError(f"undoing the last commit of {path} failed ({exc.reason}); nothing was changed: "
+                              "free space and retry", reason=exc.reason) from None
+        pending.begin(headroom=size)
+        try:
+            txn = pending.txn
             raw_mark = txn.get(MARK, db=undo_db)
             state = read_record(txn, STATE_KEY, meta_db, path)
             if raw_mark is None:
@@ -165,10 +161,9 @@ def _apply(shared: environment.SharedEnv, path: str) -> dict:
                     if entry != MARK:
                         _undo_entry(txn, shared, path, entry, value, new_commit)
             txn.drop(undo_db, delete=False)
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
+            pending.commit()  # decided by LMDB: an interruption after it leaves the revert made
+        finally:
+            pending.abort()  # if still open (a failure before the commit); never undoes a commit
     log.info("%s: commit %s undone; the store holds commit %s's contents as commit %s",
              path, mark["undoes"], mark.get("restores"), new_commit)
     return {"undone": int(mark["undoes"]), "restored": int(mark.get("restores", -1)), "commit": new_commit}
@@ -188,15 +183,3 @@ def _undo_entry(txn, shared: environment.SharedEnv, path: str, entry: bytes, val
         txn.delete(key, db=db)
     else:
         txn.put(key, value[1:], db=db)
-
-
-def _reserve(shared: environment.SharedEnv, path: str, size: int) -> None:
-    """Under writemap, allocate the blocks the revert may write first (a hole on a full disk is SIGBUS)."""
-    if not shared.writemap:
-        return
-    try:
-        shared.data_file.reserve(shared.used_bytes() + 2 * size + (2 << 20))
-    except OSError as exc:
-        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-        raise CommitError(f"undoing the last commit of {path} failed ({reason}); nothing was changed: free "
-                          "space and retry") from None

@@ -1,26 +1,25 @@
-"""The writer's session: the pending write transaction, the one place a commit begins, ends or fails.
+"""The writer's session: what a commit writes, and what the handle keeps when a write or commit fails.
 
-``put``/``add`` only change the table's caches. A write transaction is opened when a dirty
-chunk has to leave the cache (it is *spilled* into the transaction) or at ``commit``,
-which writes every dirty chunk of every column, the new ID chunks and the ``state`` record
-in ONE transaction with one synced LMDB commit. Map growth happens only between
-transactions (LMDB cannot resize under an open one), so room is reserved up front and a
-``MapFullError`` is retried once with a bigger map. A failed commit raises
-``CommitError``, keeps the previous commit on disk, and keeps the handle's changes for a
-retry unless some had been spilled into the failed transaction.
+``put``/``add`` only change the table's caches. A write transaction
+(``processes/transaction.WriteTransaction``, the one object that begins, writes, commits and
+aborts) is opened when a dirty chunk has to leave the cache (it is *spilled* into the
+transaction) or at ``commit``, which writes every dirty chunk of every column, the new ID
+chunks and the ``state`` record in ONE transaction with one synced LMDB commit.
 
-With ``writemap`` (the default) LMDB writes pages straight into its shared map of the data
-file; every byte a transaction may write is reserved on disk first
-(``processes.data_file``), so a full disk fails cleanly before anything is written (and a
-commit refused for space keeps even its spilled chunks: the same ``commit()`` can be retried).
+Whether a commit happened is decided by LMDB (the transaction object reads it: the return code,
+then the meta page), never by whether Python raised afterwards: after a signal inside
+``commit()`` the handle knows it committed (:meth:`WriterSession.settle` applies the outcome, at
+the latest at the next call). A commit that LMDB did not make raises ``CommitError`` and keeps
+the previous commit on disk; the handle keeps its changes for the same ``commit()`` to retry,
+unless LMDB lost a transaction holding spilled chunks: then the handle is rolled back and the
+error says so (``CommitError.rolled_back``). Every byte a transaction may write is reserved on
+disk first (``writemap``), so a full disk fails cleanly before anything is written.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 
@@ -34,9 +33,11 @@ from ..format.records import IDS_DB, META_DB, column_db_name, pack_record
 from ..fsutil import free_bytes
 from ..options import StoreOptions
 from ..processes import environment
+from ..processes.transaction import Outcome, ReservationError, WriteTransaction
 from ..processes.writer_lock import WriterLock
 from .cache import CacheStats
 from .session import Session
+from .table import Column
 from .undo import STATE_KEY, UndoLog
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,12 @@ class WriterSession(Session):
     def __init__(self, path: str, env: environment.SharedEnv, lock: WriterLock, options: StoreOptions,
                  stats: CacheStats):
         self.lock = lock
-        self._pending: lmdb.Transaction | None = None
-        self._dbs_in_pending: list[bytes] = []
+        self._pending: WriteTransaction | None = None
+        self._committing: tuple | None = None  # (version, time, bytes) of the commit in self._pending
+        self._lost = False  # LMDB gave up on a transaction holding spilled chunks: roll back at the call's end
         self._since_commit = 0
-        self._txn_start = 0  # LMDB's committed end when the pending transaction began
-        self._txn_bytes = 0  # bytes written into the pending transaction so far
-        self._reserved_ahead = 0  # of which the disk holds this many (writemap)
         self._encoder = ChunkEncoder()
-        self._undo = UndoLog(env) if options.undo_log else None  # keeps what each commit overwrites
+        self._undo = UndoLog() if options.undo_log else None  # keeps what each commit overwrites
         super().__init__(path, env, options, stats)
 
     @classmethod
@@ -80,15 +79,20 @@ class WriterSession(Session):
 
     # -- reads: the handle's own state, no snapshot needed --------------------------------
     def read(self, call):
-        return call()
+        """Run one call (it may spill); if LMDB lost spilled changes meanwhile, the handle is rolled back."""
+        try:
+            return call()
+        finally:
+            if self._lost:
+                self.rollback()
 
     def refresh(self) -> None:
         pass
 
     def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
         """Chunks as this writer last wrote them: from the pending transaction if one is open."""
-        if self._pending is not None:
-            yield from self.decode_chunks(self._pending, spec, chunks)
+        if self._pending is not None and self._pending.is_open:
+            yield from self.decode_chunks(self._pending.txn, spec, chunks)
             return
         with self.env.reading() as txn:
             yield from self.decode_chunks(txn, spec, chunks)
@@ -98,98 +102,93 @@ class WriterSession(Session):
             return self.committed_versions(txn, spec, chunks)
 
     # -- the pending transaction ---------------------------------------------------------
+    def _transaction(self, headroom: int) -> WriteTransaction:
+        """The open pending transaction, begun now (after making ``headroom`` bytes of map room) if none is."""
+        self.settle()  # a committed one is applied before a new one replaces it
+        pending = self._pending
+        if pending is None or pending.outcome is not Outcome.OPEN:
+            if pending is None or pending.outcome is not Outcome.NEW:
+                pending = self._pending = WriteTransaction(self.env, self._undo)
+            pending.begin(headroom)
+        return pending
+
+    # -- put and add: all or nothing -----------------------------------------------------------
+    def put_rows(self, column: Column, slots: np.ndarray, values: np.ndarray, call: str) -> None:
+        """``put``/``put_column`` of checked rows, all or nothing.
+
+        A call over more chunks than L1 holds is served in groups (``core/cache.py``). Such a call
+        first reads (and checksums) every chunk it will overwrite, so a damaged chunk fails it
+        before anything is written; if a later group still fails (a spill refused for disk space),
+        the rows the earlier groups overwrote are put back. It costs one extra gather, only for
+        calls larger than the cache.
+        """
+        cache = column.cache
+
+        def scatter() -> None:
+            if cache.fits_at_once(slots):
+                cache.scatter(slots, values)  # one group: every chunk is made resident before any row is written
+                return
+            before = cache.gather(slots)
+            try:
+                cache.scatter(slots, values)
+            except BaseException as exc:
+                if self._lost:  # the handle is rolled back at the end of the call (read)
+                    raise
+                try:
+                    cache.scatter(slots, before)
+                except BaseException:
+                    raise self._rolled_back(call, exc) from None
+                raise
+
+        self.read(scatter)
+
+    def append_rows(self, new_ids: np.ndarray, values: np.ndarray) -> None:
+        """``add``: the new IDs and rows, or (if writing them fails) none of them."""
+        table, spilled, start = self.table, self.spilled, self.table.rows
+
+        def append() -> None:
+            try:
+                table.append(new_ids, values)
+            except BaseException as exc:
+                if self._lost:  # the handle is rolled back at the end of the call (read)
+                    raise
+                if self.spilled != spilled:  # rows of this call are in the pending transaction: only a rollback
+                    raise self._rolled_back("add", exc) from None
+                table.forget_rows_from(start)
+                raise
+
+        self.read(append)
+
+    def _rolled_back(self, call: str, exc: BaseException) -> CommitError:
+        """The failed call cannot be undone alone (its rows reached the pending transaction): roll back."""
+        commit = self.table.commit
+        self.rollback()
+        reason = getattr(exc, "reason", None) or " ".join((str(exc) or type(exc).__name__).split())
+        return CommitError(f"{call} failed ({reason}) after changed chunks had been spilled from the cache into the "
+                           f"pending transaction, so this handle was rolled back to the last commit ({commit})",
+                           reason=reason, rolled_back=True)
+
+    # -- the pending transaction (continued) --------------------------------------------------
     def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
         """Write an evicted dirty chunk into the pending write transaction."""
-        if self._pending is None:
-            # The map cannot grow while this transaction is open, and the caller may keep
-            # adding rows (and spilling) before it commits: reserve room for all the disk
-            # can hold, so the map is never the limit (the mapping is virtual, not disk).
-            self.env.ensure_headroom(free_bytes(self.path) // 2)
-        value = self._encoder.encode(rows, chunk, self.table.commit + 1)
-        # reserve well ahead: one fallocate serves many spills (and the pre-image the undo log keeps)
-        stored = self._pages(len(value), 2 if self._undo is not None else 1)
-        self._reserve(stored, ahead=max(8 << 20, self.table.row_bytes * self.table.rows // 16))
-        txn = self._pending_txn()
-        db = self._ensure_db(spec, txn)
+        budget, table = self.env.budget, self.table
+        table_bytes = table.row_bytes * table.rows
+        pending = self._transaction(budget.pending_headroom(table_bytes, table.rows, free_bytes(self.path)))
+        value = self._encoder.encode(rows, chunk, table.commit + 1)
         try:
-            if self._undo is not None:
-                self._undo.capture(txn, column_db_name(spec.name), db, chunk_key(chunk))
-            txn.put(chunk_key(chunk), value, db=db)
-        except lmdb.Error as exc:  # LMDB gives up on a transaction that failed a put: it is gone
-            self._abort_pending()
-            raise CommitError(f"spilling changes from the cache into {self.path} failed ({exc})") from None
-        self._txn_bytes += stored
+            pending.put(column_db_name(spec.name), chunk_key(chunk), value, ahead=budget.ahead(table_bytes))
+        except ReservationError as exc:
+            raise self._kept_error("spilling changes that no longer fit in the cache", exc.reason) from None
+        except lmdb.Error as exc:  # LMDB gave up on the transaction: what was spilled into it is gone
+            self._lost = self.spilled > 0
+            reason = f"spilling changes from the cache into {self.path} failed ({exc})"
+            if self._lost:
+                raise CommitError(f"{reason}; changed chunks spilled earlier were lost with the transaction, so this "
+                                  "handle is rolled back to the last commit", reason=str(exc), rolled_back=True) \
+                    from None
+            raise CommitError(f"{reason}; nothing was lost: this handle keeps its uncommitted changes",
+                              reason=str(exc)) from None
         self.spilled += 1
-
-    @property
-    def lost_spills(self) -> bool:
-        """True once the pending transaction was lost with spilled changes in it (roll back)."""
-        return self.spilled > 0 and self._pending is None
-
-    def _ensure_db(self, spec: ColumnSpec, txn: lmdb.Transaction):
-        """The column's database, created inside the pending transaction if new."""
-        db = self.db_of(spec)
-        if db is None:
-            name = column_db_name(spec.name)
-            db = self.env.create_db(name, txn)
-            self._dbs_in_pending.append(name)
-        return db
-
-    def _pending_txn(self) -> lmdb.Transaction:
-        if self._pending is None:
-            rows = max(self.table.rows, 1)
-            self.env.ensure_headroom(self.table.row_bytes * rows + 16 * rows + (8 << 20))
-            self._txn_start, self._txn_bytes, self._reserved_ahead = self.env.used_bytes(), 0, 0
-            self.env.clear_stale_readers()  # a killed reader's slot would pin its snapshot's pages for good
-            self._pending = self.env.env.begin(write=True, buffers=True)
-            self.env.write_owner = threading.get_ident()  # only this thread can end it (see processes/fork.py)
-            if self._undo is not None:
-                self._undo.start(self._pending, self._dbs_in_pending)
-        return self._pending
-
-    def _pages(self, value_bytes: int, count: int = 1) -> int:
-        """Disk ``count`` values take as LMDB overflow pages (a run of whole pages after a header each)."""
-        psize = self.env.data_file.page_size
-        return count * (-(-(value_bytes + 64) // psize) * psize)
-
-    def _reserve(self, more: int, ahead: int = 0) -> None:
-        """Before the pending transaction stores ``more`` bytes: make sure the disk has the blocks.
-
-        LMDB takes free pages inside the file first and appends the rest, so the file never
-        grows past its committed end plus what this transaction wrote. ``ahead`` reserves more
-        than needed now, so that a stream of spills costs one ``fallocate`` in many.
-        """
-        if not self.env.writemap:
-            return
-        need = self._txn_bytes + more
-        if need <= self._reserved_ahead:
-            return
-        start = self._txn_start if self._pending is not None else self.env.used_bytes()
-        reserved = need + ahead
-        try:
-            self.env.data_file.reserve(start + reserved + reserved // 32 + (2 << 20))  # + B-tree, free-list pages
-        except OSError as exc:
-            what = "commit" if not ahead else "spilling changes that no longer fit in the cache"
-            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            error = CommitError(
-                f"{what} to {self.path} failed ({reason}: {need:,} bytes of disk needed); nothing was written, the "
-                f"store keeps commit {self.table.commit} and this handle keeps its uncommitted changes: free space "
-                "and call commit() again")
-            error.reason = f"{reason}: {need:,} bytes of disk needed"  # for a caller that says more (store.py)
-            raise error from None
-        self._reserved_ahead = reserved
-
-    def _abort_pending(self) -> None:
-        if self._pending is not None:
-            try:
-                self._pending.abort()
-            except lmdb.Error:
-                pass
-            self._pending = None
-            self.env.write_owner = None
-        for db_name in self._dbs_in_pending:  # handles opened in an aborted txn are invalid
-            self.env.forget_db(db_name)
-        self._dbs_in_pending = []
 
     # -- commit and rollback -------------------------------------------------------------
     def has_changes(self) -> bool:
@@ -201,107 +200,125 @@ class WriterSession(Session):
         every = self.options.commit_every
         return every is not None and self._since_commit >= every
 
+    def settle(self) -> None:
+        """Apply what LMDB decided about a commit that Python was interrupted around (idempotent).
+
+        Called by the commit itself and at the start of every call of the handle, so a signal
+        that cut the commit's bookkeeping short never leaves the handle believing the old state.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        pending.settle()
+        if pending.outcome is Outcome.COMMITTED:
+            version, now, written = self._committing
+            self.table.mark_committed(version, now)  # idempotent: marks the written chunks clean
+            self.spilled = 0
+            if self._pending is pending:
+                self.commits += 1
+                self.bytes_committed += written
+            self._pending = self._committing = None
+        elif pending.outcome is Outcome.ABORTED:
+            self._pending = self._committing = None
+
     def commit(self) -> None:
         """Make every change durable in one transaction (see the module docstring)."""
         self._since_commit = 0
+        self.settle()
         if not self.has_changes():
             return
         for attempt in (0, 1):
             try:
-                self._write_commit()
+                self._write_commit(map_was_full=attempt == 1)
                 return
-            except lmdb.MapFullError:
+            except lmdb.MapFullError:  # the transaction is gone (LMDB gives up on one that failed a put)
                 if self.spilled or attempt:
-                    self._fail_commit("the LMDB map is full")
-                self._abort_pending()
-                self.env.ensure_headroom(4 * self._dirty_bytes())
+                    raise self._failed_commit("the LMDB map is full") from None
             except lmdb.Error as exc:
-                self._fail_commit(str(exc))
+                raise self._failed_commit(str(exc)) from None
+            except ReservationError as exc:
+                raise self._kept_error("commit", exc.reason) from None
+            except OSError as exc:  # before LMDB's commit (the meta pages could not be saved): nothing changed
+                raise self._kept_error("commit", exc.strerror or str(exc)) from None
 
-    def _dirty_bytes(self) -> int:
-        return self.table.dirty_bytes() * (2 if self._undo is not None else 1) + (1 << 20)  # + pre-images
-
-    def _commit_bytes(self) -> int:
-        """Disk a commit may take for its dirty chunks, its new ID chunks and its records."""
-        table, cr = self.table, self.table.chunk_rows
-        new_id_chunks = max(0, -(-table.rows // cr) - table.committed_rows // cr)
-        chunks = sum(self._pages(c.cache.chunk_bytes, c.cache.n_dirty) for c in table.columns.values())
-        ids = self._pages(8 * cr, new_id_chunks)
-        copies = 2 if self._undo is not None else 1  # the undo log keeps a pre-image of each value written
-        return copies * (chunks + ids) + (1 << 20)
-
-    def _write_commit(self) -> None:
-        table = self.table
-        version = table.commit + 1
-        if self._pending is None:
-            self.env.ensure_headroom(self._dirty_bytes() + 16 * max(table.rows, 1))
-        self._reserve(self._commit_bytes())  # CommitError if the disk is full: nothing written, all kept
-        txn = self._pending_txn()
+    def _write_commit(self, map_was_full: bool) -> None:
+        table, budget = self.table, self.env.budget
+        version, now = table.commit + 1, time.time()
+        dirty = [(column, column.cache.dirty_chunks()) for column in table.columns.values()]
+        id_chunks = list(table.new_id_chunks())
+        state = pack_record(table.state_record(version, now))
+        pending = self._pending if self._pending is not None and self._pending.outcome is not Outcome.ABORTED \
+            else WriteTransaction(self.env, self._undo)
+        self._pending = pending
+        writes = [(column.db_name, chunk_key(chunk), rows.nbytes) for column, chunks in dirty for chunk, rows in chunks]
+        writes += [(IDS_DB, chunk_key(chunk), ids.nbytes) for chunk, ids in id_chunks]
+        writes.append((META_DB, STATE_KEY, len(state)))
+        # every block it may write, the state record (attrs) included: a full disk fails here, nothing written
+        pending.reserve(pending.disk_needed(writes) + budget.STATE_SLACK)
+        self._transaction(budget.commit_headroom(table.dirty_bytes() + len(state), table.rows,
+                                                 2 if self._undo is not None else 1, map_was_full))
         written = 0
-        for column in table.columns.values():
-            dirty = column.cache.dirty_chunks()
-            db = self._ensure_db(column.spec, txn)  # declared columns get their (maybe empty) DB
-            if not dirty:
-                continue
-            with txn.cursor(db=db) as cursor:
-                for chunk, rows in dirty:
-                    if self._undo is not None:  # before the encoder's buffer is filled for this chunk
-                        self._undo.capture(txn, column.db_name, db, chunk_key(chunk))
+        for column, chunks in dirty:
+            cursor = pending.cursor(column.db_name)  # declared columns get their (maybe empty) DB
+            with cursor:
+                for chunk, rows in chunks:
                     value = self._encoder.encode(rows, chunk, version)
-                    cursor.put(chunk_key(chunk), value)
+                    pending.put(column.db_name, chunk_key(chunk), value, cursor=cursor)
                     written += len(value)
-        for chunk, ids in table.new_id_chunks():
-            if self._undo is not None:
-                self._undo.capture(txn, IDS_DB, self.ids_db, chunk_key(chunk))
+        for chunk, ids in id_chunks:
             value = self._encoder.encode(ids, chunk, version)
-            txn.put(chunk_key(chunk), value, db=self.ids_db)
+            pending.put(IDS_DB, chunk_key(chunk), value)
             written += len(value)
-        now = time.time()
+        pending.put(META_DB, STATE_KEY, state)
         if self._undo is not None:
-            self._undo.capture(txn, META_DB, self.meta_db, STATE_KEY)
-        txn.put(STATE_KEY, pack_record(table.state_record(version, now)), db=self.meta_db)
-        if self._undo is not None:
-            self._undo.mark(txn, undoes=version, restores=table.commit)
-        self._pending = None
-        meta = self.env.data_file.save_meta() if self.env.writemap else None
+            self._undo.mark(pending, undoes=version, restores=table.commit)
+        self._committing = (version, now, written)
         try:
-            txn.commit()  # one synced commit (sync=True); raises on disk full / I/O error
-        except BaseException:
-            self._pending = txn  # so _fail_commit forgets databases created in it
-            if meta is not None and self.env.data_file.restore_meta(meta):
-                log.warning("%s: the failed commit had written its meta page; the previous one was put back",
-                            self.path)
-            raise
-        self.env.write_owner = None
-        self._dbs_in_pending = []
-        table.mark_committed(version, now)
-        self.spilled = 0
-        self.commits += 1
-        self.bytes_committed += written
+            pending.commit()  # LMDB decides; settle() applies its decision, whatever Python raised
+        finally:
+            self.settle()
 
-    def _fail_commit(self, reason: str) -> None:
-        self._abort_pending()
+    def _kept_error(self, what: str, reason: str) -> CommitError:
+        """Nothing was written: the store keeps its commit, the handle its changes (retry)."""
+        hint = "free space and call commit() again" if reason.startswith("the disk is full") else \
+            "fix that and call commit() again"
+        return CommitError(f"{what} to {self.path} failed ({reason}); nothing was written, the store keeps commit "
+                           f"{self.table.commit} and this handle keeps its uncommitted changes: {hint}", reason=reason)
+
+    def _failed_commit(self, reason: str) -> CommitError:
+        """LMDB refused the commit (or gave up on its transaction): the error to raise, the handle set right."""
+        if self._pending is not None:
+            self._pending.abort()
+        self.settle()
         self.env.reopen_if_panicked()  # a failed meta-page write leaves the env unusable until reopened
         commit = self.table.commit
         if self.spilled:
             lost = self.spilled
             self.rollback()
-            raise CommitError(
+            return CommitError(
                 f"commit to {self.path} failed ({reason}); the store keeps commit {commit}. "
                 f"{lost} changed chunk(s) had been spilled from the cache into the failed transaction, "
-                "so this handle was rolled back to the last commit")
-        raise CommitError(
+                "so this handle was rolled back to the last commit", reason=reason, rolled_back=True)
+        return CommitError(
             f"commit to {self.path} failed ({reason}); the store keeps commit {commit} and this "
-            "handle keeps its uncommitted changes: free space (or fix the error) and call commit() again")
+            "handle keeps its uncommitted changes: free space (or fix the error) and call commit() again",
+            reason=reason)
 
     def rollback(self) -> None:
         """Discard every change since the last commit."""
-        self._abort_pending()
+        self.settle()
+        if self._pending is not None:
+            self._pending.abort()
+            self._pending = self._committing = None
+        self._lost = False
         self.spilled = 0
         self._since_commit = 0
         self.table.rollback()
 
     def release(self) -> None:
-        self._abort_pending()
+        self.settle()
+        if self._pending is not None:
+            self._pending.abort()
+            self._pending = None
         super().release()
         self.lock.release()

@@ -21,12 +21,15 @@ from ..errors import EmbeddingStoreError, StorageError
 from ..fsutil import fsync_dir
 from ..processes import environment
 from ..processes.memory import return_free_heap
+from ..processes.space import SpaceBudget
+from ..processes.transaction import WriteTransaction
 from ..version import __version__
 from .chunks import ID_DTYPE, ChunkEncoder, chunk_key
 from .layout import ColumnSpec, TableLayout
 from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 
 _TXN_BYTES = 64 << 20
+_FIRST_MAP_MAX = 1 << 30  # the map starts at most this large and grows with what is written
 
 
 class StoreBuilder:
@@ -37,33 +40,48 @@ class StoreBuilder:
         # Not synced per transaction: nothing here is visible until finish() has synced the
         # whole environment and the caller has swapped the directory in; the kernel writes
         # back in the background while we encode, instead of one fsync per transaction.
-        self._env = lmdb.open(directory, subdir=True, map_size=max(2 * table_bytes + (64 << 20),
-                                                                    environment.MIN_MAP_SIZE),
-                              max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
-                              metasync=False, writemap=False, meminit=False, max_spare_txns=0)
-        self._meta_db = self._env.open_db(META_DB)
-        self._ids_db = self._env.open_db(IDS_DB)
-        self._column_dbs = [self._env.open_db(column_db_name(c.name)) for c in layout.columns]
-        self._txn = None
+        # The layout's row count is a claim (a dump read from a pipe cannot be sized up front): the
+        # map starts from it, bounded, and each transaction makes room for what it will write (_put).
+        first_map = min(SpaceBudget.build_map_size(table_bytes), _FIRST_MAP_MAX)
+        env = lmdb.open(directory, subdir=True, map_size=first_map,
+                        max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
+                        metasync=False, writemap=False, meminit=False, max_spare_txns=0)
+        # not in the registry: this process's only handle on a directory nobody else sees yet
+        self._env = environment.SharedEnv(directory, env, writable=True, readahead=True, writemap=False)
+        self._column_dbs = [column_db_name(c.name) for c in layout.columns]
+        self._pending: WriteTransaction | None = None
         self._txn_bytes = 0
+        self._room = 0  # map bytes the pending transaction was given and has not used yet
         self._next_ids = self._next_chunk = 0
         self._encoder = ChunkEncoder()
 
-    def _put(self, db, chunk: int, rows: np.ndarray) -> None:
-        if self._txn is None:
-            self._txn = self._env.begin(write=True)
+    def _transaction(self, need: int = 0) -> WriteTransaction:
+        """The pending transaction, with map room for ``need`` more bytes (else the next one, given room)."""
+        if self._pending is not None and need > self._room:
+            self._commit_pending()
+        if self._pending is None:
+            self._room = max(need, 2 * _TXN_BYTES)
+            self._pending = WriteTransaction(self._env).begin(headroom=self._room)
+        self._room -= need
+        return self._pending
+
+    def _commit_pending(self) -> None:
+        pending, self._pending, self._txn_bytes = self._pending, None, 0
+        pending.commit()
+
+    def _put(self, db_name: bytes, chunk: int, rows: np.ndarray) -> None:
         value = self._encoder.encode(rows, chunk, 0)
-        self._txn.put(chunk_key(chunk), value, db=db, append=True)
+        need = 2 * len(value) + self._env.budget.page_size + SpaceBudget.VALUE_HEADER  # leaf node or overflow pages
+        self._transaction(need).put(db_name, chunk_key(chunk), value, append=True)
         self._txn_bytes += len(value)
         if self._txn_bytes >= _TXN_BYTES:
-            self._txn.commit()
-            self._txn, self._txn_bytes = None, 0
+            self._commit_pending()
 
     def add_ids(self, chunk: int, ids: np.ndarray) -> None:
         """The IDs of chunk ``chunk`` (chunks in order)."""
         if chunk != self._next_ids or len(ids) != self.layout.chunk_len(chunk):
             raise EmbeddingStoreError(f"store builder: id chunk {chunk} out of order or of the wrong length")
-        self._put(self._ids_db, chunk, np.ascontiguousarray(ids, ID_DTYPE).reshape(-1, 1))
+        self._put(IDS_DB, chunk, np.ascontiguousarray(ids, ID_DTYPE).reshape(-1, 1))
         self._next_ids += 1
 
     def add_chunk(self, chunk: int, parts: list[np.ndarray]) -> None:
@@ -95,21 +113,21 @@ class StoreBuilder:
         state = {"commit": layout.commit, "rows": layout.rows,
                  "committed_at": layout.committed_at if layout.committed_at is not None else time.time(),
                  "attrs": layout.attrs, "columns": {c.name: c.describe() for c in layout.columns}}
-        txn = self._txn or self._env.begin(write=True)
-        self._txn = None
-        with txn:
-            txn.put(b"format", pack_record(format_record()), db=self._meta_db)
-            txn.put(b"config", pack_record(config), db=self._meta_db)
-            txn.put(b"state", pack_record(state), db=self._meta_db)
-        self._env.sync(True)
+        pending, self._pending = self._transaction(), None
+        for name in (IDS_DB, *self._column_dbs):
+            pending.db(name)  # every database exists, even those of an empty table
+        for key, record in ((b"format", format_record()), (b"config", config), (b"state", state)):
+            pending.put(META_DB, key, pack_record(record))
+        pending.commit()
+        self._env.env.sync(True)
         self.close()
         fsync_dir(self.directory)
 
     def close(self) -> None:
         """Abandon (if not finished) and close; the caller removes the directory."""
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = None
+        if self._pending is not None:
+            self._pending.abort()
+            self._pending = None
         if self._env is not None:
             self._env.close()
             self._env = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from contextlib import ExitStack
 
 import lmdb
 import numpy as np
@@ -63,7 +64,7 @@ class Snapshot:
         self._shared = environment.acquire(self.path, write=False)
         self._txn = None
         self._dbs: dict[str, object] = {}
-        self._counted = False  # registered as an open snapshot with the shared environment
+        self._lease = ExitStack()  # the environment's snapshot lease, held until close()
         self._read_bytes = 0  # read from the map since the last release_pages()
         try:
             self._begin()
@@ -73,10 +74,9 @@ class Snapshot:
 
     def _begin(self) -> None:
         shared = self._shared
-        # Counted from before the first LMDB call: a fork while this thread is inside one must
+        # Leased from before the first LMDB call: a fork while this thread is inside one must
         # leave the environment alone in the child (py-lmdb's close there would wait for the call).
-        shared.count_snapshot(+1)
-        self._counted = True
+        self._lease.enter_context(shared.snapshot_lease())
         try:
             self._meta_db, self._ids_db = shared.cached_db(META_DB), shared.cached_db(IDS_DB)
             if self._meta_db is None or self._ids_db is None:
@@ -158,10 +158,13 @@ class Snapshot:
             yield chunk, self.ids_chunk(chunk)
             self.release_pages()
 
-    def chunks(self):
-        """(chunk, one array per column) of every chunk, in order, as a reader of the store sees them."""
+    def chunks(self, columns: tuple[ColumnSpec, ...] | None = None):
+        """(chunk, one array per column) of every chunk, in order, as a reader of the store sees them.
+
+        ``columns``: only those (default: all of the layout's).
+        """
         for chunk in range(self.layout.n_chunks):
-            yield chunk, [self.column_chunk(chunk, c) for c in self.layout.columns]
+            yield chunk, [self.column_chunk(chunk, c) for c in columns or self.layout.columns]
             self.release_pages()
 
     def release_pages(self, force: bool = False) -> None:
@@ -185,9 +188,7 @@ class Snapshot:
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
-        if self._counted:
-            self._shared.count_snapshot(-1)
-            self._counted = False
+        self._lease.close()
         if self._shared is not None:
             environment.release(self._shared)
             self._shared = None

@@ -10,6 +10,10 @@
  *   meta  - writes of the two meta pages (offset < 2 pages) fail; with writemap, the
  *           msync of a meta page (a range inside the first two pages) fails
  *   sync  - fsync/fdatasync of data.mdb fail; with writemap, the data msync fails
+ *   slow  - nothing fails: each fsync/fdatasync/msync of data.mdb first creates the file
+ *           "$TORTURE_EIO_FLAG.inside" (so a parent knows a commit is inside its sync and can
+ *           send a real signal then), then takes $TORTURE_SLOW_MS milliseconds (default 300;
+ *           a signal does not cut the wait short), then syncs for real
  * Only descriptors whose path ends in "data.mdb" (and mappings of that file) are affected.
  */
 #define _GNU_SOURCE
@@ -23,6 +27,7 @@
 #include <sys/mman.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define META_BYTES (2 * 4096)
@@ -37,6 +42,27 @@ static int mode_is(const char *mode) {
     close(fd);
     if (n <= 0) return 0;
     return strncmp(buf, mode, strlen(mode)) == 0;
+}
+
+/* Mode "slow": say that a sync of data.mdb is under way, then take a while (see the top). */
+static void slow_sync(void) {
+    const char *flag = getenv("TORTURE_EIO_FLAG");
+    const char *ms_env = getenv("TORTURE_SLOW_MS");
+    char inside[4096];
+    long ms = ms_env ? atol(ms_env) : 300;
+    struct timespec start, now;
+    if (!flag) return;
+    snprintf(inside, sizeof inside, "%s.inside", flag);
+    int fd = open(inside, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0) close(fd);
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {  /* nanosleep returns early on a signal: sleep again until the time is up */
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed = (now.tv_sec - start.tv_sec) * 1000L + (now.tv_nsec - start.tv_nsec) / 1000000L;
+        if (elapsed >= ms) break;
+        struct timespec pause = {0, 5 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
 }
 
 static int is_data_file(int fd) {
@@ -97,12 +123,14 @@ ssize_t pwritev64(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
 int fdatasync(int fd) {
     REAL(fdatasync, int, (int));
     if (is_data_file(fd) && mode_is("sync")) { errno = EIO; return -1; }
+    if (is_data_file(fd) && mode_is("slow")) slow_sync();
     return real_fdatasync(fd);
 }
 
 int fsync(int fd) {
     REAL(fsync, int, (int));
     if (is_data_file(fd) && mode_is("sync")) { errno = EIO; return -1; }
+    if (is_data_file(fd) && mode_is("slow")) slow_sync();
     return real_fsync(fd);
 }
 
@@ -135,6 +163,7 @@ int msync(void *addr, size_t length, int flags) {
             errno = EIO;
             return -1;
         }
+        if (mode_is("slow")) slow_sync();
     }
     return real_msync(addr, length, flags);
 }

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 import torture_lib as tl
+from guarantees_lib import build_fault_shim
 
 import lmdb_embeddings as le
 
@@ -123,14 +123,7 @@ def test_disk_full_with_spilled_chunks_keeps_the_changes_for_a_retry(small_fs):
 
 @pytest.fixture(scope="module")
 def eio_shim(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("I/O-error injection needs a C compiler to build the LD_PRELOAD shim (none found)")
-    out = str(tmp_path_factory.mktemp("shim") / "eio_shim.so")
-    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", out, os.path.join(tl.HERE, "eio_shim.c"), "-ldl"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return build_fault_shim(str(tmp_path_factory.mktemp("shim")))
 
 
 @pytest.mark.parametrize("writemap", [True, False], ids=["writemap", "pwrite"])

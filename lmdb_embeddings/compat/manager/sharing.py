@@ -35,9 +35,9 @@ import threading
 
 import numpy as np
 
-from ..errors import CommitError, InvalidInputError
-from ..processes.environment import data_file_identity
-from ..store import EmbeddingStore
+from ...errors import CommitError, InvalidInputError
+from ...processes.environment import data_file_identity
+from ...store import EmbeddingStore
 from .table_dir import check_dim, open_table, store_path_in
 
 log = logging.getLogger(__name__)
