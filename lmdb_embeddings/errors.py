@@ -100,6 +100,16 @@ class ReadOnlyAttributeError(EmbeddingStoreError, AttributeError):
     """An attribute of the CoSiR drop-in that cannot be assigned (the message says what to do instead)."""
 
 
+class ProcessGroupError(EmbeddingStoreError):
+    """A collective call of a sharded store failed because its process group did: a rank died, hung past
+    the group's timeout, or the network failed. The message says where the store on disk stands; the
+    handle takes part in no more collective calls: close it and open the store again on every rank."""
+
+
+class ProcessGroupCommitError(CommitError, ProcessGroupError):
+    """A sharded ``commit()`` whose process group failed; the message says which commit the store is at."""
+
+
 class MissingDependencyError(EmbeddingStoreError, ImportError):
     """An optional dependency (torch for the tensor API, pytest for ``lmdb_embeddings.testing``) is not
     installed; the message says what to install."""

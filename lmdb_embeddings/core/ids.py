@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InvalidInputError, UnknownIdError
+from ..errors import CorruptionError, InvalidInputError, UnknownIdError
 
 _SHOWN_MISSING = 10
 
@@ -27,11 +27,30 @@ class IdIndex:
 
     @classmethod
     def from_chunks(cls, chunks) -> IdIndex:
-        """Build from consecutive ID arrays without ever holding 0..N-1 as an array."""
+        """Build from consecutive ID arrays (a store's ID chunks) without ever holding 0..N-1 as an array.
+
+        Raises CorruptionError if an ID is there twice: only damage does that (``create`` and ``add``
+        refuse duplicates), and a lookup would silently pick one of its rows.
+        """
         index = cls(np.empty(0, np.int64))
         for part in chunks:
             index.append(part)
+        twice = index.first_duplicate()
+        if twice is not None:
+            raise CorruptionError(f"the store's ids are damaged: id {twice} is stored more than once "
+                                  "(run `lmdb-embeddings verify`; restore from a dump)")
         return index
+
+    def first_duplicate(self, block: int = 1 << 20) -> int | None:
+        """The smallest ID held twice, or None (a block of the sorted IDs at a time: bounded memory)."""
+        if self._contiguous:
+            return None
+        for start in range(0, max(self._n - 1, 0), block):
+            part = self._sorted[start : start + block + 1]
+            same = np.flatnonzero(part[1:] == part[:-1])
+            if len(same):
+                return int(part[same[0]])
+        return None
 
     # -- views -------------------------------------------------------------------------
     @property

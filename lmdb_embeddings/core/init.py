@@ -35,6 +35,25 @@ def init_spec(kind: str, n_rows: int, dim: int) -> dict:
     )
 
 
+def spec_problem(spec, dtype: np.dtype) -> str | None:
+    """Why a stored init ``spec`` cannot make rows of ``dtype`` (None if it can): it is what ``add``
+    and ``create`` use, so a store or dump that carries a broken one is refused at open or restore."""
+    if not isinstance(spec, dict):
+        return f"init {spec!r} is not an init spec (a map with a 'kind')"
+    kind = spec.get("kind")
+    if kind == "zeros":
+        return None
+    scale = {"normal": "std", "uniform": "bound"}.get(kind) if isinstance(kind, str) else None
+    if scale is None:
+        return f"unknown init kind {kind!r}"
+    value = spec.get(scale)
+    # the rows are drawn in float32, then cast to the store dtype: both must hold them (normal: 16 sigma)
+    largest = min(float(np.finfo(np.float32).max), float(np.finfo(dtype).max)) / (16 if kind == "normal" else 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= largest:
+        return f"init {kind} {scale} {value!r} is not a number in [0, {largest:.3g}]"
+    return None
+
+
 def chunk_values(spec: dict, seed: int, chunk_index: int, chunk_rows: int, dim: int,
                  start: int, stop: int, dtype: np.dtype) -> np.ndarray:
     """Rows ``start:stop`` (offsets inside the chunk) of chunk ``chunk_index``."""

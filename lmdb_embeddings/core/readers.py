@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..errors import EmbeddingStoreError
-from ..format.layout import ColumnSpec
+from ..format.layout import ColumnSpec, parse_state
 from ..format.records import column_db_name, read_metadata, read_record
 from ..options import StoreOptions
 from ..processes import environment
@@ -121,8 +121,8 @@ class ReaderSession(Session):
         state = read_record(txn, b"state", self.meta_db, self.path)
         if state.get("commit") == self.table.commit:
             return []
-        missing = [column_db_name(n) for n in state.get("columns", {})
-                   if self.env.cached_db(column_db_name(n)) is None]
+        _, _, columns, _ = parse_state(state, self.path)  # a damaged record: CorruptionError, nothing adopted
+        missing = [column_db_name(n) for n in columns if self.env.cached_db(column_db_name(n)) is None]
         if missing:
             return missing
         self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))

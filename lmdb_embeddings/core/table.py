@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError
-from ..format.layout import ColumnSpec, TableLayout
+from ..format.layout import ColumnSpec, TableLayout, parse_state
 from ..format.records import MAIN, column_db_name, state_record
 from ..options import MIN_WRITER_CHUNKS, StoreOptions
 from . import init
@@ -59,6 +59,7 @@ class Table:
         self.reverts = list(reverts or [])  # the state record's history of undone commits (core.undo)
         self.validate_against: int | None = layout.commit if readonly else None
         self._stats, self._io_for, self._options, self._readonly = stats, io_for, options, readonly
+        self._path = path
         self.columns: dict[str, Column] = {}
         self.new_columns: list[str] = []  # declared since the last commit
         self.attrs_changed = False
@@ -209,12 +210,7 @@ class Table:
 
     def catch_up(self, state: dict, read_ids: Callable[[int, int], Iterable[np.ndarray]]) -> None:
         """Reader: adopt a newer commit's state record (new IDs, chunk by chunk, from ``read_ids(start, stop)``)."""
-        try:
-            rows, commit = int(state["rows"]), int(state["commit"])
-            columns = dict(state.get("columns", {}))
-            attrs = dict(state.get("attrs", {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptionError(f"the store state record is damaged ({exc!r})") from None
+        rows, commit, columns, attrs = parse_state(state, self._path)
         reverts = list(state.get("reverts") or [])
         kept = rows_kept_after(reverts, self.commit)
         if kept is not None and kept < self.rows:  # a commit was undone since: its rows are gone

@@ -8,16 +8,23 @@ carries the per-destination counts of the exchange that follows). If any rank fa
 every rank raises the same class (the lowest failing rank's), with that rank's message
 broadcast to all, before anything is applied anywhere; no rank is left waiting in a
 collective the others skipped, so nothing hangs.
+
+Every torch collective goes through :meth:`Collective.run`: a failure of the group itself (a rank
+killed or hung past the timeout) cannot be agreed on, so it becomes ``ProcessGroupError`` there,
+saying where the store stands (failures.py), and the handle attempts no collective after it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .. import errors
-from ..errors import EmbeddingStoreError
+from ..errors import EmbeddingStoreError, ProcessGroupError
+from .failures import REOPEN
 
 # Every error class of the package, most specific first (a class before its bases): an
 # exception gets the code of the first class it is an instance of. Derived from errors.py,
@@ -60,23 +67,45 @@ class Collective:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = communication_device(group)
+        self.failure: str | None = None  # why the group failed: then no collective is attempted any more
+        self.where_it_stands: Callable[[], str] | None = None  # the store's state, said when the group fails
 
     def global_rank(self, rank: int) -> int:
         """The default group's rank of this group's ``rank`` (what broadcast's ``src`` wants)."""
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
+    def run(self, name: str, collective, *args, **kwargs):
+        """``collective(*args, **kwargs)``, one torch.distributed call; a failure of the group raises
+        :class:`ProcessGroupError` here and at every later call (the ranks are out of step for good)."""
+        if self.failure is not None:
+            raise self._failed(f"the process group failed earlier ({self.failure})")
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as exc:  # gloo/NCCL (DistError is one): a rank died, hung past the timeout, ...
+            self.failure = _torch_failure(exc)
+            raise self._failed(f"the process group failed in {name} ({self.failure})") from exc
+
+    def _failed(self, what: str) -> ProcessGroupError:
+        if self.where_it_stands is None:  # no store handle yet (create, open): they say it
+            return ProcessGroupError(what)
+        return ProcessGroupError(f"{what}; {self.where_it_stands()}. To go on, {REOPEN}")
+
     def all_gather_ints(self, values) -> np.ndarray:
         """Every rank's int64 vector (same length everywhere), as a (world_size, k) array."""
         mine = torch.as_tensor(np.asarray(values, np.int64).reshape(-1), device=self.device)
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine, group=self.group)
+        self.run("all_gather", dist.all_gather, parts, mine, group=self.group)
         return torch.stack(parts).cpu().numpy()
 
     def broadcast_object(self, obj, src: int):
         box = [obj]
-        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group,
-                                   device=self.device if self.device.type == "cuda" else None)
+        self.run("broadcast", dist.broadcast_object_list, box, src=self.global_rank(src), group=self.group,
+                 device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, recv_counts: list, send_counts: list) -> None:
+        self.run("all_to_all", dist.all_to_all_single, out, inp, output_split_sizes=recv_counts,
+                 input_split_sizes=send_counts, group=self.group)
 
     def barrier(self) -> None:
         self.all_gather_ints([0])
@@ -111,6 +140,15 @@ def _describe(error: BaseException | None) -> str:
     if error_code(error) == _UNEXPECTED:
         text = f"{type(error).__name__}: {text}"
     return text
+
+
+def _torch_failure(exc: BaseException) -> str:
+    """torch's message in one short line (gloo's starts with a source location and ends in advice)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    text = text.split(" This is typically caused", 1)[0]
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def attempt(fn, *args, **kwargs):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .collective import Collective, error_code
 
@@ -103,7 +102,6 @@ class Exchange:
         c = self.collective
         inp = torch.from_numpy(packed.view(np.uint8).reshape(n_in, record.itemsize)).to(c.device)
         out = torch.empty((n_out, record.itemsize), dtype=torch.uint8, device=c.device)
-        dist.all_to_all_single(out, inp, output_split_sizes=recv_counts.tolist(),
-                               input_split_sizes=send_counts.tolist(), group=c.group)
+        c.all_to_all_single(out, inp, recv_counts.tolist(), send_counts.tolist())
         unpacked = np.ascontiguousarray(out.cpu().numpy()).view(record).reshape(n_out)
         return [np.ascontiguousarray(unpacked[f"f{i}"]) for i in range(len(arrays))]

@@ -31,12 +31,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import xxhash
 
 from ..errors import CommitError, CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
-from ..format.records import is_store
+from ..format.layout import MAX_ROWS, TableLayout
+from ..format.records import MAIN, MAX_COMMIT, is_store
 from ..fsutil import fsync_dir
 from ..processes.writer_lock import holder_pid
+from .ownership import owner_of
 
 MANIFEST = "manifest.json"
 KIND = "lmdb_embeddings.sharded"
@@ -95,10 +98,64 @@ class Manifest:
             manifest = cls(**{k: record[k] for k in cls.__dataclass_fields__})
         except (KeyError, TypeError) as exc:
             raise CorruptionError(f"{where}: the manifest is damaged (missing {exc})") from None
-        if len(manifest.shards) != manifest.world_size or not all(_SHARD_NAME.match(s) for s in manifest.shards):
-            raise CorruptionError(f"{where}: the manifest's shard list does not match its world size "
-                                  f"{manifest.world_size}")
+        problem = manifest.problem()
+        if problem:
+            raise CorruptionError(f"{where}: the manifest is damaged ({problem})")
         return manifest
+
+    def problem(self) -> str | None:
+        """What in this manifest no sharded store could have written (types, ranges, shard names), or None."""
+        def whole(value, low, high=None) -> bool:
+            return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+                    and (high is None or value <= high))
+
+        if not whole(self.buckets, 1, 2**31) or not whole(self.world_size, 1, self.buckets):
+            return f"world size {self.world_size!r} over {self.buckets!r} buckets"
+        names = [shard_name(r, self.token) for r in range(self.world_size)] if isinstance(self.token, str) else None
+        if self.shards != names:
+            return f"its shard list does not name one shard per rank of world size {self.world_size}, in rank order"
+        if not (whole(self.commit, 0, MAX_COMMIT) and whole(self.rows, 0, MAX_ROWS)):
+            return f"commit {self.commit!r}, rows {self.rows!r}"
+        if not (isinstance(self.committed_at, (int, float, type(None))) and not isinstance(self.committed_at, bool)):
+            return f"committed_at {self.committed_at!r}"
+        try:  # the table's shape, init and seed: the same checks as a store's own records
+            TableLayout.from_record({"chunk_rows": self.chunk_rows, "rows": self.rows, "commit": self.commit,
+                                     "columns": [{"name": MAIN, "width": self.dim, "dtype": self.dtype}],
+                                     "config": {"init": self.init, "seed": self.seed},
+                                     "committed_at": self.committed_at}, CorruptionError, "the table")
+        except CorruptionError as exc:
+            return str(exc)
+        return None
+
+    def shard_problem(self, root: str, rank: int, dim: int, dtype: str, chunk_rows: int, columns, attrs,
+                      id_blocks) -> str | None:
+        """Why the shard found under rank ``rank``'s name does not belong there, or None.
+
+        It must have the manifest's shape and carry what every shard carries; and every ID it
+        holds (``id_blocks``: arrays of them, all or a sample) must be owned by ``rank``. A
+        shard copied back under another rank's name, or a manifest edited or taken from another
+        store, fails here instead of serving "unknown" IDs or taking another rank's rows.
+        """
+        where = f"{self.shard_path(root, rank)} (the shard of rank {rank})"
+        if (dim, dtype, chunk_rows) != (self.dim, self.dtype, self.chunk_rows):
+            return (f"{root}: the manifest describes dim {self.dim}, {self.dtype}, chunk_rows {self.chunk_rows}, but "
+                    f"{where} holds dim {dim}, {dtype}, chunk_rows {chunk_rows}: the manifest and the shards are not "
+                    "of one store (edited by hand, or copied from another one); put back the store's own "
+                    "manifest.json and shards, or restore the store from a dump")
+        if ROW_COLUMN not in columns or COMMIT_ATTR not in attrs:
+            return (f"{where} is not the shard of a sharded store (no {ROW_COLUMN!r} column or {COMMIT_ATTR!r} "
+                    "attr); put back the store's own shards, or restore the store from a dump")
+        for ids in id_blocks:
+            owners = owner_of(ids, self.world_size, self.buckets)
+            wrong = np.flatnonzero(owners != rank)
+            if len(wrong):
+                holders = np.unique(owners).tolist()
+                whose = (f"the rows of rank {holders[0]} (its name is {self.shards[holders[0]]})"
+                         if len(holders) == 1 else f"rows of ranks {holders}")
+                return (f"{where} holds {whose}: id {int(ids[wrong[0]])} belongs to rank {int(owners[wrong[0]])} "
+                        f"of {self.world_size}; shard directories were swapped or copied under the wrong names: "
+                        "give each shard the name of the rank whose rows it holds")
+        return None
 
 
 def _checksum(body: dict) -> int:

@@ -24,18 +24,19 @@ import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError
 from ..format.layout import ID_DTYPE, TableLayout, copy_table
-from ..format.records import FORMAT_VERSION, is_store
+from ..format.records import FORMAT_VERSION, check_store_dir, is_store
+from ..format.snapshot import Snapshot
 from ..ops.backup import detect_format, open_dump
 from ..ops.info import store_info
 from ..ops.progress import bar
-from ..ops.verify import new_report, verify_store
+from ..ops.verify import finish_report, new_report, verify_store
 from ..processes.staging import StagedStore, refuse_if_open
 from ..processes.writer_lock import WriterLock
 from .creation import ShardBuilder
 from .manifest import RESERVED_PREFIX, Manifest, is_sharded, new_token, read_manifest, shard_name, write_manifest
 from .ownership import DEFAULT_BUCKETS, owner_of
 from .shard import recover_shard
-from .snapshot import ShardedSnapshot, row_column
+from .snapshot import ShardedSnapshot, row_column, shard_mismatch
 
 _IDS_FILE = ".ids.restoring"
 
@@ -45,6 +46,10 @@ def sharded_info(path: str) -> dict:
     """``store_info`` of the whole sharded store (the same keys, summed over shards) plus ``sharded``."""
     path = os.path.abspath(path)
     manifest = read_manifest(path)
+    for rank in range(manifest.world_size):
+        problem = _shard_mismatch(path, manifest, rank)
+        if problem is not None:
+            raise CorruptionError(problem)
     shards = [store_info(manifest.shard_path(path, r)) for r in range(manifest.world_size)]
     first = shards[0]
     lm = {k: sum(s["lmdb"][k] for s in shards) for k in ("map_size", "pages_in_use", "pages_in_tables",
@@ -79,7 +84,6 @@ def verify_sharded(path: str, *, progress: bool = False) -> dict:
         manifest = read_manifest(path)
     except CorruptionError as exc:
         problem("manifest", None, str(exc))
-        report["ok"] = False
         return report
     report.update(rows=manifest.rows, dim=manifest.dim, dtype=manifest.dtype, chunk_rows=manifest.chunk_rows,
                   commit=manifest.commit, world_size=manifest.world_size, columns=[])
@@ -94,12 +98,21 @@ def verify_sharded(path: str, *, progress: bool = False) -> dict:
                                                   if not c.startswith(RESERVED_PREFIX)]
         for p in shard["problems"]:
             problem(f"shard {rank} {p['part']}", p["chunk"], p["error"])
+        report["problems_not_listed"] += shard["problems_not_listed"]
+        if shard["ok"] and (mismatch := _shard_mismatch(path, manifest, rank)) is not None:
+            problem(f"shard {rank}", None, mismatch)
     if not report["problems"]:
         _check_shards_together(path, manifest, problem)
-    report["ok"] = not report["problems"]
-    report["bad_chunks"] = sorted({f"shard {p['part'].split()[1]} chunk {p['chunk']}" for p in report["problems"]
-                                   if p["chunk"] is not None and p["part"].startswith("shard ")})
-    return report
+    return finish_report(report, lambda p: f"shard {p['part'].split()[1]} chunk {p['chunk']}"
+                         if p["part"].startswith("shard ") else None)
+
+
+def _shard_mismatch(path: str, manifest: Manifest, rank: int) -> str | None:
+    """Why rank ``rank``'s shard does not belong to it and the manifest (snapshot.shard_mismatch), or None."""
+    shard_path = manifest.shard_path(path, rank)
+    check_store_dir(shard_path)
+    with Snapshot(shard_path) as snap:
+        return shard_mismatch(snap, manifest, path, rank)
 
 
 def _check_shards_together(path: str, manifest: Manifest, problem) -> None:

@@ -79,8 +79,9 @@ def read_for_open(c: Collective, path: str, open_options: dict) -> tuple[Manifes
 
 def attach_shard(c: Collective, path: str, manifest: Manifest, readonly: bool,
                  options: dict) -> tuple[Shard, Manifest]:
-    """Open this rank's shard, bring all shards to the manifest's commit, check the row count."""
-    shard, error = attempt(Shard, manifest.shard_path(path, c.rank), readonly=readonly, options=options)
+    """Open this rank's shard, check that it is this rank's and the manifest's, bring all shards to the
+    manifest's commit, check the row count."""
+    shard, error = attempt(_open_own_shard, path, manifest, c.rank, readonly, options)
     try:
         c.agree(error)
         manifest = recover(c, path, manifest, shard, readonly)
@@ -93,6 +94,24 @@ def attach_shard(c: Collective, path: str, manifest: Manifest, readonly: bool,
             shard.release()
         raise
     return shard, manifest
+
+
+def _open_own_shard(path: str, manifest: Manifest, rank: int, readonly: bool, options: dict) -> Shard:
+    """This rank's shard, opened; refused (CorruptionError) unless it belongs to this rank and the manifest.
+
+    Checked before anything is recovered or written: a shard copied back under another rank's name
+    would otherwise answer "unknown id" for this rank's rows and take the other rank's new ones.
+    """
+    shard = Shard(manifest.shard_path(path, rank), readonly=readonly, options=options)
+    try:
+        problem = shard.mismatch(manifest, path, rank)
+    except BaseException:
+        shard.release()
+        raise
+    if problem is not None:
+        shard.release()
+        raise CorruptionError(problem)
+    return shard
 
 
 def _remove_replaced(c: Collective, path: str, manifest: Manifest, old_shards: list[str]) -> None:

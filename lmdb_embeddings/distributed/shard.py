@@ -23,10 +23,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..core.undo import revert_last_commit
 from ..errors import CorruptionError, ReadOnlyError
 from ..store import EmbeddingStore
-from .manifest import COMMIT_ATTR
+from .manifest import COMMIT_ATTR, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,12 @@ class ShardStore(EmbeddingStore):
     def __reduce__(self):
         return _plain_store, (self.__getstate__(),)
 
+    def id_blocks(self, block: int = 1 << 20) -> Iterator[np.ndarray]:
+        """The IDs in row order, ``block`` at a time (copies: no lock is held between blocks)."""
+        for start in range(0, len(self), block):
+            with self._mutex:
+                yield self._caught_up().index.slice(start, start + block).copy()
+
 
 def _plain_store(state: dict) -> EmbeddingStore:
     """Unpickle a shard as a plain (read-only) EmbeddingStore."""
@@ -95,6 +103,12 @@ class Shard:
             yield store
         finally:
             store._unlocked = False
+
+    def mismatch(self, manifest: Manifest, root: str, rank: int) -> str | None:
+        """Why this shard does not belong under rank ``rank`` of ``manifest`` (None if it does): every ID checked."""
+        store = self.store
+        return manifest.shard_problem(root, rank, store.dim, store.dtype.name, store.chunk_rows, store.columns,
+                                      store.attrs, store.id_blocks())
 
     @property
     def global_commit(self) -> int:

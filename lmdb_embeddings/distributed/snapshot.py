@@ -23,6 +23,7 @@ from ..format.layout import ColumnSpec, TableLayout
 from ..format.snapshot import Snapshot
 from ..processes.writer_lock import holder_pid
 from .manifest import COMMIT_ATTR, RESERVED_PREFIX, ROW_COLUMN, Manifest, read_manifest
+from .ownership import owner_of
 
 WAIT_S = 10.0  # a snapshot waits this long for a commit in progress (a training job) to be decided
 
@@ -58,6 +59,11 @@ class ShardedSnapshot:
                        "to recover it"))
             time.sleep(0.1)
         self.manifest = decided
+        for rank, snap in enumerate(self._snaps):
+            problem = shard_mismatch(snap, decided, self.path, rank)
+            if problem is not None:
+                self.close()
+                raise CorruptionError(problem)
         self.layout = _global_layout(self.path, decided, self._snaps)
 
     @property
@@ -75,12 +81,12 @@ class ShardedSnapshot:
 
     def id_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(global chunk, IDs) for every chunk, in order."""
-        for chunk, ids, _ in _merged(self._snaps, self.layout, ()):
+        for chunk, ids, _ in _merged(self._snaps, self.manifest, self.layout, ()):
             yield chunk, ids
 
     def chunks(self) -> Iterator[tuple[int, list[np.ndarray]]]:
         """(global chunk, one array per column in layout order) for every chunk, in order."""
-        for chunk, _, parts in _merged(self._snaps, self.layout, self.layout.columns):
+        for chunk, _, parts in _merged(self._snaps, self.manifest, self.layout, self.layout.columns):
             yield chunk, parts
 
     def close(self) -> None:
@@ -93,6 +99,18 @@ class ShardedSnapshot:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shard_mismatch(snap: Snapshot, manifest: Manifest, root: str, rank: int) -> str | None:
+    """Why the shard read by ``snap`` does not belong under rank ``rank`` of ``manifest`` (None if it does).
+
+    The shape, the shard's own column and attr, and the owner of the IDs of its first and last
+    chunks (a swapped shard holds only another rank's IDs; ``verify`` and ``dump`` check every chunk).
+    """
+    layout = snap.layout
+    sample = [snap.ids_chunk(c) for c in sorted({0, layout.n_chunks - 1})] if layout.n_chunks else []
+    return manifest.shard_problem(root, rank, layout.dim, layout.dtype.name, layout.chunk_rows,
+                                  [c.name for c in layout.columns], layout.attrs, sample)
 
 
 def held_commit(snap: Snapshot) -> int:
@@ -127,8 +145,8 @@ def _global_layout(path: str, manifest: Manifest, snaps: list[Snapshot]) -> Tabl
 class _ShardRows:
     """A cursor over one shard's rows in its row order (= ascending global position)."""
 
-    def __init__(self, snap: Snapshot, columns: tuple[ColumnSpec, ...]):
-        self.snap, self.columns = snap, columns
+    def __init__(self, snap: Snapshot, columns: tuple[ColumnSpec, ...], rank: int, manifest: Manifest):
+        self.snap, self.columns, self.rank, self.manifest = snap, columns, rank, manifest
         self.chunk, self.offset = 0, 0
         self._load()
 
@@ -139,6 +157,10 @@ class _ShardRows:
             return
         self.positions = self.snap.column_chunk(self.chunk, row_column(layout))[:, 0].astype(np.int64)
         self.ids = self.snap.ids_chunk(self.chunk)
+        owners = owner_of(self.ids, self.manifest.world_size, self.manifest.buckets)
+        if (owners != self.rank).any():
+            raise CorruptionError(f"{self.snap.path}: chunk {self.chunk} of the shard of rank {self.rank} holds ids "
+                                  f"of rank(s) {np.unique(owners[owners != self.rank]).tolist()}")
         self.parts = [self.snap.column_chunk(self.chunk, c) for c in self.columns]
 
     def take_below(self, limit: int) -> list[tuple]:
@@ -157,9 +179,10 @@ class _ShardRows:
         return pieces
 
 
-def _merged(snaps: list[Snapshot], layout: TableLayout, columns: tuple[ColumnSpec, ...]) -> Iterator[tuple]:
+def _merged(snaps: list[Snapshot], manifest: Manifest, layout: TableLayout,
+            columns: tuple[ColumnSpec, ...]) -> Iterator[tuple]:
     """(chunk, ids, parts) of every global chunk, merged from every shard's rows by global position."""
-    cursors = [_ShardRows(s, columns) for s in snaps]
+    cursors = [_ShardRows(s, columns, rank, manifest) for rank, s in enumerate(snaps)]
     for chunk in range(layout.n_chunks):
         lo, n = chunk * layout.chunk_rows, layout.chunk_len(chunk)
         pieces = [p for cursor in cursors for p in cursor.take_below(lo + n)]

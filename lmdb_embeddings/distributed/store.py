@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..format.records import MAIN
 from ..store import EmbeddingStore, as_tensor
-from . import opening, training
+from . import failures, opening, training
 from .collective import Collective, attempt
 from .creation import initial_rows
 from .exchange import Exchange, Route
@@ -99,9 +99,10 @@ class ShardedEmbeddingStore(_LocalHints):
         """
         c = Collective(group)
         path = os.path.abspath(os.fspath(path))
-        manifest, options = opening.create_shards(c, path, (ids, dim, dtype, chunk_rows, init, seed), bool(overwrite),
-                                                  open_options)
-        return cls._attach(path, manifest, c, readonly=False, options=options)
+        with failures.collective_open("create", path):
+            manifest, options = opening.create_shards(c, path, (ids, dim, dtype, chunk_rows, init, seed),
+                                                      bool(overwrite), open_options)
+            return cls._attach(path, manifest, c, readonly=False, options=options)
 
     @classmethod
     def open(cls, path, *, readonly=False, group=None, **open_options) -> ShardedEmbeddingStore:
@@ -116,8 +117,9 @@ class ShardedEmbeddingStore(_LocalHints):
         """
         c = Collective(group)
         path = os.path.abspath(os.fspath(path))
-        manifest, options = opening.read_for_open(c, path, open_options)
-        return cls._attach(path, manifest, c, readonly=bool(readonly), options=options)
+        with failures.collective_open("open", path):
+            manifest, options = opening.read_for_open(c, path, open_options)
+            return cls._attach(path, manifest, c, readonly=bool(readonly), options=options)
 
     @classmethod
     def _attach(cls, path: str, manifest: Manifest, c: Collective, readonly: bool,
@@ -141,6 +143,7 @@ class ShardedEmbeddingStore(_LocalHints):
         self._since_commit = 0
         self._changed = False  # the same on every rank: every change is a collective call
         self._closed = False
+        c.where_it_stands = functools.partial(failures.where_it_stands, self._protocol, readonly)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -252,7 +255,7 @@ class ShardedEmbeddingStore(_LocalHints):
     def _gather(self, name: str, ids, call: str) -> np.ndarray:
         def checked():
             self._check_open(call)
-            self._check_column(name)
+            _column_shape(self, name)
             flat = as_ids(ids)
             return flat, self.owner_of(flat)
 
@@ -288,7 +291,7 @@ class ShardedEmbeddingStore(_LocalHints):
     def _scatter(self, name: str, ids, values, call: str) -> None:
         def checked():
             self._check_writable(call)
-            width, dtype = self._check_column(name)
+            width, dtype = _column_shape(self, name)
             flat = as_ids(ids)
             check_unique(flat, call)
             return flat, as_values(values, len(flat), width, dtype, call), self.owner_of(flat)
@@ -394,7 +397,8 @@ class ShardedEmbeddingStore(_LocalHints):
         could not be written; every shard is then back at the old commit and the changes
         since it are discarded on every rank.
         """
-        self._collective.agree(attempt(self._check_writable, "commit")[1])
+        with self._protocol.failing_as_commit(self._protocol.commit_count + 1, made=False):
+            self._collective.agree(attempt(self._check_writable, "commit")[1])
         self._since_commit = 0
         if not self._changed:
             return
@@ -423,6 +427,10 @@ class ShardedEmbeddingStore(_LocalHints):
         """Commit pending changes (writable), then release every shard. Collective; idempotent."""
         if self._closed:
             return
+        if self._collective.failure is not None:  # the group failed: release this shard, no collective
+            self._closed = True
+            self._shard.release()
+            return
         if not self._readonly and self._changed:
             self.commit()  # if it raises, the handle stays open
         self._shard.close()
@@ -433,7 +441,7 @@ class ShardedEmbeddingStore(_LocalHints):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self._closed and not self._readonly:
+        if exc_type is not None and not self._closed and not self._readonly and self._collective.failure is None:
             self.rollback()  # collective errors are raised on every rank, so every rank gets here
         self.close()
 
@@ -458,16 +466,19 @@ class ShardedEmbeddingStore(_LocalHints):
             raise ReadOnlyError(f"{call}: the sharded store {self._path} is open read-only; open it with "
                                 "readonly=False")
 
-    def _check_column(self, name: str) -> tuple[int, np.dtype]:
-        if name == MAIN:
-            return self.dim, self._dtype
-        described = self.columns.get(name)
-        if described is None:
-            raise InvalidInputError(f"no column {name!r}; declare it with ensure_column first")
-        return int(described["width"]), as_dtype(described["dtype"])
 
 
 # ------------------------------------------------------------------------- helpers
+def _column_shape(store: ShardedEmbeddingStore, name: str) -> tuple[int, np.dtype]:
+    """(width, dtype) of column ``name`` (the embeddings or a declared auxiliary column)."""
+    if name == MAIN:
+        return store.dim, store.dtype
+    described = store.columns.get(name)
+    if described is None:
+        raise InvalidInputError(f"no column {name!r}; declare it with ensure_column first")
+    return int(described["width"]), as_dtype(described["dtype"])
+
+
 def _owners(checked_args):
     """The owners (last item) of a call's checked arguments, None if the checks failed."""
     return None if checked_args is None else checked_args[-1]

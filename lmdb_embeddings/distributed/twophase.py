@@ -23,14 +23,16 @@ docs/ARCHITECTURE.md ("Scale-out") has the crash analysis.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 
 import numpy as np
 
-from ..errors import CorruptionError, EmbeddingStoreError
+from ..errors import CorruptionError, EmbeddingStoreError, ProcessGroupError
 from .collective import Collective, attempt, error_code
+from .failures import commit_failed
 from .manifest import COMMIT_ATTR, Manifest, ManifestSyncError, read_manifest, write_manifest
 from .shard import Shard
 
@@ -60,21 +62,42 @@ class TwoPhaseCommit:
         c, committed = self.collective, self.manifest.commit
         target = committed + 1
         _, error = attempt(self.shard.prepare, target)
-        codes = c.all_gather_ints([error_code(error)])[:, 0]
+        with self.failing_as_commit(target, made=False if c.rank == 0 else None):
+            codes = c.all_gather_ints([error_code(error)])[:, 0]
         if codes.any():
             self._abandon(prepared=error is None)
-            c.raise_if_failed(codes, error, f"commit {target} failed, every shard is back at commit {committed} "
-                                            "and the changes since were discarded: ")
+            with self.failing_as_commit(target, made=False):  # (its message is broadcast)
+                c.raise_if_failed(codes, error, f"commit {target} failed, every shard is back at commit "
+                                                f"{committed} and the changes since were discarded: ")
         manifest = dataclasses.replace(self.manifest, commit=target, rows=int(rows), shards=list(self.manifest.shards))
         _, error = attempt(write_manifest, self.path, manifest) if c.rank == 0 else (None, None)
         made = error is None or isinstance(error, ManifestSyncError)  # the rename is the decision
-        gathered = c.all_gather_ints([error_code(error), made])
-        if not gathered[0, 1]:
+        with self.failing_as_commit(target, made=made if c.rank == 0 else None, manifest=manifest):
+            gathered = c.all_gather_ints([error_code(error), made])
+        made = bool(gathered[0, 1])  # now every rank knows
+        if not made:
             self._abandon(prepared=True)
-            c.raise_if_failed(gathered[:, 0], error, f"commit {target} failed, every shard is back at commit "
-                                                     f"{committed} and the changes since were discarded: ")
-        self.manifest = manifest
-        c.raise_if_failed(gathered[:, 0], error)  # made, but its durability is in doubt: say so everywhere
+        else:
+            self.manifest = manifest
+        with self.failing_as_commit(target, made=made, manifest=manifest):
+            c.raise_if_failed(gathered[:, 0], error, "" if made else f"commit {target} failed, every shard is back "
+                                                                      f"at commit {committed} and the changes since "
+                                                                      "were discarded: ")
+
+    @contextlib.contextmanager
+    def failing_as_commit(self, target: int, made: bool | None, manifest: Manifest | None = None):
+        """A failure of the process group in a commit step: say which commit the store is at.
+
+        ``made``: whether this rank knows the commit was decided (rank 0, whose manifest ``manifest``
+        was renamed into place), knows it was not, or cannot know (None).
+        """
+        try:
+            yield
+        except ProcessGroupError as exc:
+            if made and manifest is not None:
+                self.manifest = manifest  # decided: the store is at the new commit
+            failure = self.collective.failure or str(exc)
+            raise commit_failed(failure, self.path, target, self.collective.rank, made) from exc
 
     def _abandon(self, prepared: bool) -> None:
         """After a failed commit: undo this shard's prepared commit (or drop its pending changes)."""

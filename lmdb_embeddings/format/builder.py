@@ -29,6 +29,7 @@ from .layout import ColumnSpec, TableLayout
 from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 
 _TXN_BYTES = 64 << 20
+_FIRST_MAP_MAX = 1 << 30  # the map starts at most this large and grows with what is written
 
 
 class StoreBuilder:
@@ -39,7 +40,10 @@ class StoreBuilder:
         # Not synced per transaction: nothing here is visible until finish() has synced the
         # whole environment and the caller has swapped the directory in; the kernel writes
         # back in the background while we encode, instead of one fsync per transaction.
-        env = lmdb.open(directory, subdir=True, map_size=SpaceBudget.build_map_size(table_bytes),
+        # The layout's row count is a claim (a dump read from a pipe cannot be sized up front): the
+        # map starts from it, bounded, and each transaction makes room for what it will write (_put).
+        first_map = min(SpaceBudget.build_map_size(table_bytes), _FIRST_MAP_MAX)
+        env = lmdb.open(directory, subdir=True, map_size=first_map,
                         max_dbs=environment.MAX_DBS, max_readers=environment.MAX_READERS, sync=False,
                         metasync=False, writemap=False, meminit=False, max_spare_txns=0)
         # not in the registry: this process's only handle on a directory nobody else sees yet
@@ -47,21 +51,31 @@ class StoreBuilder:
         self._column_dbs = [column_db_name(c.name) for c in layout.columns]
         self._pending: WriteTransaction | None = None
         self._txn_bytes = 0
+        self._room = 0  # map bytes the pending transaction was given and has not used yet
         self._next_ids = self._next_chunk = 0
         self._encoder = ChunkEncoder()
 
-    def _transaction(self) -> WriteTransaction:
+    def _transaction(self, need: int = 0) -> WriteTransaction:
+        """The pending transaction, with map room for ``need`` more bytes (else the next one, given room)."""
+        if self._pending is not None and need > self._room:
+            self._commit_pending()
         if self._pending is None:
-            self._pending = WriteTransaction(self._env).begin()
+            self._room = max(need, 2 * _TXN_BYTES)
+            self._pending = WriteTransaction(self._env).begin(headroom=self._room)
+        self._room -= need
         return self._pending
+
+    def _commit_pending(self) -> None:
+        pending, self._pending, self._txn_bytes = self._pending, None, 0
+        pending.commit()
 
     def _put(self, db_name: bytes, chunk: int, rows: np.ndarray) -> None:
         value = self._encoder.encode(rows, chunk, 0)
-        self._transaction().put(db_name, chunk_key(chunk), value, append=True)
+        need = 2 * len(value) + self._env.budget.page_size + SpaceBudget.VALUE_HEADER  # leaf node or overflow pages
+        self._transaction(need).put(db_name, chunk_key(chunk), value, append=True)
         self._txn_bytes += len(value)
         if self._txn_bytes >= _TXN_BYTES:
-            pending, self._pending, self._txn_bytes = self._pending, None, 0
-            pending.commit()
+            self._commit_pending()
 
     def add_ids(self, chunk: int, ids: np.ndarray) -> None:
         """The IDs of chunk ``chunk`` (chunks in order)."""

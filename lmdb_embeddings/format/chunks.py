@@ -18,6 +18,7 @@ import numpy as np
 import xxhash
 
 from ..errors import CorruptionError
+from .records import MAX_COMMIT
 
 _KEY = struct.Struct(">Q")
 ID_DTYPE = np.dtype("<i8")
@@ -135,6 +136,8 @@ def read_header(value, index: int, where: str = "") -> ChunkHeader:
     """Parse the small header of a chunk value without touching the payload."""
     fast = _fast_header(value)
     if fast is not None:
+        if fast.version > MAX_COMMIT:
+            raise CorruptionError(f"chunk {index}{where}: malformed value (version {fast.version})")
         return fast
     try:
         unpacker = msgpack.Unpacker()
@@ -144,6 +147,8 @@ def read_header(value, index: int, where: str = "") -> ChunkHeader:
         n_rows, version, crc = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
         if not all(isinstance(x, int) for x in (n_rows, version, crc)):
             raise ValueError("header fields are not integers")
+        if not 0 <= version <= MAX_COMMIT or n_rows < 0:
+            raise ValueError(f"version {version}, {n_rows} rows")
         offset = unpacker.tell()
         marker = value[offset]
         width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(marker)

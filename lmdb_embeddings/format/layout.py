@@ -8,6 +8,7 @@ about the others. ``columns[0]`` is always the embeddings; the others are auxili
 
 from __future__ import annotations
 
+import datetime
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,16 +16,19 @@ from typing import Protocol
 
 import numpy as np
 
+from ..core import init
 from ..core.inputs import as_dtype
 from ..errors import CorruptionError, EmbeddingStoreError
 from .chunks import ID_DTYPE, MAX_HEADER_BYTES
-from .records import MAIN
+from .records import MAIN, MAX_COMMIT
 
 __all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "chunk_size_problem", "ID_DTYPE",
-           "MAX_CHUNK_BYTES", "CHUNK_TARGET_BYTES", "choose_chunk_rows"]
+           "MAX_CHUNK_BYTES", "MAX_ROWS", "check_reverts", "parse_state", "CHUNK_TARGET_BYTES", "choose_chunk_rows"]
 
 #: A chunk is one LMDB value and is decoded (and initialised) whole: beyond this it cannot be a unit of I/O.
 MAX_CHUNK_BYTES = 1 << 30
+#: Row counts above this are damage: row slots and positions stay far inside int64 arithmetic.
+MAX_ROWS = 2**62
 
 
 #: The chunk value size ``chunk_rows=None`` aims at: large enough that a reader renews few chunk
@@ -104,6 +108,12 @@ class TableLayout:
     def chunk_len(self, chunk: int) -> int:
         return min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
 
+    def chunk_slices(self) -> Iterator[tuple[int, slice]]:
+        """``(chunk, its row slots)`` for every chunk, in order."""
+        for chunk in range(self.n_chunks):
+            lo = chunk * self.chunk_rows
+            yield chunk, slice(lo, lo + self.chunk_len(chunk))
+
     def aux_columns(self) -> tuple[ColumnSpec, ...]:
         return self.columns[1:]
 
@@ -117,7 +127,10 @@ class TableLayout:
 
     @classmethod
     def from_metadata(cls, config: dict, state: dict, path: str) -> TableLayout:
-        """The layout a store's ``config`` and ``state`` records describe (``CorruptionError`` if damaged)."""
+        """The layout a store's ``config`` and ``state`` records describe (``CorruptionError`` if damaged).
+
+        Everything a handle later relies on is checked here, once: a store that opens works.
+        """
         try:
             columns = {MAIN: {"width": config["dim"], "dtype": config["dtype"], "fill": 0.0}}
             columns.update({n: d for n, d in dict(state.get("columns", {})).items() if n != MAIN})
@@ -125,23 +138,36 @@ class TableLayout:
                       "columns": [{"name": n, **d} for n, d in columns.items()],
                       "attrs": state.get("attrs", {}), "commit": state["commit"],
                       "committed_at": state.get("committed_at")}
+            for key in ("init", "seed"):
+                if key not in config:
+                    raise KeyError(key)
+            check_reverts(state.get("reverts"))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CorruptionError(f"{path}: the store configuration (config/state records) is damaged "
-                                  f"(missing {exc})") from None
+                                  f"({_why(exc)})") from None
         return cls.from_record(record, CorruptionError, path)
 
     @classmethod
     def from_record(cls, record, error: type[EmbeddingStoreError], what: str) -> TableLayout:
-        """Parse and check a record; anything wrong raises ``error`` naming ``what``."""
+        """Parse and check a record; anything wrong raises ``error`` naming ``what``.
+
+        Fields must have their exact types (an int is not a string or a bool) and ranges, so a
+        record that passes describes a table every part of the library can hold.
+        """
         try:
             columns = tuple(
-                ColumnSpec(str(c["name"]), int(c["width"]), as_dtype(c["dtype"]), float(c.get("fill", 0.0)))
-                for c in record["columns"])
-            layout = cls(chunk_rows=int(record["chunk_rows"]), rows=int(record["rows"]), columns=columns,
-                         config=dict(record.get("config") or {}), attrs=dict(record.get("attrs") or {}),
-                         commit=int(record.get("commit", 0)), committed_at=record.get("committed_at"))
+                ColumnSpec(_text(c["name"], "a column name"), _int(c["width"], "a column width", 1),
+                           as_dtype(c["dtype"]), _real(c.get("fill", 0.0), "a column fill"))
+                for c in _list(record["columns"], "columns"))
+            committed_at = record.get("committed_at")
+            layout = cls(chunk_rows=_int(record["chunk_rows"], "chunk_rows", 1),
+                         rows=_int(record["rows"], "rows", 0, MAX_ROWS), columns=columns,
+                         config=_map(record.get("config"), "config"),
+                         attrs=_map(record.get("attrs"), "attrs"),
+                         commit=_int(record.get("commit", 0), "commit", 0, MAX_COMMIT),
+                         committed_at=None if committed_at is None else _timestamp(committed_at))
         except (KeyError, TypeError, ValueError, AttributeError, EmbeddingStoreError) as exc:
-            raise error(f"{what}: the table description is damaged ({type(exc).__name__}: {exc})") from None
+            raise error(f"{what}: the table description is damaged ({_why(exc)})") from None
         layout.check(error, what)
         return layout
 
@@ -152,14 +178,110 @@ class TableLayout:
             problems.append(f"the first column must be {MAIN!r}")
         if len(set(names)) != len(names):
             problems.append("duplicate column names")
-        if self.chunk_rows < 1 or self.rows < 0 or self.commit < 0:
+        if self.chunk_rows < 1 or not 0 <= self.rows <= MAX_ROWS or not 0 <= self.commit <= MAX_COMMIT:
             problems.append(f"chunk_rows={self.chunk_rows}, rows={self.rows}, commit={self.commit}")
         if any(c.width < 1 for c in self.columns):
             problems.append("a column has width < 1")
         elif self.columns and self.chunk_rows >= 1 and (too_big := chunk_size_problem(self.chunk_rows, self.row_bytes)):
             problems.append(too_big)
+        problems += [f"column {c.name!r}: fill {c.fill!r} is not a finite {c.dtype.name}" for c in self.columns
+                     if not _fits(c.fill, c.dtype)]
+        if "init" in self.config and self.columns and (bad := init.spec_problem(self.config["init"], self.dtype)):
+            problems.append(bad)
+        seed = self.config.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            problems.append(f"seed {seed!r} is not an int in [0, 2**64)")
+        if any(not isinstance(k, str) for k in self.attrs):
+            problems.append("attrs have keys that are not strings")
         if problems:
             raise error(f"{what}: the table description is invalid ({'; '.join(problems)})")
+
+
+def parse_state(state, what: str) -> tuple[int, int, dict, dict]:
+    """``(rows, commit, columns, attrs)`` of a store's ``state`` record, checked as an open checks it.
+
+    A reader catching up with a newer commit reads the record alone (the config is already known).
+    """
+    try:
+        record = _map(state, "the state record")
+        rows, commit = _int(record["rows"], "rows", 0, MAX_ROWS), _int(record["commit"], "commit", 0, MAX_COMMIT)
+        columns, attrs = _map(record.get("columns"), "columns"), _map(record.get("attrs"), "attrs")
+        for name, column in columns.items():
+            column = _map(column, f"column {name!r}")
+            ColumnSpec(_text(name, "a column name"), _int(column["width"], "a column width", 1),
+                       as_dtype(column["dtype"]), _real(column.get("fill", 0.0), "a column fill"))
+        if record.get("committed_at") is not None:
+            _timestamp(record["committed_at"])
+        check_reverts(record.get("reverts"))
+    except (KeyError, TypeError, ValueError, AttributeError, EmbeddingStoreError) as exc:
+        raise CorruptionError(f"{what}: the store state record is damaged ({_why(exc)})") from None
+    return rows, commit, columns, attrs
+
+
+def check_reverts(reverts) -> None:
+    """A state record's ``reverts`` history (core.undo): absent, or ``[[commit, rows], ...]`` of ints."""
+    if reverts is None:
+        return
+    for entry in _list(reverts, "reverts"):
+        pair = _list(entry, "a reverts entry")
+        if len(pair) != 2:
+            raise ValueError(f"a reverts entry is {entry!r}, not [commit, rows]")
+        _int(pair[0], "a reverted commit", 0, MAX_COMMIT)
+        _int(pair[1], "reverted rows", 0, MAX_ROWS)
+
+
+# -- strict field parsers: a record's fields have exactly these types -------------------
+def _why(exc: BaseException) -> str:
+    return f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+
+
+def _int(value, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} is {value!r}, not an int")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} {value} is out of range [{low}, {high if high is not None else 'inf'}]")
+    return value
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} is {value!r}, not a number")
+    return float(value)
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is {value!r}, not a non-empty string")
+    return value
+
+
+def _map(value, name: str) -> dict:
+    if value is None:  # absent
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is {type(value).__name__}, not a map")
+    return dict(value)
+
+
+def _list(value, name: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} is {type(value).__name__}, not a list")
+    return list(value)
+
+
+def _timestamp(value) -> float:
+    """A commit time (Unix seconds) that ``datetime`` can show."""
+    when = _real(value, "committed_at")
+    try:
+        datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"committed_at {value!r} is not a time") from None
+    return value
+
+
+def _fits(value: float, dtype: np.dtype) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.asarray(value, dtype)))
 
 
 class TableSource(Protocol):

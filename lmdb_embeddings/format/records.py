@@ -22,6 +22,9 @@ META_DB = b"meta"
 IDS_DB = b"ids"
 MAIN = "embeddings"
 RECORD_CHECKSUM = "xxh3"
+#: Commit numbers and chunk versions above this are damage, not history (2**62 commits: over a
+#: century at a billion a second); below it, every ``commit + 1`` the code computes fits an int64.
+MAX_COMMIT = 2**62
 
 
 def column_db_name(name: str) -> bytes:

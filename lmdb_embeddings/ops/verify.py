@@ -3,14 +3,18 @@
 It reads one consistent snapshot, so it is safe while a writer trains. It reads every
 chunk of every column and of the IDs, checks checksums, row counts, chunk versions, that
 no chunk lies beyond the last row, that the IDs are unique, and that the metadata parses;
-it keeps going after a bad chunk so the report lists all of them. Memory: one chunk at a
-time, plus the IDs (8 bytes per row) for the uniqueness check.
+it keeps going after a bad chunk so the report lists all of them (the first
+``MAX_LISTED`` problems, and how many more). Work and memory follow the data, not what the
+metadata claims: it walks the chunks that are there (a run of missing chunks is one
+problem), and holds one chunk at a time plus the IDs found (8 bytes per row) for the
+uniqueness check.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -22,14 +26,24 @@ from ..results import VerifyReport
 from .progress import bar
 
 _SHOWN_DUPLICATES = 10
+MAX_LISTED = 100  # problems listed in a report; the rest are counted in ``problems_not_listed``
 
 
 def new_report(path: str, **fields) -> tuple[dict, Callable[[str, int | None, str], None]]:
-    """An empty verify report for ``path`` and the function that records a problem in it."""
-    report = {"path": path, "ok": True, "problems": [], "bad_chunks": [], "chunks_checked": 0, **fields}
+    """An empty verify report for ``path`` and the function that records a problem in it.
+
+    The report lists the first ``MAX_LISTED`` problems and counts the others, so a store that
+    is damaged everywhere (or claims far more rows than it holds) gives a bounded report.
+    """
+    report = {"path": path, "ok": True, "problems": [], "problems_not_listed": 0, "bad_chunks": [],
+              "chunks_checked": 0, **fields}
 
     def problem(part: str, chunk: int | None, error: str) -> None:
-        report["problems"].append({"part": part, "chunk": chunk, "error": error})
+        if len(report["problems"]) < MAX_LISTED:
+            report["problems"].append({"part": part, "chunk": chunk, "error": error})
+        else:
+            report["problems_not_listed"] += 1
+        report["ok"] = False
 
     return report, problem
 
@@ -43,33 +57,87 @@ def verify_store(path: str, *, progress: bool = False) -> VerifyReport:
         snap = Snapshot(path)
     except CorruptionError as exc:
         problem("metadata", None, str(exc))
-        report["ok"] = False
         return report
     with snap:
         layout = snap.layout
         report.update(rows=layout.rows, dim=layout.dim, dtype=layout.dtype.name, chunk_rows=layout.chunk_rows,
                       chunks=layout.n_chunks, commit=layout.commit, columns=[c.name for c in layout.columns])
-        all_ids = np.empty(layout.rows, ID_DTYPE)
+        found_ids = _Ids()
+        main = next(c for c in layout.columns if c.name == MAIN)
+        expected = 0  # the next chunk that should be there
         with bar(layout.rows * layout.row_bytes, "verify", progress) as pbar:
-            for chunk in range(layout.n_chunks):
+            for chunk in _chunks_present(snap, [snap.ids_db, snap.db_of(main)], layout.n_chunks):
+                _missing(problem, expected, chunk)
+                expected = chunk + 1
                 n = layout.chunk_len(chunk)
-                start = chunk * layout.chunk_rows
                 ids = _check_value(snap, problem, "ids", snap.ids_db, chunk, 1, ID_DTYPE, n, True, layout.commit)
                 if ids is not None:
-                    all_ids[start : start + n] = ids[:, 0]
-                else:
-                    all_ids[start : start + n] = np.iinfo(np.int64).min  # unknown: excluded below
+                    found_ids.add(ids[:, 0])
                 for column in layout.columns:
                     _check_value(snap, problem, f"column {column.name!r}", snap.db_of(column), chunk, column.width,
                                  column.dtype, n, column.name == MAIN, layout.commit)
                 snap.release_pages()
                 report["chunks_checked"] += 1
                 pbar.update(n * layout.row_bytes)
+        _missing(problem, expected, layout.n_chunks, f"; the state record claims {layout.rows} rows")
         _check_extra_chunks(snap, problem, layout.n_chunks)
-        _check_unique(all_ids[all_ids != np.iinfo(np.int64).min], problem)
+        _check_unique(found_ids.array(), problem)
+    return finish_report(report, lambda p: p["chunk"])
+
+
+def finish_report(report: dict, chunk_of: Callable[[dict], object]) -> dict:
+    """Set ``ok`` and ``bad_chunks`` (those of the listed problems) from the problems recorded."""
     report["ok"] = not report["problems"]
-    report["bad_chunks"] = sorted({p["chunk"] for p in report["problems"] if p["chunk"] is not None})
+    report["bad_chunks"] = sorted({c for p in report["problems"] if p["chunk"] is not None
+                                   and (c := chunk_of(p)) is not None})
     return report
+
+
+def _chunks_present(snap: Snapshot, dbs: list, n_chunks: int) -> Iterator[int]:
+    """The chunk indices below ``n_chunks`` that any of ``dbs`` holds a key for, ascending (cursor walks)."""
+    def keys(db) -> Iterator[int]:
+        if db is None:
+            return
+        with snap.txn.cursor(db=db) as cursor:
+            for key in cursor.iternext(values=False):
+                if len(key) == len(chunk_key(0)):
+                    index = key_index(key)
+                    if index >= n_chunks:
+                        return
+                    yield index
+
+    last = -1
+    for index in heapq.merge(*(keys(db) for db in dbs)):
+        if index != last:
+            yield index
+            last = index
+
+
+def _missing(problem, first: int, stop: int, why: str = "") -> None:
+    """Record chunks ``first..stop-1`` (none of their IDs or rows are there) as one problem per part."""
+    if stop <= first:
+        return
+    what = f"missing (chunks {first} to {stop - 1}: {stop - first} chunks{why})" if stop - first > 1 else "missing"
+    for part in ("ids", f"column {MAIN!r}"):
+        problem(part, first, what)
+
+
+class _Ids:
+    """The IDs found so far, in one growing buffer (memory follows the IDs actually read)."""
+
+    def __init__(self):
+        self._buf, self._n = np.empty(1024, ID_DTYPE), 0
+
+    def add(self, ids: np.ndarray) -> None:
+        if self._n + len(ids) > len(self._buf):
+            grown = np.empty(max(self._n + len(ids), 2 * len(self._buf)), ID_DTYPE)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : self._n + len(ids)] = ids
+        self._n += len(ids)
+
+    def array(self) -> np.ndarray:
+        return self._buf[: self._n]
 
 
 def _check_value(snap, problem, part, db, chunk, width, dtype, n, required, commit):
