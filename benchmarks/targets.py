@@ -103,7 +103,7 @@ else:
 """
 
 
-class _MemmapRows:
+class MemmapRows:
     """The baseline dataset: batches of rows of an np.memmap, opened lazily in each worker."""
 
     def __init__(self, path: str, rows: int):
@@ -152,7 +152,7 @@ def workers_round(work: str, rows: int, batches: int = 800) -> dict:
         else:
             path = os.path.join(work, "workers.npy")
             np.save(path, np.zeros((rows, DIM), np.float32))
-            dataset = _MemmapRows(path, rows)
+            dataset = MemmapRows(path, rows)
         writer = subprocess.Popen([sys.executable, "-c", _WORKER_WRITER, kind, path, str(rows), "1000000"],
                                   stdout=subprocess.DEVNULL, env=env)
         try:
@@ -225,17 +225,26 @@ def main(argv=None) -> int:
                 res.update(target=name, round=round_, rows=args.rows or rows)
                 results.append(res)
                 print(f"[targets] round {round_} {name}: ratio {res['ratio']:.3f}", file=sys.stderr, flush=True)
-    meta = {"commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "rounds": args.rounds, "cpus": os.cpu_count()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "targets.jsonl"), "w") as fh:
+    meta = run_meta(args.rounds)
+    write_results(args.out, "targets", results, meta, render(results, meta))
+    return 0
+
+
+def run_meta(rounds: int, **extra) -> dict:
+    """What a results file says about its run: the commit measured, when, how many rounds, the CPUs."""
+    return {"commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rounds": rounds, **extra, "cpus": os.cpu_count()}
+
+
+def write_results(out: str, name: str, results: list[dict], meta: dict, table: str) -> None:
+    """``out/NAME.jsonl`` (a result per line, with ``meta``) and ``out/NAME.md`` (``table``); prints the table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as fh:
         for r in results:
             fh.write(json.dumps({**r, "meta": meta}) + "\n")
-    table = render(results, meta)
-    with open(os.path.join(args.out, "targets.md"), "w") as fh:
+    with open(os.path.join(out, f"{name}.md"), "w") as fh:
         fh.write(table)
     print(table)
-    return 0
 
 
 def render(results: list[dict], meta: dict) -> str:
@@ -246,12 +255,15 @@ def render(results: list[dict], meta: dict) -> str:
         if not rows:
             continue
         ratios = [r["ratio"] for r in rows]
-        detail = {k: statistics.median([r[k] for r in rows]) for k in rows[0]
-                  if k not in ("ratio", "round", "target", "rows") and isinstance(rows[0][k], (int, float))}
-        text = ", ".join(f"{k} {v:.4g}" for k, v in detail.items())
         lines.append(f"| {name}: {meaning} | {statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} "
-                     f"| {goal} | {text} |")
+                     f"| {goal} | {median_details(rows, ('ratio', 'round', 'rows'))} |")
     return "\n".join(lines) + "\n"
+
+
+def median_details(rows: list[dict], skip: tuple[str, ...]) -> str:
+    """"name value" for the median of every numeric field of ``rows`` except ``skip``."""
+    names = [k for k, v in rows[0].items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(f"{k} {statistics.median([r[k] for r in rows]):.4g}" for k in names)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ from .errors import InvalidInputError, InvalidTypeError
 READER_CACHE_MB = 256.0  # readers share the OS page cache; each one's decoded cache is private
 MIN_WRITER_CACHE_MB = 64.0
 WRITER_RAM_SHARE = 0.25
+#: A writer's L1 holds at least this many chunks of each column (a put reads, changes and keeps whole chunks).
+MIN_WRITER_CHUNKS = 2
+#: By how much those minimum chunks may exceed an explicit cache budget before the options are refused.
+MIN_CHUNKS_SLACK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,9 @@ class StoreOptions:
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
         return opts
 
-    def resolved_cache_mb(self, table_bytes: int, readonly: bool) -> float:
-        """``cache_mb``, or its default for a table of ``table_bytes`` (see the class doc)."""
+    def resolved_cache_mb(self, table_bytes: int, readonly: bool, floor_bytes: int = 0) -> float:
+        """``cache_mb``, or its default for a table of ``table_bytes`` (see the class doc), never below
+        ``floor_bytes`` (what a writer's cache needs at least: two chunks of every column)."""
         if self.cache_mb is not None:
             return float(self.cache_mb)
         if readonly:
@@ -80,7 +85,25 @@ class StoreOptions:
         ram_mb = psutil.virtual_memory().total / (1 << 20)
         # the L1 slab alone must hold the table (L2 copies are no substitute), plus 10 %
         want = 1.1 * table_bytes / (1 << 20) / max(self.l1_fraction, 0.25) + 16
-        return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb))
+        return max(MIN_WRITER_CACHE_MB, min(want, WRITER_RAM_SHARE * ram_mb), floor_bytes / (1 << 20))
+
+    def check_writer_cache(self, chunk_rows: int, row_bytes: int, rows: int, call: str) -> None:
+        """Refuse (``InvalidInputError``) a writable handle that could not keep ``MIN_WRITER_CHUNKS`` chunks (rows
+        of ``row_bytes`` bytes, all columns) within these options' budget. A chunk is read, changed and kept
+        whole, so those chunks are the least a writer holds: with chunks far larger than ``cache_mb`` the handle
+        would use many times the memory it was given (up to ``MIN_CHUNKS_SLACK`` over it is a fixed overhead)."""
+        need = MIN_WRITER_CHUNKS * chunk_rows * row_bytes
+        budget = sum(self.tier_bytes(self.resolved_cache_mb(rows * row_bytes, False, need),
+                                     -(-rows // chunk_rows) * chunk_rows * row_bytes))
+        if need <= max(budget, MIN_CHUNKS_SLACK):
+            return
+        mib = 1 << 20
+        raise InvalidInputError(
+            f"{call}: cache_mb={budget / mib:g} cannot hold the {MIN_WRITER_CHUNKS} chunks a writable handle needs at "
+            f"least: a chunk is chunk_rows={chunk_rows} rows x {row_bytes:,} bytes (all columns) = "
+            f"{chunk_rows * row_bytes / mib:,.1f} MiB. Open it with cache_mb >= {-(-need // mib)}, or give the "
+            "store a smaller chunk_rows (create with chunk_rows=None lets the store choose; an existing store: "
+            "dump --format npy, then restore --chunk-rows)")
 
     def tier_bytes(self, cache_mb: float, table_bytes: int = 0) -> tuple[int, int]:
         """(L1, L2) budgets in bytes, given the resolved total ``cache_mb``.

@@ -19,6 +19,7 @@ class StoreStats(TypedDict):
     l2_misses: int
     hit_rate: float  # (l1_hits + l2_hits) / lookups, 0.0 before any lookup
     chunks_loaded: int  # chunks read from LMDB (and checksummed)
+    map_rows: int  # rows copied straight out of LMDB's map (a table larger than the cache)
     commits: int  # commits made by this handle
     bytes_committed: int
     dirty_chunks: int  # chunks changed since the last commit

@@ -24,13 +24,14 @@ import numpy as np
 from .core.cache import CacheStats
 from .core.init import NORMAL_STD, init_spec
 from .core.inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
+from .core.prefetch import Prefetcher
 from .core.readers import ReaderSession
 from .core.session import Session
 from .core.table import Column, Table
 from .core.writes import WriterSession
 from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from .format.builder import build_new_table
-from .format.layout import ColumnSpec, chunk_size_problem
+from .format.layout import ColumnSpec, choose_chunk_rows, chunk_size_problem
 from .format.records import MAIN, check_store_dir
 from .ops.progress import bar
 from .optional import import_needing
@@ -67,8 +68,8 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path: str | os.PathLike[str], ids: IdsLike, dim: int, *, dtype: str | np.dtype = "float32",
-               chunk_rows: int = 1024, init: str | ValuesLike = "normal", seed: int = 0, overwrite: bool = False,
-               progress: bool = False, **open_options: Any) -> EmbeddingStore:
+               chunk_rows: int | None = None, init: str | ValuesLike = "normal", seed: int = 0,
+               overwrite: bool = False, progress: bool = False, **open_options: Any) -> EmbeddingStore:
         """Build a new store at ``path`` and return a writable handle on it.
 
         The store is built in a hidden sibling directory and renamed into place only when
@@ -78,7 +79,8 @@ class EmbeddingStore:
             path: directory of the store (created).
             ids: ``int`` N for IDs 0..N-1, or a 1-D sequence/array/tensor of unique int64 IDs.
             dim: row width. dtype: ``"float32"``, ``"float16"`` or ``"float64"``.
-            chunk_rows: row slots per chunk (one LMDB value each).
+            chunk_rows: row slots per chunk (one LMDB value each), for good; None: chosen from ``dim`` and
+                ``dtype`` (``format.layout.choose_chunk_rows``), ``store.chunk_rows`` tells which.
             init: ``"normal"``, ``"zeros"``, ``"uniform"``, ``"xavier"``, ``"kaiming"`` or an
                 array of shape (len(ids), dim). seed: same seed, same table.
             overwrite: replace an existing store (refused while a writer holds it). progress: a tqdm bar.
@@ -89,9 +91,10 @@ class EmbeddingStore:
         """
         options = StoreOptions.from_kwargs(open_options)
         id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
+        n = id_array if isinstance(id_array, int) else len(id_array)
+        options.check_writer_cache(chunk_rows, dim * dt.itemsize, n, "create")  # before anything is built
         path = _as_path(path)
         check_replace_target(path, overwrite, "pass overwrite=True")
-        n = id_array if isinstance(id_array, int) else len(id_array)
         with StagedStore(path, "creating") as stage, bar(n, "create", progress, unit="rows") as pbar:
             build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values, pbar.update)
             lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
@@ -123,6 +126,7 @@ class EmbeddingStore:
         self._session: Session | None = None
         self._closed = False
         self._stats = CacheStats()
+        self._prefetcher = Prefetcher(self._warm)  # its thread starts at the first hint
         fork.track(self)
 
     def _open_session(self, lock: WriterLock | None = None) -> Session:
@@ -160,6 +164,7 @@ class EmbeddingStore:
 
     def _after_fork_in_child(self) -> None:
         self._mutex = threading.RLock()  # another thread of the parent may have held it at fork
+        self._prefetcher = Prefetcher(self._warm)  # the parent's thread does not exist here
 
     def __getstate__(self) -> dict:
         return {"path": self._path, "options": self._options.as_kwargs()}
@@ -273,6 +278,18 @@ class EmbeddingStore:
                 return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
 
             return session.read(read)
+
+    def prefetch(self, ids: IdsLike) -> None:
+        """A hint that the rows of ``ids`` (all columns) will be needed soon: returns at once, changes nothing any
+        call returns, ignores IDs not in the store (``core/prefetch.py``). Call it a batch ahead."""
+        if self._closed:
+            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
+        self._prefetcher.hint(as_ids(ids))
+
+    def _warm(self, ids: np.ndarray) -> None:
+        with self._mutex:  # the prefetch thread's work, under the mutex as any call
+            if not self._closed:
+                self._active().prefetch(ids)
 
     def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
         ids = as_ids(ids)
@@ -392,6 +409,7 @@ class EmbeddingStore:
         with self._mutex:
             if self._closed:
                 return
+            self._prefetcher.stop()
             session = self._session if self._pid == os.getpid() else None
             if session is not None and session.has_changes():
                 session.commit()  # if this raises (disk full), the handle stays open to retry
@@ -427,25 +445,8 @@ class EmbeddingStore:
     def stats(self) -> StoreStats:
         """This handle's cache and commit counters and the process's RssAnon: a :class:`StoreStats`."""
         with self._mutex:
-            session = self._active()
-            table = session.table
-            caches = [c.cache for c in table.columns.values()]
-            out: dict[str, Any] = self._stats.as_dict()
-            l1, l2 = table.tier_bytes()
-            out.update(
-                commits=session.commits,
-                bytes_committed=session.bytes_committed,
-                dirty_chunks=sum(c.n_dirty for c in caches),
-                spilled_chunks=session.spilled,
-                cache_bytes=sum(c.bytes for c in caches),
-                cache_budget_bytes=l1 + l2,
-                l1_chunks=sum(c.resident_chunks for c in caches),
-                l2_chunks=sum(len(c.l2) for c in caches),
-                rows=table.rows,
-                store_commit=table.commit,
-                last_commit_time=table.committed_at,
-                anon_bytes=rss_anon_bytes(),  # the whole process's RssAnon: cache + interpreter + yours
-            )
+            out = self._active().counters()
+            out["anon_bytes"] = rss_anon_bytes()  # the whole process's RssAnon: cache + interpreter + yours
             return cast(StoreStats, out)
 
 
@@ -480,8 +481,10 @@ def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     Shared with ``ShardedEmbeddingStore.create``, which must accept exactly what ``create`` accepts.
     """
     dim = as_positive_int(dim, "dim")
-    chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
     dt = as_dtype(dtype)
+    if chunk_rows is None:  # the store chooses (format.layout.choose_chunk_rows)
+        chunk_rows = choose_chunk_rows(dim * dt.itemsize)
+    chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
     too_big = chunk_size_problem(chunk_rows, dim * dt.itemsize)
     if too_big:
         raise InvalidInputError(f"create: {too_big}")

@@ -27,10 +27,12 @@ def test_cache_bytes_stay_within_budget(store_path):
             store.put(np.unique(ids), np.zeros((len(np.unique(ids)), 128)))
             if i % 10 == 9:
                 store.commit()  # clean chunks pushed out of L1 then go to L2
-        store.get(rng.integers(0, 20000, 4096))
+        store.get(rng.integers(0, 20000, 4096))  # larger than the cache: rows beyond L1 come from the map
+        some = np.arange(0, 20000, 997)
+        store.put(some, store.get(some))  # clean committed chunks leave L1 for these: into L2
         stats = store.stats()
         assert stats["cache_bytes"] <= MIB + 64 * 128 * 4 * 2  # budget + a couple of chunks
-        assert stats["l1_chunks"] > 0 and stats["l2_chunks"] > 0
+        assert stats["l1_chunks"] > 0 and stats["l2_chunks"] > 0 and stats["map_rows"] > 0
         store.get(np.arange(20000))  # one call larger than the whole cache
         assert store.stats()["cache_bytes"] <= MIB + 64 * 128 * 4 * 2
     with EmbeddingStore.open(store_path, readonly=True, cache_mb=1) as reader:
@@ -51,12 +53,14 @@ def test_l2_serves_chunks_pushed_out_of_l1(store_path):
     chunk = 64 * 32 * 4  # 8 KiB
     with EmbeddingStore.create(store_path, 64 * 20, 32, chunk_rows=64, l1_mb=4 * chunk / MIB,
                                l2_mb=40 * chunk / MIB) as store:
-        for c in range(20):
-            store.get([c * 64])
+        one = np.ones((1, 32), np.float32)
+        for c in range(20):  # a put makes its chunk resident (a get of a table larger than L1 reads the map)
+            store.put([c * 64], one)
+            store.commit()  # clean now: pushed out of L1, it goes to L2
         loaded = store.stats()["chunks_loaded"]
         assert loaded == 20
         for c in range(20):
-            store.get([c * 64])
+            store.put([c * 64 + 1], one)
         stats = store.stats()
         assert stats["chunks_loaded"] == loaded  # everything came from L1 or L2
         assert stats["l2_hits"] >= 16
@@ -152,23 +156,32 @@ def test_reader_adopts_a_map_grown_by_the_writer(store_path, small_map):
 
 # ----------------------------------------------------------------- ColumnCache on its own
 class _FakeIO:
-    """A ChunkIO over an in-memory dict: chunk c holds the value c (version 1) unless overwritten."""
+    """A ChunkIO over an in-memory dict: chunk c holds the value c (version 1) unless overwritten; a spilled
+    chunk loads back as spilled (the pending transaction), the map serves committed rows only."""
 
     def __init__(self):
         self.loads: list[int] = []
+        self.map_reads: list[int] = []
         self.spilled: list[tuple[int, np.ndarray]] = []
         self.version = {}
 
     def load(self, chunks):
+        pending = dict(self.spilled)
         for chunk in chunks:
             self.loads.append(chunk)
-            yield chunk, np.full((4, 2), float(chunk), np.float32), self.version.get(chunk, 1)
+            rows = pending.get(chunk, np.full((4, 2), float(chunk), np.float32))
+            yield chunk, rows, self.version.get(chunk, 1)
 
     def versions(self, chunks):
         return [self.version.get(c, 1) for c in chunks]
 
     def spill(self, chunk, rows):
         self.spilled.append((chunk, rows.copy()))
+
+    def read_rows(self, slots):
+        assert not {int(c) for c in slots // 4} & {c for c, _ in self.spilled}, "a spilled chunk read from the map"
+        self.map_reads.extend((slots // 4).tolist())
+        return np.repeat((slots // 4).astype(np.float32)[:, None], 2, axis=1)
 
 
 class _Table:
@@ -188,24 +201,33 @@ def _rows_of(chunk):
     return np.array([chunk * 4 + 1])  # a row slot inside the chunk
 
 
+def _value(chunk, value=None):
+    return np.full((1, 2), float(chunk if value is None else value), np.float32)
+
+
 def test_column_cache_lru_eviction_to_l2_and_back():
     cache, stats, io = _cache(capacity_chunks=2, l2_chunks=2)
-    for chunk in (0, 1, 0, 2):  # 1 is least recently used when 2 arrives
-        cache.gather(_rows_of(chunk))
+    for chunk in (0, 1, 0, 2):  # a put makes its chunk resident; 1 is least recently used when 2 arrives
+        cache.scatter(_rows_of(chunk), _value(chunk))
+        cache.mark_clean(1)  # committed: a clean chunk pushed out of L1 goes to L2
     assert io.loads == [0, 1, 2] and list(cache.l2) == [1]
-    assert np.array_equal(cache.gather(_rows_of(1)), [[1.0, 1.0]])  # from L2, not reloaded
+    cache.scatter(_rows_of(1), _value(1))  # from L2, not reloaded
     assert io.loads == [0, 1, 2] and stats.l2_hits == 1 and list(cache.l2) == [0]
     assert np.array_equal(cache.gather(np.array([1, 5])), [[0.0, 0.0], [1.0, 1.0]])
+    assert io.map_reads == [0]  # chunk 0 (not in L1) was read in place, not loaded
+    assert io.loads == [0, 1, 2] and list(cache.l2) == [0]
 
 
 def test_column_cache_spills_dirty_victims_and_never_drops_them():
     cache, _, io = _cache(capacity_chunks=2, l2_chunks=4)
     cache.scatter(np.arange(20, 24), np.full((4, 2), 99.0, np.float32))  # chunk 5, dirty
-    cache.gather(_rows_of(6))
-    cache.gather(_rows_of(7))  # evicts dirty chunk 5
+    cache.scatter(_rows_of(6), _value(6))
+    cache.scatter(_rows_of(7), _value(7))  # evicts dirty chunk 5
     assert [c for c, _ in io.spilled] == [5] and np.all(io.spilled[0][1] == 99.0)
     assert 5 not in cache.l2  # a spilled chunk is not kept as a clean copy
-    assert cache.n_dirty == 0
+    assert cache.n_dirty == 2
+    assert np.array_equal(cache.gather(_rows_of(5)), [[99.0, 99.0]])  # loaded back from the pending transaction
+    assert io.map_reads == [] and io.loads[-1] == 5
 
 
 def test_column_cache_serves_more_chunks_than_it_holds_in_groups():
@@ -214,10 +236,11 @@ def test_column_cache_serves_more_chunks_than_it_holds_in_groups():
     assert np.array_equal(cache.gather(slots)[:, 0], slots // 4)
     cache.scatter(np.array([3, 7, 11]), np.full((3, 2), -1.0, np.float32))  # chunks 0, 1, 2
     assert sorted(c for c, _ in io.spilled) == [0]  # dirty chunks leave L1 only through spill
+    assert np.array_equal(cache.gather(np.array([3, 7, 11, 13]))[:, 0], [-1.0, -1.0, -1.0, 3.0])
 
 
 def test_column_cache_reader_drops_chunks_rewritten_by_a_newer_commit():
-    table = _Table(validate_against=1)
+    table = _Table(rows=16, validate_against=1)  # 4 chunks: the whole table fits L1, so reads load it
     cache, stats, io = _cache(capacity_chunks=4, l2_chunks=4, table=table)
     cache.gather(np.array([1, 5]))
     assert io.loads == [0, 1]

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ids", metavar="FILE", help="an .npy file of unique int64 sample IDs, one per row "
                         "(default: 0..N-1)")
     create.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32", help="default float32")
-    create.add_argument("--chunk-rows", type=_positive_int, default=1024, help="row slots per chunk (default 1024)")
+    create.add_argument("--chunk-rows", type=_positive_int, default=None,
+                        help="row slots per chunk (default: chosen from dim and dtype, as create(chunk_rows=None))")
     create.add_argument("--seed", type=int, default=0, help="seed of the initial values (default 0)")
     create.add_argument("--force", action="store_true", help="replace an existing store at PATH (atomically)")
     json_flag(create)
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--format", choices=("auto", "native", "npy"), default="auto",
                          help="input format (default: a directory is npy, a file native)")
     restore.add_argument("--chunk-rows", type=_positive_int, default=None,
-                         help="rows per chunk for an npy input without table.json (default 1024)")
+                         help="rows per chunk for an npy input without table.json (default: chosen from dim and "
+                         "dtype, as create's chunk_rows=None)")
     restore.add_argument("--shards", type=_positive_int, default=None, metavar="W",
                          help="build a store sharded for W ranks (ShardedEmbeddingStore); default: a plain store")
     json_flag(restore)

@@ -11,12 +11,18 @@ row slot ``s`` is then ``s`` itself, and a call on a fully resident table is one
 
 L2 is a victim cache: clean chunks pushed out of L1 are kept, decoded, in an LRU dict
 with its own byte budget, so a chunk that comes back soon costs a copy instead of an
-LMDB read + checksum. Below both sits the OS page cache under LMDB's memory map.
+LMDB read. Below both sits the OS page cache under LMDB's memory map.
 
 The cache answers "the rows of these slots" itself: it finds the chunks, brings missing
 ones in through its :class:`ChunkIO` (the handle's session, which knows the transaction),
 and, in a reader, re-checks chunks cached before the latest commit. A dirty chunk is never
 dropped: when L1 must evict one, it goes to ``ChunkIO.spill`` before its slot is reused.
+
+Reads of a table larger than L1 do not load chunks: the rows of chunks that are neither in
+L1 nor spilled into the pending transaction are copied straight out of LMDB's map
+(``ChunkIO.read_rows``, ``core/directory.py``), so a random row costs a row copy, not a whole
+chunk's load, and a read never evicts (nor spills) anything. Writes still make their chunks
+resident (read-modify-write). A table that fits L1 is loaded into it as it is read.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ class ChunkIO(Protocol):
     def spill(self, chunk: int, rows: np.ndarray) -> None:
         """Keep a dirty chunk that leaves L1 (written into the pending transaction)."""
 
+    def read_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The committed rows of row slots ``slots`` (clean chunks only), copied out of LMDB's map: a fresh array."""
+
+    def warm(self, slots: np.ndarray) -> None:
+        """Make reading ``slots`` (clean chunks) from the map cheap soon: chunks looked up, pages read ahead."""
+
 
 class TableView(Protocol):
     """What the cache needs to know of its table."""
@@ -66,6 +78,7 @@ class CacheStats:
 
     def __init__(self) -> None:
         self.l1_hits = self.l1_misses = self.l2_hits = self.l2_misses = self.chunks_loaded = 0
+        self.map_rows = 0  # rows copied straight out of LMDB's map (chunks neither cached nor loaded)
 
     def as_dict(self) -> dict:
         lookups = self.l1_hits + self.l1_misses
@@ -76,17 +89,107 @@ class CacheStats:
             "l2_misses": self.l2_misses,
             "hit_rate": (self.l1_hits + self.l2_hits) / lookups if lookups else 0.0,
             "chunks_loaded": self.chunks_loaded,
+            "map_rows": self.map_rows,
         }
 
 
-class ColumnCache:
-    def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, fill: float, stats: CacheStats,
-                 io: ChunkIO, table: TableView):
-        self.width, self.dtype, self.chunk_rows, self.fill = width, np.dtype(dtype), chunk_rows, fill
+class VictimCache:
+    """L2: clean chunks pushed out of L1, decoded, least recently kept first, within a byte budget."""
+
+    def __init__(self) -> None:
+        # chunk -> (rows, version, commit at which a reader last checked the version)
+        self._entries: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
+        self.bytes = 0
+        self.budget = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._entries))
+
+    def __contains__(self, chunk: object) -> bool:
+        return chunk in self._entries
+
+    def keep(self, chunk: int, rows: np.ndarray, version: int, checked_at: int) -> None:
+        """Keep a copy of ``rows`` (if the budget allows a chunk at all), pushing the oldest out."""
+        if self.budget < rows.nbytes or not self.budget:
+            return
+        while self._entries and self.bytes + rows.nbytes > self.budget:
+            _, (old, _, _) = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        self._entries[chunk] = (rows.copy(), version, checked_at)
+        self.bytes += rows.nbytes
+
+    def take(self, chunk: int) -> tuple[np.ndarray, int, int] | None:
+        """Remove and return ``(rows, version, checked_at)`` of ``chunk``, or None."""
+        entry = self._entries.pop(chunk, None)
+        if entry is not None:
+            self.bytes -= entry[0].nbytes
+        return entry
+
+    def checked_before(self, chunks: list[int], commit: int) -> list[int]:
+        """Those of ``chunks`` held here and last checked before ``commit`` (a reader)."""
+        return [c for c in chunks if c in self._entries and self._entries[c][2] < commit]
+
+    def recheck(self, chunk: int, version: int, commit: int) -> bool:
+        """True (and checked at ``commit``) if the held version is ``version``; False if it is stale."""
+        rows, held, _ = self._entries[chunk]
+        if held != version:
+            return False
+        self._entries[chunk] = (rows, held, commit)
+        return True
+
+
+class ChunkSet:
+    """A set of chunk numbers as a bool array: membership of a whole call's chunks is one fancy index."""
+
+    def __init__(self) -> None:
+        self._member = np.zeros(0, bool)
+        self._count = 0
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def add(self, chunk: int) -> None:
+        if chunk >= len(self._member):
+            self._member = _grown(self._member, max(chunk + 1, 2 * len(self._member), 16), False)
+        if not self._member[chunk]:
+            self._member[chunk] = True
+            self._count += 1
+
+    def discard(self, chunk: int) -> None:
+        if chunk < len(self._member) and self._member[chunk]:
+            self._member[chunk] = False
+            self._count -= 1
+
+    def contains(self, chunks: np.ndarray) -> np.ndarray:
+        """Membership of each of ``chunks`` (non-negative ints)."""
+        if not self._count:
+            return np.zeros(len(chunks), bool)
+        inside = chunks < len(self._member)
+        out = np.zeros(len(chunks), bool)
+        out[inside] = self._member[chunks[inside]]
+        return out
+
+    def chunks(self) -> list[int]:
+        return np.flatnonzero(self._member).tolist()
+
+    def clear(self) -> None:
+        if self._count:
+            self._member[:] = False
+            self._count = 0
+
+
+class L1Slab:
+    """L1's slots and their bookkeeping: ``capacity`` chunk-sized slots of one 2-D array, which chunk each slot
+    holds (its rows, version, last check, last use, dirty flag), and the chunk -> slot index. What to load,
+    keep, evict or read around them is :class:`ColumnCache`'s."""
+
+    def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, table: TableView):
+        self.width, self.dtype, self.chunk_rows, self.table = width, np.dtype(dtype), chunk_rows, table
         self.chunk_bytes = chunk_rows * width * self.dtype.itemsize
         self.capacity = 2
-        self.l2_budget = 0
-        self.stats, self.io, self.table = stats, io, table
         self._n_slots = 0
         self.slab = np.empty((0, width), self.dtype)
         self._buffer = self.slab  # backing store of ``slab`` (see _grow_slab)
@@ -100,20 +203,6 @@ class ColumnCache:
         self._free: list[int] = []  # a stack of free slots; entries taken out of turn are skipped
         self._n_resident = 0  # chunks in L1
         self._n_misplaced = 0  # of which not in the slot numbered like the chunk
-        self._checked_at = -1  # reader: every resident chunk was checked at this commit
-        self._tick = 0
-        # chunk -> (rows, version, commit at which a reader last checked the version)
-        self.l2: OrderedDict[int, tuple[np.ndarray, int, int]] = OrderedDict()
-        self.l2_bytes = 0
-
-    # -- sizing ------------------------------------------------------------------------
-    def set_budget(self, l1_bytes: int, l2_bytes: int) -> None:
-        self.capacity = max(2, l1_bytes // max(self.chunk_bytes, 1))
-        self.l2_budget = max(0, l2_bytes)
-
-    @property
-    def bytes(self) -> int:
-        return self.slab.nbytes + self.l2_bytes
 
     @property
     def resident_chunks(self) -> int:
@@ -126,9 +215,7 @@ class ColumnCache:
 
     def _grow_index(self, n_chunks: int) -> None:
         if n_chunks > len(self.chunk_slot):
-            grown = np.full(max(n_chunks, 2 * len(self.chunk_slot), 16), _NO_SLOT, np.int64)
-            grown[: len(self.chunk_slot)] = self.chunk_slot
-            self.chunk_slot = grown
+            self.chunk_slot = _grown(self.chunk_slot, max(n_chunks, 2 * len(self.chunk_slot), 16), _NO_SLOT)
 
     def _grow_slab(self, want_slots: int) -> None:
         limit = self._chunk_limit
@@ -147,24 +234,81 @@ class ColumnCache:
             self._buffer = buffer
         self.slab = self._buffer[: new * self.chunk_rows]
 
-        def grow(arr, fill):
-            out = np.full(new, fill, arr.dtype)
-            out[: len(arr)] = arr
-            return out
-
-        self.slot_chunk = grow(self.slot_chunk, _NO_SLOT)
-        self.slot_rows = grow(self.slot_rows, 0)
-        self.slot_version = grow(self.slot_version, 0)
-        self.slot_validated = grow(self.slot_validated, 0)
-        self.last_used = grow(self.last_used, 0)
-        self.dirty = grow(self.dirty, False)
+        self.slot_chunk = _grown(self.slot_chunk, new, _NO_SLOT)
+        self.slot_rows, self.slot_version = _grown(self.slot_rows, new, 0), _grown(self.slot_version, new, 0)
+        self.slot_validated, self.last_used = _grown(self.slot_validated, new, 0), _grown(self.last_used, new, 0)
+        self.dirty = _grown(self.dirty, new, False)
         self._free.extend(range(new - 1, self._n_slots - 1, -1))
         self._n_slots = new
+
+    def slots_of(self, chunks: np.ndarray) -> np.ndarray:
+        self._grow_index(int(chunks.max()) + 1 if len(chunks) else 0)
+        return self.chunk_slot[chunks]
+
+    def _take_slot(self, chunk: int) -> int:
+        """A free slot for ``chunk``: its own number when free (see the module doc), else any."""
+        if chunk < self._n_slots and self.slot_chunk[chunk] == _NO_SLOT:
+            return chunk
+        while True:
+            slot = self._free.pop()
+            if self.slot_chunk[slot] == _NO_SLOT:
+                return slot
+
+    def _release_slot(self, slot: int) -> None:
+        chunk = int(self.slot_chunk[slot])
+        self.chunk_slot[chunk] = _NO_SLOT
+        self.slot_chunk[slot] = _NO_SLOT
+        self.dirty[slot] = False
+        self._free.append(slot)
+        self._n_resident -= 1
+        self._n_misplaced -= slot != chunk
+
+    def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
+        slot = self._take_slot(chunk)
+        self._n_resident += 1
+        self._n_misplaced += slot != chunk
+        n = len(rows)
+        base = slot * self.chunk_rows
+        self.slab[base : base + n] = rows
+        self.slot_chunk[slot], self.slot_rows[slot] = chunk, n
+        self.slot_version[slot] = self.slot_validated[slot] = version
+        self.dirty[slot] = False
+        self.chunk_slot[chunk] = slot
+
+    def rows_in_slot(self, slot: int) -> np.ndarray:
+        base = slot * self.chunk_rows
+        return self.slab[base : base + int(self.slot_rows[slot])]
+
+
+class ColumnCache(L1Slab):
+    """One column's cache (see the module docstring): L1 slots, the L2 victims, spills and reads beside them."""
+
+    def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, fill: float, stats: CacheStats,
+                 io: ChunkIO, table: TableView):
+        super().__init__(width, dtype, chunk_rows, table)
+        self.fill, self.stats, self.io = fill, stats, io
+        self._checked_at = -1  # reader: every resident chunk was checked at this commit
+        self._tick = 0
+        self.l2 = VictimCache()
+        # chunks spilled into the pending write transaction since the last commit: their committed
+        # rows are not theirs any more, so they are never read from the map
+        self.spilled = ChunkSet()
+
+    # -- sizing ------------------------------------------------------------------------
+    def set_budget(self, l1_bytes: int, l2_bytes: int, min_chunks: int = 2) -> None:
+        """L1 holds ``l1_bytes`` of chunks but never fewer than ``min_chunks`` (a writer's read-modify-write needs
+        two; a reader, which reads a table larger than L1 from the map, none)."""
+        self.capacity = max(min_chunks, l1_bytes // max(self.chunk_bytes, 1))
+        self.l2.budget = max(0, l2_bytes) if l2_bytes >= self.chunk_bytes else 0
+
+    @property
+    def bytes(self) -> int:
+        return self.slab.nbytes + self.l2.bytes
 
     # -- rows in, rows out ---------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> np.ndarray:
         """The rows of row slots ``slots`` (any order, duplicates allowed), as a fresh array."""
-        if len(slots) and self._whole_table_in_place():
+        if self._n_resident and len(slots) and self._whole_table_in_place():
             if len(slots) == 1:  # one row (a Dataset's __getitem__): scalar work only
                 slot = int(slots[0])
                 self._touch_one(slot // self.chunk_rows)
@@ -173,12 +317,41 @@ class ColumnCache:
             out = np.empty((len(slots), self.width), self.dtype)
             np.take(self.slab, slots, axis=0, out=out)
             return out
+        if len(slots) and self.capacity < self._chunk_limit:
+            return self._gather_beside(slots)
+        return self._gather_cached(slots)
+
+    def _gather_cached(self, slots: np.ndarray) -> np.ndarray:
+        """Rows of ``slots`` through L1: chunks made resident (loaded when missing), then one fancy index."""
         out = np.empty((len(slots), self.width), self.dtype)
         for positions, rows, _ in self._locate(slots):
             if positions is _ALL:
                 np.take(self.slab, rows, axis=0, out=out)
             else:
                 out[positions] = self.slab[rows]
+        return out
+
+    def _gather_beside(self, slots: np.ndarray) -> np.ndarray:
+        """Rows of a table larger than L1: chunks in L1 or spilled from this cache through L1, the others
+        copied straight out of LMDB's map (nothing loaded, nothing evicted)."""
+        if not (self._n_resident or self.spilled):  # a reader of a large table: every row from the map
+            self.stats.map_rows += len(slots)
+            return self.io.read_rows(slots)
+        chunks = slots // self.chunk_rows
+        self._grow_index(int(chunks.max()) + 1)
+        cached = (self.chunk_slot[chunks] != _NO_SLOT) | self.spilled.contains(chunks)
+        if not cached.any():
+            self.stats.map_rows += len(slots)
+            return self.io.read_rows(slots)
+        here = np.flatnonzero(cached)
+        out = self._gather_cached(slots[here]) if len(here) == len(slots) else None
+        if out is not None:
+            return out
+        out = np.empty((len(slots), self.width), self.dtype)
+        out[here] = self._gather_cached(slots[here])
+        away = np.flatnonzero(~cached)
+        self.stats.map_rows += len(away)
+        out[away] = self.io.read_rows(slots[away])
         return out
 
     def scatter(self, slots: np.ndarray, values: np.ndarray) -> None:
@@ -193,6 +366,22 @@ class ColumnCache:
             self.slab[rows] = values[positions]
             self.dirty[cache_slots] = True  # every located chunk receives rows
 
+    def prefetch(self, slots: np.ndarray) -> None:
+        """Bring the rows of ``slots`` closer (``store.prefetch``): a table that fits L1 gets their chunks loaded,
+        a larger one has the clean chunks warmed in LMDB's map. Never evicts, so never spills."""
+        if not len(slots):
+            return
+        chunks = slots // self.chunk_rows
+        if self.capacity >= self._chunk_limit:
+            unique = np.unique(chunks)
+            if len(unique) <= self.capacity:
+                self._resident(unique)
+            return
+        self._grow_index(int(chunks.max()) + 1)
+        clean = (self.chunk_slot[chunks] == _NO_SLOT) & ~self.spilled.contains(chunks)
+        if clean.any():
+            self.io.warm(slots[clean])
+
     def fits_at_once(self, slots: np.ndarray) -> bool:
         """True if the chunks of ``slots`` can all be resident at once (a call served in one group).
 
@@ -204,6 +393,8 @@ class ColumnCache:
 
     def _whole_table_in_place(self) -> bool:
         """Every chunk of the table resident in its own slot, current (reader), none short of rows."""
+        if not self._n_resident:  # nothing in L1 (a reader of a large table): no arithmetic
+            return False
         limit = self._chunk_limit
         if self._n_misplaced or self._n_resident != limit or self._n_slots < limit:
             return False
@@ -300,7 +491,7 @@ class ColumnCache:
         resident = slots >= 0
         check = np.zeros(len(chunks), bool)
         check[resident] = self.slot_validated[slots[resident]] < commit
-        in_l2 = [c for c in chunks[~resident].tolist() if c in self.l2 and self.l2[c][2] < commit]
+        in_l2 = self.l2.checked_before(chunks[~resident].tolist(), commit)
         to_check = chunks[check].tolist()
         if not to_check and not in_l2:
             return
@@ -312,18 +503,11 @@ class ColumnCache:
             else:
                 self.slot_validated[slot] = commit
         for chunk, version in zip(in_l2, versions[len(to_check) :], strict=True):
-            rows, held_version, _ = self.l2[chunk]
-            if version != held_version:
+            if not self.l2.recheck(chunk, version, commit):
                 stale.append(chunk)
-            else:
-                self.l2[chunk] = (rows, held_version, commit)
         self.drop(stale)
 
     # -- residency -----------------------------------------------------------------------
-    def slots_of(self, chunks: np.ndarray) -> np.ndarray:
-        self._grow_index(int(chunks.max()) + 1 if len(chunks) else 0)
-        return self.chunk_slot[chunks]
-
     def _ensure(self, chunks: np.ndarray) -> np.ndarray:
         """Make every chunk in ``chunks`` (unique, <= capacity) resident; return their slots."""
         slots = self.slots_of(chunks)
@@ -336,12 +520,11 @@ class ColumnCache:
             self._reserve(len(missing), pinned=slots[present])
             from_lmdb = []
             for chunk in missing.tolist():
-                entry = self.l2.pop(chunk, None)
+                entry = self.l2.take(chunk)
                 if entry is None:
                     from_lmdb.append(chunk)
                     continue
                 self.stats.l2_hits += 1
-                self.l2_bytes -= entry[0].nbytes
                 self._install(chunk, entry[0], entry[1])
             self.stats.l2_misses += len(from_lmdb)
             if from_lmdb:
@@ -352,36 +535,6 @@ class ColumnCache:
         self._tick += 1
         self.last_used[slots] = self._tick
         return slots
-
-    def _take_slot(self, chunk: int) -> int:
-        """A free slot for ``chunk``: its own number when free (see the module doc), else any."""
-        if chunk < self._n_slots and self.slot_chunk[chunk] == _NO_SLOT:
-            return chunk
-        while True:
-            slot = self._free.pop()
-            if self.slot_chunk[slot] == _NO_SLOT:
-                return slot
-
-    def _release_slot(self, slot: int) -> None:
-        chunk = int(self.slot_chunk[slot])
-        self.chunk_slot[chunk] = _NO_SLOT
-        self.slot_chunk[slot] = _NO_SLOT
-        self.dirty[slot] = False
-        self._free.append(slot)
-        self._n_resident -= 1
-        self._n_misplaced -= slot != chunk
-
-    def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
-        slot = self._take_slot(chunk)
-        self._n_resident += 1
-        self._n_misplaced += slot != chunk
-        n = len(rows)
-        base = slot * self.chunk_rows
-        self.slab[base : base + n] = rows
-        self.slot_chunk[slot], self.slot_rows[slot] = chunk, n
-        self.slot_version[slot] = self.slot_validated[slot] = version
-        self.dirty[slot] = False
-        self.chunk_slot[chunk] = slot
 
     def _reserve(self, n: int, pinned: np.ndarray) -> None:
         """Free ``n`` slots, growing the slab or evicting least recently used chunks."""
@@ -402,17 +555,10 @@ class ColumnCache:
         rows = self.rows_in_slot(slot)
         if self.dirty[slot]:
             self.io.spill(chunk, rows)
-        elif self.l2_budget >= self.chunk_bytes:
-            while self.l2 and self.l2_bytes + rows.nbytes > self.l2_budget:
-                _, (old, _, _) = self.l2.popitem(last=False)
-                self.l2_bytes -= old.nbytes
-            self.l2[chunk] = (rows.copy(), int(self.slot_version[slot]), int(self.slot_validated[slot]))
-            self.l2_bytes += rows.nbytes
+            self.spilled.add(chunk)
+        else:
+            self.l2.keep(chunk, rows, int(self.slot_version[slot]), int(self.slot_validated[slot]))
         self._release_slot(slot)
-
-    def rows_in_slot(self, slot: int) -> np.ndarray:
-        base = slot * self.chunk_rows
-        return self.slab[base : base + int(self.slot_rows[slot])]
 
     # -- changes -----------------------------------------------------------------------
     def dirty_chunks(self) -> list[tuple[int, np.ndarray]]:
@@ -426,25 +572,27 @@ class ColumnCache:
         return int(self.dirty.sum())
 
     def mark_clean(self, version: int) -> None:
+        """After a commit: every dirty chunk is the committed one now, and nothing is spilled any more."""
         self.slot_version[self.dirty] = version
         self.slot_validated[self.dirty] = version
         self.dirty[:] = False
+        self.spilled.clear()
 
     def drop(self, chunks: Iterable[int]) -> None:
         """Forget chunks (stale in a reader, or discarded by rollback)."""
         for chunk in chunks:
-            entry = self.l2.pop(chunk, None)
-            if entry is not None:
-                self.l2_bytes -= entry[0].nbytes
+            self.l2.take(chunk)
             if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
                 self._release_slot(int(self.chunk_slot[chunk]))
+            self.spilled.discard(chunk)
 
     def drop_dirty(self) -> None:
-        self.drop(self.slot_chunk[np.flatnonzero(self.dirty[: self._n_slots])].tolist())
+        """Rollback: forget dirty chunks and every chunk spilled into the aborted transaction."""
+        self.drop(self.slot_chunk[np.flatnonzero(self.dirty[: self._n_slots])].tolist() + self.spilled.chunks())
 
     def drop_from(self, first_chunk: int) -> None:
         resident = self.slot_chunk[self.slot_chunk >= first_chunk].tolist()
-        self.drop(resident + [c for c in list(self.l2) if c >= first_chunk])
+        self.drop(resident + [c for c in self.l2 if c >= first_chunk])
 
     def forget_rows_from(self, first_row: int) -> None:
         """Forget row slots ``first_row`` and above (a failed ``add``): drop the chunks wholly past it,
@@ -458,6 +606,14 @@ class ColumnCache:
     def clear(self) -> None:
         self.drop(self.slot_chunk[self.slot_chunk != _NO_SLOT].tolist())
         self.drop(list(self.l2))
+        self.spilled.clear()
+
+
+def _grown(arr: np.ndarray, size: int, fill) -> np.ndarray:
+    """``arr`` extended to ``size`` entries with ``fill``."""
+    out = np.full(size, fill, arr.dtype)
+    out[: len(arr)] = arr
+    return out
 
 
 def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

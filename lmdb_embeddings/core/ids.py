@@ -103,7 +103,7 @@ class IdIndex:
             if len(ids) == 1:
                 if 0 <= int(ids[0]) < self._n:
                     return ids
-            elif ids.min() >= 0 and ids.max() < self._n:
+            elif np.maximum.reduce(ids.view(np.uint64)) < self._n:  # one pass: a negative ID is a huge uint64
                 return ids
         slots, found = self.find(ids)
         if not found.all():

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 
 from ..errors import EmbeddingStoreError
 from ..format.layout import ColumnSpec, parse_state
@@ -28,6 +31,7 @@ from ..format.records import column_db_name, read_metadata, read_record
 from ..options import StoreOptions
 from ..processes import environment
 from .cache import CacheStats
+from .directory import ChunkDirectory
 from .session import Session
 
 
@@ -124,8 +128,19 @@ class ReaderSession(Session):
         self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
-    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
-        return self.decode_chunks(self._txn, spec, chunks)
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
+        return self.decode_chunks(self._txn, spec, chunks, directory)
+
+    @contextmanager
+    def committed_snapshot(self):
+        """The call's own read transaction (map reads see the commit the call reads)."""
+        yield self._txn, self._seen_txnid
+
+    def map_rows(self, column, slots: np.ndarray) -> np.ndarray:
+        """The hot path of a reader of a large table: the call's own transaction, no context to enter."""
+        directory = column.directory
+        directory.follow(self._seen_txnid, self.env.map_epoch, self.table.committed_rows)
+        return directory.rows(self._txn, self._committed_db(column), slots)
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         return self.committed_versions(self._txn, spec, chunks)

@@ -9,7 +9,7 @@ latest commit). The store picks one at open; nothing else branches on the mode.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -21,6 +21,7 @@ from ..format.records import IDS_DB, MAIN, META_DB, column_db_name, read_metadat
 from ..options import StoreOptions
 from ..processes import environment
 from .cache import CacheStats
+from .directory import ChunkDirectory
 from .ids import IdIndex
 from .table import Table
 
@@ -78,19 +79,27 @@ class Session:
             ids = read_id_chunk(txn, self.ids_db, c, min(cr, stop_row - c * cr), self.path)
             yield ids[max(0, start_row - c * cr) :].copy()
 
-    def decode_chunks(self, txn, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
-        """(chunk, row view, version) of each chunk as of ``txn``; fresh (empty) for chunks never written."""
-        where = "" if spec.name == MAIN else f" of column {spec.name!r}"
+    def decode_chunks(self, txn, spec: ColumnSpec, chunks: list, directory: ChunkDirectory,
+                      committed: bool = True) -> Iterator[tuple]:
+        """(chunk, row view, version) of each chunk as of ``txn``; fresh (empty) for chunks never written.
+
+        A version the directory verified is not hashed again; a checksum checked here in a committed
+        snapshot (``committed``; not the writer's pending transaction) is noted as verified.
+        """
+        where = _where(spec)
         db = self.db_of(spec)
         for chunk in chunks:
-            found = read_chunk(txn, db, chunk, spec.width, spec.dtype, where)
+            found = read_chunk(txn, db, chunk, spec.width, spec.dtype, where, directory.trusted_version(chunk))
             if found is None:
                 if spec.name == MAIN and chunk * self.table.chunk_rows < self.table.committed_rows:
                     raise CorruptionError(f"{self.path}: chunk {chunk} is missing from the store")
                 yield chunk, np.empty((0, spec.width), spec.dtype), 0
                 continue
             header, rows = found
+            if committed:
+                directory.note_verified(chunk, header.version)
             yield chunk, rows, header.version
+
 
     def committed_versions(self, txn, spec: ColumnSpec, chunks: list) -> list[int]:
         """The version in each chunk's header as of ``txn`` (0: never written); no payload decoded."""
@@ -110,8 +119,34 @@ class Session:
         """Catch up with the latest commit (a reader), so properties answer for it."""
         self.read(lambda: None)
 
-    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
         raise NotImplementedError
+
+    def committed_snapshot(self):
+        """A context giving ``(txn, LMDB txn id)`` of a read transaction on the latest commit (the call's own, in a
+        reader) for reads straight out of the map."""
+        raise NotImplementedError
+
+    def map_rows(self, column: _ColumnIO, slots: np.ndarray) -> np.ndarray:
+        """Committed rows of ``slots`` (clean chunks) copied out of LMDB's map (``core/directory.py``)."""
+        with self.committed_snapshot() as (txn, txnid):
+            return self._map_rows(column, txn, txnid, slots)
+
+    def _map_rows(self, column: _ColumnIO, txn, txnid: int, slots: np.ndarray) -> np.ndarray:
+        directory = column.directory
+        directory.follow(txnid, self.env.map_epoch, self.table.committed_rows)
+        return directory.rows(txn, self._committed_db(column), slots)
+
+    def map_warm(self, column: _ColumnIO, slots: np.ndarray) -> None:
+        """Look up the chunks of ``slots`` in the map and ask the kernel to read their rows ahead (prefetch)."""
+        with self.committed_snapshot() as (txn, txnid):
+            column.directory.follow(txnid, self.env.map_epoch, self.table.committed_rows)
+            column.directory.warm(txn, self._committed_db(column), slots)
+
+    def _committed_db(self, column: _ColumnIO):
+        """The column's database as committed (None for a column declared since the last commit: all fill)."""
+        return None if self.table.new_columns and column.spec.name in self.table.new_columns else \
+            self.env.cached_db(column.db_name)
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         raise NotImplementedError
@@ -121,6 +156,24 @@ class Session:
 
     def has_changes(self) -> bool:
         return False
+
+    def prefetch(self, ids: np.ndarray) -> None:
+        """Bring the rows of the known ones of ``ids`` closer (``store.prefetch``; unknown IDs are ignored)."""
+        table = self.table
+        self.read(lambda: table.prefetch(table.index.slots(ids[table.index.contains(ids)])))
+
+    def counters(self) -> dict[str, Any]:
+        """``store.stats()``: the caches' counters, the commits', the caches' sizes and the table's."""
+        table = self.table
+        caches = [c.cache for c in table.columns.values()]
+        out = self.stats.as_dict()
+        l1, l2 = table.tier_bytes()
+        out.update(commits=self.commits, bytes_committed=self.bytes_committed,
+                   dirty_chunks=sum(c.n_dirty for c in caches), spilled_chunks=self.spilled,
+                   cache_bytes=sum(c.bytes for c in caches), cache_budget_bytes=l1 + l2,
+                   l1_chunks=sum(c.resident_chunks for c in caches), l2_chunks=sum(len(c.l2) for c in caches),
+                   rows=table.rows, store_commit=table.commit, last_commit_time=table.committed_at)
+        return out
 
     def settle(self) -> None:
         """Apply what LMDB decided about an interrupted commit (a writer); nothing to do for a reader."""
@@ -134,16 +187,38 @@ class Session:
 
 
 class _ColumnIO:
-    """One column's :class:`~lmdb_embeddings.core.cache.ChunkIO`: its cache's way to the session."""
+    """One column's :class:`~lmdb_embeddings.core.cache.ChunkIO`: its cache's way to the session, with the
+    column's chunk directory (where its committed chunks lie in LMDB's map, and which versions are verified)."""
 
     def __init__(self, session: Session, spec: ColumnSpec):
         self.session, self.spec = session, spec
+        self.db_name = column_db_name(spec.name)
+        self._directory: ChunkDirectory | None = None
+
+    @property
+    def directory(self) -> ChunkDirectory:
+        if self._directory is None:  # made on first use: the table (its chunking) exists by then
+            spec = self.spec
+            self._directory = ChunkDirectory(self.session.table.chunk_rows, spec.width, spec.dtype, spec.fill,
+                                             _where(spec), required=spec.name == MAIN)
+        return self._directory
 
     def load(self, chunks: list) -> Iterator[tuple]:
-        return self.session.load(self.spec, chunks)
+        return self.session.load(self.spec, chunks, self.directory)
+
+    def read_rows(self, slots: np.ndarray) -> np.ndarray:
+        return self.session.map_rows(self, slots)
+
+    def warm(self, slots: np.ndarray) -> None:
+        self.session.map_warm(self, slots)
 
     def versions(self, chunks: list) -> list[int]:
         return self.session.versions(self.spec, chunks)
 
     def spill(self, chunk: int, rows: np.ndarray) -> None:
         self.session.spill(self.spec, chunk, rows)
+
+
+def _where(spec: ColumnSpec) -> str:
+    """How error messages name a column's chunks ("chunk 3" of the embeddings, "chunk 3 of column 'x'")."""
+    return "" if spec.name == MAIN else f" of column {spec.name!r}"

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import CorruptionError, EmbeddingStoreError
 from ..format.layout import ColumnSpec, TableLayout, parse_state
 from ..format.records import MAIN, column_db_name, state_record
-from ..options import StoreOptions
+from ..options import MIN_WRITER_CHUNKS, StoreOptions
 from . import init
 from .cache import CacheStats, ChunkIO, ColumnCache
 from .ids import IdIndex
@@ -63,6 +63,7 @@ class Table:
         self.columns: dict[str, Column] = {}
         self.new_columns: list[str] = []  # declared since the last commit
         self.attrs_changed = False
+        self.check_cache_room(layout.row_bytes, "open")
         for spec in layout.columns:
             self._register(spec)
         self.split_budget()
@@ -75,6 +76,7 @@ class Table:
 
     def declare_column(self, spec: ColumnSpec) -> None:
         """A new auxiliary column, committed with the next commit (rows start at ``spec.fill``)."""
+        self.check_cache_room(self.row_bytes + spec.row_bytes, "ensure_column")
         self._register(spec)
         self.new_columns.append(spec.name)
         self.split_budget()
@@ -98,24 +100,38 @@ class Table:
         return sum(c.spec.row_bytes for c in self.columns.values())
 
     # -- cache budget --------------------------------------------------------------------
-    def tier_bytes(self) -> tuple[int, int]:
-        """This handle's (L1, L2) byte budgets, the default sized from the table now."""
-        cache_mb = self._options.resolved_cache_mb(self.row_bytes * self.rows, self._readonly)
-        in_chunks = -(-self.rows // self.chunk_rows) * self.chunk_rows * self.row_bytes  # whole chunks of every column
+    def tier_bytes(self, row_bytes: int | None = None) -> tuple[int, int]:
+        """This handle's (L1, L2) byte budgets (for rows of ``row_bytes``: all columns), the default sized from the
+        table now and never below a writer's minimum chunks."""
+        row_bytes = row_bytes or self.row_bytes
+        floor = 0 if self._readonly else MIN_WRITER_CHUNKS * self.chunk_rows * row_bytes
+        cache_mb = self._options.resolved_cache_mb(row_bytes * self.rows, self._readonly, floor)
+        in_chunks = -(-self.rows // self.chunk_rows) * self.chunk_rows * row_bytes  # whole chunks of every column
         return self._options.tier_bytes(cache_mb, in_chunks)
+
+    def check_cache_room(self, row_bytes: int, call: str) -> None:
+        """Refuse a writer whose cache budget cannot hold its minimum chunks (``StoreOptions.writer_cache_problem``)."""
+        if not self._readonly:
+            self._options.check_writer_cache(self.chunk_rows, row_bytes, self.rows, call)
 
     def split_budget(self) -> None:
         """Share the L1/L2 budgets between columns in proportion to their row bytes."""
         self._rows_at_budget = self.rows
         l1, l2 = self.tier_bytes()
         total = self.row_bytes
+        min_chunks = 0 if self._readonly else MIN_WRITER_CHUNKS  # a reader reads a table larger than L1 in place
         for column in self.columns.values():
             share = column.spec.row_bytes / total
-            column.cache.set_budget(int(l1 * share), int(l2 * share))
+            column.cache.set_budget(int(l1 * share), int(l2 * share), min_chunks)
 
     # -- rows --------------------------------------------------------------------------
     def gather(self, name: str, slots: np.ndarray) -> np.ndarray:
         return self.columns[name].cache.gather(slots)
+
+    def prefetch(self, slots: np.ndarray) -> None:
+        """Bring the rows of ``slots`` closer in every column (``store.prefetch``)."""
+        for column in self.columns.values():
+            column.cache.prefetch(slots)
 
     def scatter(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
         self.columns[name].cache.scatter(slots, values)

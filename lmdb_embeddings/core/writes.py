@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lmdb
 import numpy as np
@@ -36,6 +37,7 @@ from ..processes import environment
 from ..processes.transaction import Outcome, ReservationError, WriteTransaction
 from ..processes.writer_lock import WriterLock
 from .cache import CacheStats
+from .directory import ChunkDirectory
 from .session import Session
 from .table import Column
 from .undo import STATE_KEY, UndoLog
@@ -89,13 +91,19 @@ class WriterSession(Session):
     def refresh(self) -> None:
         pass
 
-    def load(self, spec: ColumnSpec, chunks: list) -> Iterator[tuple]:
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
         """Chunks as this writer last wrote them: from the pending transaction if one is open."""
         if self._pending is not None and self._pending.is_open:
-            yield from self.decode_chunks(self._pending.txn, spec, chunks)
+            yield from self.decode_chunks(self._pending.txn, spec, chunks, directory, committed=False)
             return
         with self.env.reading() as txn:
-            yield from self.decode_chunks(txn, spec, chunks)
+            yield from self.decode_chunks(txn, spec, chunks, directory)
+
+    @contextmanager
+    def committed_snapshot(self):
+        """A short read transaction of its own: the cache asks the map only for clean chunks, which are committed."""
+        with self.env.reading() as txn:
+            yield txn, txn.id()
 
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         with self.env.reading() as txn:

@@ -54,7 +54,18 @@ log = logging.getLogger(__name__)
 _SHOWN = 10
 
 
-class ShardedEmbeddingStore:
+class _LocalHints:
+    """What a sharded store does on this rank alone, through its own shard: never a collective call."""
+
+    _shard: Shard
+
+    def prefetch(self, ids) -> None:
+        """``store.local.prefetch(ids)``: a hint for the rows of ``ids`` this rank owns (the others are unknown to
+        its shard, so ignored); returns at once."""
+        self._shard.store.prefetch(ids)
+
+
+class ShardedEmbeddingStore(_LocalHints):
     """An embedding table sharded over the ranks of a process group; every method is collective.
 
     Create one with :meth:`create` or open one with :meth:`open` on EVERY rank. ``get``,
@@ -72,7 +83,7 @@ class ShardedEmbeddingStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, ids, dim, *, dtype="float32", chunk_rows=1024, init="normal", seed=0,
+    def create(cls, path, ids, dim, *, dtype="float32", chunk_rows=None, init="normal", seed=0,
                overwrite=False, group=None, **open_options) -> ShardedEmbeddingStore:
         """Build a sharded store at ``path`` on every rank of ``group`` and open it writable.
 

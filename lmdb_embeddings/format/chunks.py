@@ -22,6 +22,8 @@ from .records import MAX_COMMIT
 
 _KEY = struct.Struct(">Q")
 ID_DTYPE = np.dtype("<i8")
+#: The longest header :func:`encode_chunk` writes: fixarray + uint32 rows + uint64 version + uint64 checksum + bin32.
+MAX_HEADER_BYTES = 1 + 5 + 9 + 9 + 5
 
 
 def chunk_key(index: int) -> bytes:
@@ -161,26 +163,35 @@ def read_header(value, index: int, where: str = "") -> ChunkHeader:
     return ChunkHeader(n_rows, version, crc, start, length)
 
 
-def decode_chunk(value, index: int, width: int, dtype: np.dtype, where: str = ""):
-    """Check a chunk value and return (header, read-only row view into ``value``).
+def checked_payload(value, index: int, row_bytes: int, where: str = "", trusted_version: int | None = None):
+    """(header, payload view) of a chunk value whose payload length and checksum are right.
 
-    The view borrows ``value``'s memory: copy it before the LMDB transaction ends.
+    ``trusted_version``: the version of this chunk whose checksum the caller already verified in a
+    committed snapshot; a value carrying it is not hashed again (a version is written once).
     """
     header = read_header(value, index, where)
-    row_bytes = width * dtype.itemsize
     if header.n_rows * row_bytes != header.payload_len:
         raise CorruptionError(
             f"chunk {index}{where}: {header.payload_len} payload bytes for {header.n_rows} rows "
             f"of {row_bytes} bytes"
         )
     payload = memoryview(value)[header.payload_offset :]
-    if checksum(payload, index) != header.checksum:
+    if header.version != trusted_version and checksum(payload, index) != header.checksum:
         raise CorruptionError(f"chunk {index}{where}: checksum mismatch (stored data is corrupt)")
+    return header, payload
+
+
+def decode_chunk(value, index: int, width: int, dtype: np.dtype, where: str = "", trusted_version: int | None = None):
+    """Check a chunk value and return (header, read-only row view into ``value``).
+
+    The view borrows ``value``'s memory: copy it before the LMDB transaction ends.
+    """
+    header, payload = checked_payload(value, index, width * dtype.itemsize, where, trusted_version)
     rows = np.frombuffer(payload, dtype=dtype).reshape(header.n_rows, width)
     return header, rows
 
 
-def read_chunk(txn, db, index: int, width: int, dtype: np.dtype, where: str = ""):
+def read_chunk(txn, db, index: int, width: int, dtype: np.dtype, where: str = "", trusted_version: int | None = None):
     """The checked ``(header, row view)`` of chunk ``index`` in ``db`` as of ``txn``, or None if never written.
 
     The one reader of chunk values: the store's caches, the snapshot and ``verify`` all
@@ -189,7 +200,7 @@ def read_chunk(txn, db, index: int, width: int, dtype: np.dtype, where: str = ""
     value = txn.get(chunk_key(index), db=db) if db is not None else None
     if value is None:
         return None
-    return decode_chunk(value, index, width, dtype, where)
+    return decode_chunk(value, index, width, dtype, where, trusted_version)
 
 
 def read_id_chunk(txn, ids_db, index: int, n_rows: int, path: str) -> np.ndarray:

@@ -9,6 +9,7 @@ about the others. ``columns[0]`` is always the embeddings; the others are auxili
 from __future__ import annotations
 
 import datetime
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,17 +19,36 @@ import numpy as np
 from ..core import init
 from ..core.inputs import as_dtype
 from ..errors import CorruptionError, EmbeddingStoreError
-from .chunks import ID_DTYPE
+from .chunks import ID_DTYPE, MAX_HEADER_BYTES
 from .records import MAIN, MAX_COMMIT
 
 __all__ = ["ColumnSpec", "TableLayout", "TableSource", "TableSink", "copy_table", "chunk_size_problem", "ID_DTYPE",
-           "MAX_CHUNK_BYTES", "MAX_ROWS", "check_reverts",
-           "parse_state"]
+           "MAX_CHUNK_BYTES", "MAX_ROWS", "check_reverts", "parse_state", "CHUNK_TARGET_BYTES", "choose_chunk_rows"]
 
 #: A chunk is one LMDB value and is decoded (and initialised) whole: beyond this it cannot be a unit of I/O.
 MAX_CHUNK_BYTES = 1 << 30
 #: Row counts above this are damage: row slots and positions stay far inside int64 arithmetic.
 MAX_ROWS = 2**62
+
+
+#: The chunk value size ``chunk_rows=None`` aims at: large enough that a reader renews few chunk
+#: locations after a commit and a commit writes few values, small enough that a chunk a writer loads
+#: to change one row, and the cache's minimum of two chunks, stay small (docs/FORMAT.md).
+CHUNK_TARGET_BYTES = 256 << 10
+_OVERFLOW_PAGE_HEADER = 16  # LMDB's page header in front of every overflow value
+
+
+def choose_chunk_rows(row_bytes: int, page_size: int = mmap.PAGESIZE) -> int:
+    """The rows per chunk ``create(chunk_rows=None)`` picks for rows of ``row_bytes`` bytes.
+
+    A chunk value larger than half a page lives on LMDB overflow pages: a run of whole pages
+    holding a 16-byte page header and the value. A value just over a page multiple would
+    waste almost a page, so the rows are counted to fill a run of ``CHUNK_TARGET_BYTES`` (the
+    longest chunk header included) and no more. A row larger than the target is a chunk alone.
+    """
+    pages = max(1, CHUNK_TARGET_BYTES // page_size)
+    room = pages * page_size - _OVERFLOW_PAGE_HEADER - MAX_HEADER_BYTES
+    return max(1, room // max(1, row_bytes))
 
 
 def chunk_size_problem(chunk_rows: int, row_bytes: int) -> str | None:

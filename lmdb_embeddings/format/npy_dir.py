@@ -25,7 +25,7 @@ import xxhash
 from ..core.inputs import as_dtype
 from ..errors import EmbeddingStoreError, InvalidInputError
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
-from .layout import ID_DTYPE, ColumnSpec, TableLayout
+from .layout import ID_DTYPE, ColumnSpec, TableLayout, choose_chunk_rows
 from .records import MAIN
 
 IDS_FILE, EMBEDDINGS_FILE, TABLE_FILE = "ids.npy", "embeddings.npy", "table.json"
@@ -202,7 +202,7 @@ def read_layout(directory: str, chunk_rows: int | None) -> tuple[TableLayout, di
     """The table layout of an .npy directory (``table.json`` if present, else the two files).
 
     Returns the layout and the files' expected xxh3-64 (empty without ``table.json``).
-    ``chunk_rows`` overrides the chunking (needed only for plain directories; default 1024).
+    ``chunk_rows`` overrides the chunking (plain directories default to ``choose_chunk_rows``, as ``create``).
     """
     ids = NpyStreamReader(os.path.join(directory, IDS_FILE))
     emb = NpyStreamReader(os.path.join(directory, EMBEDDINGS_FILE))
@@ -229,7 +229,8 @@ def read_layout(directory: str, chunk_rows: int | None) -> tuple[TableLayout, di
             layout = TableLayout(chunk_rows, layout.rows, layout.columns, layout.config, layout.attrs,
                                  layout.commit, layout.committed_at)
     else:
-        layout = TableLayout(chunk_rows or 1024, ids.shape[0], (ColumnSpec(MAIN, emb.shape[1], dtype),))
+        chunk_rows = chunk_rows or choose_chunk_rows(emb.shape[1] * dtype.itemsize)
+        layout = TableLayout(chunk_rows, ids.shape[0], (ColumnSpec(MAIN, emb.shape[1], dtype),))
     layout.check(NpyInputError, directory)
     return layout, checksums
 

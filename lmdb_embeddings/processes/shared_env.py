@@ -65,6 +65,7 @@ class SharedEnv:
         self.identity = identity  # (st_dev, st_ino) of the data file this environment opened
         self.write_owner: int | None = None  # thread holding the write lease (an open write transaction)
         self.snapshots = 0  # snapshot leases held (format.snapshot: dump, verify, compact)
+        self.map_epoch = 0  # changes whenever the map may move (resize, close): addresses into it are stale then
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.users = 0
@@ -121,6 +122,7 @@ class SharedEnv:
         """Close the LMDB environment (the caller checked :meth:`why_not_closable`)."""
         self.state = state
         self._dbs.clear()
+        self.map_epoch += 1
         self.env.close()
 
     # -- named databases ---------------------------------------------------------------------
@@ -216,6 +218,7 @@ class SharedEnv:
         try:
             return self.env.begin(buffers=True)
         except lmdb.MapResizedError:
+            self.map_epoch += 1
             self.env.set_mapsize(0)
             return self.env.begin(buffers=True)
 
@@ -269,6 +272,7 @@ class SharedEnv:
             current = self.env.info()["map_size"]
             size = self.budget.map_size(current, self.used_bytes(), needed)
             if size > current:
+                self.map_epoch += 1
                 self.env.set_mapsize(size)
 
     def mark_replaced(self) -> None:
