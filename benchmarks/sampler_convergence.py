@@ -142,14 +142,16 @@ def lru_chunk_loads(order: np.ndarray, chunk_rows: int, batch: int, capacity: in
     cache: OrderedDict[int, None] = OrderedDict()
     loads = 0
     for start in range(0, len(order), batch):
-        for c in np.unique(order[start : start + batch] // chunk_rows).tolist():
+        wanted = np.unique(order[start : start + batch] // chunk_rows).tolist()
+        missing = [c for c in wanted if c not in cache]
+        for c in wanted:  # the batch's resident chunks become the most recent first, then the loads come in
             if c in cache:
                 cache.move_to_end(c)
-            else:
-                loads += 1
-                cache[c] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
+        for c in missing:
+            loads += 1
+            cache[c] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
     return loads
 
 
