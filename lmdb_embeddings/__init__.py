@@ -9,7 +9,8 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
   :func:`import_cosir`, :func:`export_cosir`;
 * what needs torch, imported on first use so the core and the CLI start without it:
-  :class:`EmbeddingDataset`, :class:`TrainableEmbeddingManager`, :class:`ShardedEmbeddingStore`,
+  :class:`EmbeddingDataset`, :class:`BlockShuffleSampler` and :class:`BlockShuffleBatchSampler` (a
+  shuffle with locality, opt-in), :class:`TrainableEmbeddingManager`, :class:`ShardedEmbeddingStore`,
   :class:`ShardedSampler`, and the modules
   ``lmdb_embeddings.torch`` (StoreEmbedding, Sparse* optimizers) and
   ``lmdb_embeddings.distributed`` (the sharded store).
@@ -58,10 +59,13 @@ if TYPE_CHECKING:  # what type checkers see of the names imported on first use (
     from .distributed.sampler import ShardedSampler
     from .distributed.store import ShardedEmbeddingStore
     from .torch.dataset import EmbeddingDataset
+    from .torch.samplers import BlockShuffleBatchSampler, BlockShuffleSampler
 
 # name -> module that defines it; these need torch, so they are imported on first use
 _LAZY = {
     "EmbeddingDataset": "lmdb_embeddings.torch.dataset",
+    "BlockShuffleSampler": "lmdb_embeddings.torch.samplers",
+    "BlockShuffleBatchSampler": "lmdb_embeddings.torch.samplers",
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
     "import_cosir": "lmdb_embeddings.compat.files",
     "export_cosir": "lmdb_embeddings.compat.files",
@@ -75,6 +79,8 @@ __all__ = [
     "EmbeddingStore",
     "StoreOptions",
     "EmbeddingDataset",
+    "BlockShuffleSampler",
+    "BlockShuffleBatchSampler",
     "TrainableEmbeddingManager",
     "ShardedEmbeddingStore",
     "ShardedSampler",

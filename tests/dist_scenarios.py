@@ -267,7 +267,17 @@ def _sampler_checks(store: ShardedEmbeddingStore, rank: int, world: int) -> dict
     replay = list(sampler)
     flat = [x for batch in first for x in batch]
     plain = list(ShardedSampler(store, 16, shuffle=False))
-    return {"len": len(sampler), "batches": len(first), "sizes": [len(b) for b in first],
+    blocks = ShardedSampler(store, 16, seed=4, block_chunks=1, window_blocks=2)
+    block_flat = [x for batch in blocks for x in batch]
+    slot = {x: s for s, x in enumerate(store.local.ids.tolist())}  # the shard's row slots
+    chunks = [slot[x] // store.local.chunk_rows for x in block_flat[: len(owned)]]
+    blocks.set_epoch(1)
+    return {"blocks": {"len": len(blocks), "covers_owned": set(block_flat) == owned,
+                       # windows of 2 one-chunk blocks: a batch of 16 <= a window's rows spans <= 2 windows
+                       "max_chunks_per_batch": max(len(set(chunks[i : i + 16])) for i in range(0, len(chunks), 16)),
+                       "reshuffled": sum(blocks, []) != block_flat,
+                       "needs_shuffle": _outcome(lambda: ShardedSampler(store, 16, shuffle=False, block_chunks=1))},
+            "len": len(sampler), "batches": len(first), "sizes": [len(b) for b in first],
             "only_owned": set(flat) <= owned, "covers_owned": set(flat) == owned,
             "same_without_set_epoch": first == again,
             "reshuffled": other != first and set(sum(other, [])) == set(flat),

@@ -135,6 +135,15 @@ def test_sharded_sampler_gives_each_rank_its_own_ids_in_equal_batches(run):
         assert np.all(np.array(s["sizes"][:-1]) == 16)
 
 
+def test_sharded_sampler_with_blocks_keeps_each_batch_within_two_windows_of_the_shard(run):
+    _, results, _ = run
+    for r in results:
+        blocks = r["sampler"]["blocks"]
+        assert blocks["len"] == r["sampler"]["len"] and blocks["covers_owned"] and blocks["reshuffled"]
+        assert blocks["max_chunks_per_batch"] <= 4  # 2 windows x 2 blocks x 1 chunk (a full shuffle: up to 16)
+        assert blocks["needs_shuffle"] == "InvalidInputError|ValueError|ESE"
+
+
 def test_the_cli_dumps_a_store_sharded_by_real_ranks_in_single_store_row_order(run):
     _, _, workdir = run
     sharded, dump, plain = (os.path.join(workdir, name) for name in ("sharded", "dump.lemb", "plain"))

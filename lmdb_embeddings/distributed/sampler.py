@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..core.inputs import as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError
+from ..torch.samplers import block_shuffle_rows
 
 
 class ShardedSampler(Sampler):
@@ -26,9 +28,14 @@ class ShardedSampler(Sampler):
     by ``(seed, epoch, rank)``: call :meth:`set_epoch` before each epoch to reshuffle,
     reproducibly. The IDs are read when the sampler is made (a collective call: every rank
     constructs it); make a new one after ``add``.
+
+    ``block_chunks=k`` shuffles with locality instead, as ``le.BlockShuffleSampler`` does over the
+    rank's shard: blocks of ``k`` whole chunks of the shard in random order, the rows shuffled inside
+    windows of ``window_blocks`` blocks (opt-in; it needs ``shuffle=True``).
     """
 
-    def __init__(self, store, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+    def __init__(self, store, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 block_chunks: int | None = None, window_blocks: int = 16):
         if not hasattr(store, "local") or not hasattr(store, "collective"):
             raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
                                    "for a plain store use torch's BatchSampler")
@@ -37,6 +44,8 @@ class ShardedSampler(Sampler):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.block_chunks, self.window_blocks = _block_options(block_chunks, window_blocks, self.shuffle)
+        self.chunk_rows = store.local.chunk_rows
         self.rank = store.rank
         self.epoch = 0
         self._ids = store.local.ids
@@ -57,7 +66,11 @@ class ShardedSampler(Sampler):
         """This epoch's IDs in order, padded to ``samples_per_rank`` by repeating the start."""
         ids = self._ids
         if self.shuffle and len(ids):
-            ids = ids[np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(len(ids))]
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+            if self.block_chunks is None:
+                ids = ids[rng.permutation(len(ids))]
+            else:  # the shard's row slots are the positions in ids: chunk s // chunk_rows
+                ids = ids[block_shuffle_rows(rng, len(ids), self.chunk_rows * self.block_chunks, self.window_blocks)]
         if 0 < len(ids) < self.samples_per_rank:
             ids = np.resize(ids, self.samples_per_rank)  # cycles through ids, as DistributedSampler pads
         return ids
@@ -66,3 +79,13 @@ class ShardedSampler(Sampler):
         ids, size = self.epoch_ids(), self.batch_size
         for b in range(self.num_batches):
             yield ids[b * size : (b + 1) * size].tolist()
+
+
+def _block_options(block_chunks, window_blocks, shuffle: bool) -> tuple[int | None, int]:
+    """``(block_chunks, window_blocks)`` checked: positive ints, blocks only with ``shuffle``."""
+    window_blocks = as_positive_int(window_blocks, "window_blocks")
+    if block_chunks is None:
+        return None, window_blocks
+    if not shuffle:
+        raise InvalidInputError("block_chunks shuffles blocks of chunks: it needs shuffle=True")
+    return as_positive_int(block_chunks, "block_chunks"), window_blocks
