@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from ..errors import InvalidInputError, InvalidTypeError
+from .store import ShardedEmbeddingStore
 
 
 class ShardedSampler(Sampler):
@@ -28,8 +29,8 @@ class ShardedSampler(Sampler):
     constructs it); make a new one after ``add``.
     """
 
-    def __init__(self, store, batch_size: int, *, shuffle: bool = True, seed: int = 0):
-        if not hasattr(store, "local") or not hasattr(store, "collective"):
+    def __init__(self, store: ShardedEmbeddingStore, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        if not isinstance(store, ShardedEmbeddingStore):
             raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
                                    "for a plain store use torch's BatchSampler")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
