@@ -55,7 +55,7 @@ from .store import EmbeddingStore
 from .version import __version__
 
 if TYPE_CHECKING:  # what type checkers see of the names imported on first use (below)
-    from .compat.cosir_files import CosirExportError, CosirImportError, export_cosir, import_cosir
+    from .compat.files import CosirExportError, CosirImportError, export_cosir, import_cosir
     from .compat.manager import TrainableEmbeddingManager
     from .distributed.sampler import ShardedSampler
     from .distributed.store import ShardedEmbeddingStore
@@ -65,10 +65,10 @@ if TYPE_CHECKING:  # what type checkers see of the names imported on first use (
 _LAZY = {
     "EmbeddingDataset": "lmdb_embeddings.torch.dataset",
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
-    "import_cosir": "lmdb_embeddings.compat.cosir_files",
-    "export_cosir": "lmdb_embeddings.compat.cosir_files",
-    "CosirImportError": "lmdb_embeddings.compat.cosir_files",
-    "CosirExportError": "lmdb_embeddings.compat.cosir_files",
+    "import_cosir": "lmdb_embeddings.compat.files",
+    "export_cosir": "lmdb_embeddings.compat.files",
+    "CosirImportError": "lmdb_embeddings.compat.files",
+    "CosirExportError": "lmdb_embeddings.compat.files",
     "ShardedEmbeddingStore": "lmdb_embeddings.distributed.store",
     "ShardedSampler": "lmdb_embeddings.distributed.sampler",
 }

@@ -64,7 +64,11 @@ def remove_stale_temps(path: str, purpose: str) -> list[str]:
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_file(path, os.O_DIRECTORY)
+
+
+def fsync_file(path: str, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:

@@ -13,8 +13,7 @@ torch = pytest.importorskip("torch")
 from conftest import run_cli  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings.compat import cosir_files as cosir_import  # noqa: E402
-from lmdb_embeddings.compat.cosir_files import CosirImportError, import_cosir  # noqa: E402
+from lmdb_embeddings.compat.files import CosirImportError, import_cosir  # noqa: E402
 
 
 def write_original(directory, ids, rows, chunk_size) -> list[str]:
@@ -169,10 +168,8 @@ def test_wrong_content_types(tmp_path):
         import_cosir(tmp_path / "src", tmp_path / "store")
 
 
-def test_memory_stays_bounded(tmp_path, monkeypatch):
-    """Peak Python/numpy memory depends on one file and the cache budget, not on the table size."""
-    monkeypatch.setattr(cosir_import, "_IMPORT_CACHE_MB", 1)
-    monkeypatch.setattr(cosir_import, "_COMMIT_BYTES", 1 << 20)
+def test_memory_stays_bounded(tmp_path):
+    """Peak Python/numpy memory depends on one file, not on the table size."""
     rng = np.random.default_rng(0)
     peaks = {}
     for n_files in (4, 16):

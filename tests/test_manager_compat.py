@@ -5,6 +5,7 @@ bounded PCA memory (issue 13)."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import textwrap
@@ -18,9 +19,18 @@ torch = pytest.importorskip("torch")
 from conftest import run_cli, run_python  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings.compat.memmap_files import write_memmap_files  # noqa: E402
 
 DIM = 4
+
+
+def write_memmap_files(directory, ids, groups, dim):
+    """The three files of the 2026-04 memmap manager, written with numpy as upstream wrote them."""
+    rows = np.concatenate(list(groups)).astype(np.float32)
+    assert rows.shape == (len(ids), dim)
+    np.save(os.path.join(directory, "embeddings.npy"), rows)
+    np.save(os.path.join(directory, "sample_ids.npy"), np.asarray(ids, np.int64))
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump({"total_samples": len(ids), "embedding_dim": dim}, f)
 
 
 def manager(path, ids=range(120), **kw):

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from guarantees_lib import committed_table, fill_disk, small_tmpfs  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-from lmdb_embeddings.compat import sharing  # noqa: E402
+from lmdb_embeddings.compat.manager import sharing  # noqa: E402
 
 N, DIM, CHUNK = 20_000, 32, 500  # 2.4 MiB of rows: a commit of all of them needs ~3.5 MiB of disk
 MODES = ["disk", "memory"]

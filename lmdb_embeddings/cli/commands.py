@@ -1,7 +1,7 @@
 """The sub-commands of ``lmdb-embeddings``: parse, call the library function, print.
 
 Each sub-command lives in a function ``cmd_<name>`` that prints the result; the work is
-done by ``lmdb_embeddings.ops`` (and ``compat.cosir_files`` for the CoSiR import/export). Exit
+done by ``lmdb_embeddings.ops`` (and ``compat.files`` for the CoSiR import/export). Exit
 codes: 0 ok; 1 a failed operation or bad input (a missing store, a corrupt or truncated
 dump, damage found by verify, an output that could not be written completely); 2 usage
 errors only (what argparse rejects). Errors print ONE line to stderr, never a traceback;
@@ -207,7 +207,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_import_cosir(args: argparse.Namespace) -> int:
     # the .pt reader needs torch, which the rest of the CLI never imports: load it only for this command
-    import_cosir = import_needing("lmdb_embeddings.compat.cosir_files", "torch", "import-cosir").import_cosir
+    import_cosir = import_needing("lmdb_embeddings.compat.files", "torch", "import-cosir").import_cosir
     result = import_cosir(args.dir, args.path, progress=progress_wanted(args.quiet), overwrite=args.force,
                           chunk_rows=args.chunk_rows)
     if not args.quiet:
@@ -218,7 +218,7 @@ def cmd_import_cosir(args: argparse.Namespace) -> int:
 
 def cmd_export_cosir(args: argparse.Namespace) -> int:
     # the .pt writer needs torch, which the rest of the CLI never imports: load it only for this command
-    export_cosir = import_needing("lmdb_embeddings.compat.cosir_files", "torch", "export-cosir").export_cosir
+    export_cosir = import_needing("lmdb_embeddings.compat.files", "torch", "export-cosir").export_cosir
     result = export_cosir(args.path, args.dir, overwrite=args.force, progress=progress_wanted(args.quiet))
     if not args.quiet:
         print(f"exported {result['rows']} rows x {result['dim']} ({result['dtype']}) of commit {result['commit']} "

@@ -88,14 +88,20 @@ def _bad(x, what):
     raise InvalidTypeError(f"{what} must be integers, got {type(x).__name__} {x!r}")
 
 
-def check_unique(ids: np.ndarray, call: str) -> None:
-    """Refuse repeated IDs (a sort and one comparison: a fraction of ``np.unique``'s cost)."""
+def repeated_ids(ids: np.ndarray) -> np.ndarray:
+    """The IDs that appear more than once, sorted; empty if none (a sort and one comparison)."""
     if len(ids) < 2:
-        return
+        return ids[:0]
     ordered = np.sort(ids)
-    if (ordered[1:] == ordered[:-1]).any():
-        uniq, counts = np.unique(ids, return_counts=True)
-        shown = ", ".join(str(int(x)) for x in uniq[counts > 1][:10])
+    same = ordered[1:] == ordered[:-1]
+    return np.unique(ordered[1:][same]) if same.any() else ordered[:0]
+
+
+def check_unique(ids: np.ndarray, call: str) -> None:
+    """Refuse repeated IDs in one call."""
+    repeated = repeated_ids(ids)
+    if len(repeated):
+        shown = ", ".join(str(int(x)) for x in repeated[:10])
         raise InvalidInputError(f"{call}: duplicate ids in one call ({shown}); pass each id once")
 
 

@@ -88,6 +88,12 @@ class TableLayout:
     def chunk_len(self, chunk: int) -> int:
         return min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
 
+    def chunk_slices(self) -> Iterator[tuple[int, slice]]:
+        """``(chunk, its row slots)`` for every chunk, in order."""
+        for chunk in range(self.n_chunks):
+            lo = chunk * self.chunk_rows
+            yield chunk, slice(lo, lo + self.chunk_len(chunk))
+
     def aux_columns(self) -> tuple[ColumnSpec, ...]:
         return self.columns[1:]
 

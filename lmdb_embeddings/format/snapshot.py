@@ -158,10 +158,13 @@ class Snapshot:
             yield chunk, self.ids_chunk(chunk)
             self.release_pages()
 
-    def chunks(self):
-        """(chunk, one array per column) of every chunk, in order, as a reader of the store sees them."""
+    def chunks(self, columns: tuple[ColumnSpec, ...] | None = None):
+        """(chunk, one array per column) of every chunk, in order, as a reader of the store sees them.
+
+        ``columns``: only those (default: all of the layout's).
+        """
         for chunk in range(self.layout.n_chunks):
-            yield chunk, [self.column_chunk(chunk, c) for c in self.layout.columns]
+            yield chunk, [self.column_chunk(chunk, c) for c in columns or self.layout.columns]
             self.release_pages()
 
     def release_pages(self, force: bool = False) -> None:

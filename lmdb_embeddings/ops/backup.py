@@ -191,13 +191,7 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
     layout = reader.layout
     try:
         with StagedStore(path, "restoring") as stage:
-            _build_from(reader, stage.tmp, path, progress)
-            report = verify_store(stage.tmp, progress=progress)
-            if not report["ok"]:
-                first = report["problems"][0]
-                where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
-                raise CorruptionError(f"{src} cannot be restored: the rebuilt store fails verification "
-                                      f"({where}{first['part']}: {first['error']})")
+            build_verified(reader, stage, src, progress)
             stage.swap_in(replace=force)
     except WriterLockedError as exc:
         raise WriterLockedError(f"{path}: a writer opened it during the restore ({exc}); nothing was replaced",
@@ -207,6 +201,21 @@ def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None =
     return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
             "dtype": layout.dtype.name, "columns": [c.name for c in layout.columns], "replaced": replacing,
             "seconds": time.perf_counter() - started}
+
+
+def build_verified(source: TableSource, stage: StagedStore, name: str, progress: bool = False) -> None:
+    """Build the store of ``source``'s table in ``stage`` and verify it; the caller swaps it in.
+
+    The one way a table becomes a store: restore, import-cosir and the manager's imports.
+    ``name`` names the input in errors.
+    """
+    _build_from(source, stage.tmp, stage.path, progress)
+    report = verify_store(stage.tmp, progress=progress)
+    if not report["ok"]:
+        first = report["problems"][0]
+        where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
+        raise CorruptionError(f"{name} cannot be restored: the rebuilt store fails verification "
+                              f"({where}{first['part']}: {first['error']})")
 
 
 def _build_from(source: TableSource, tmp: str, path: str, progress: bool) -> None:

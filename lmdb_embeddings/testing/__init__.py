@@ -5,7 +5,8 @@
   ``TableHandle``, so ``ShardedStoreContract`` (``lmdb_embeddings.testing.sharded_contract``, needs
   torch) runs it on a ``ShardedEmbeddingStore``, every rank of a process group in step;
 * :class:`TableContract` — every table sink written and read back by its source (store
-  builder -> snapshot, dump writer -> dump reader, npy writer -> npy reader), bit-exact.
+  builder -> snapshot, dump writer -> dump reader, npy writer -> npy reader, CoSiR memmap files
+  and ``.pt`` chunk files), bit-exact on what each format keeps.
 
 Needs pytest, which the library itself does not: ``pip install pytest`` (or the ``testing``
 extra, ``pip install "lmdb-embedding-store[testing]"``); without it, importing this package

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.init import INIT_KINDS
-from ..errors import InvalidInputError, WriterLockedError
-from ..format.records import DATA_FILE, is_store
-from ..fsutil import fsync_dir
-from ..processes import environment
-from ..processes.staging import StagedStore
-from ..processes.writer_lock import holder_pid
-from ..store import EmbeddingStore
-from .building import fsync_file
-from .cosir_files import find_chunk_files, import_cosir
-from .cosir_init import FEATURE_STRATEGIES
+from ...core.init import INIT_KINDS
+from ...errors import InvalidInputError, WriterLockedError
+from ...format.memmap_dir import has_memmap_files
+from ...format.records import DATA_FILE, is_store
+from ...fsutil import fsync_dir, fsync_file
+from ...processes import environment
+from ...processes.staging import StagedStore
+from ...processes.writer_lock import holder_pid
+from ...store import EmbeddingStore
+from ..files.cosir_chunks import find_chunk_files
+from ..files.transfer import import_cosir, import_memmap_files
+from ..init.cosir_init import FEATURE_STRATEGIES
 from .manager_args import ManagerArgs
-from .memmap_files import has_memmap_files, import_memmap_files
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What a manager holds: its place on the shared store, the row order its caller sees, the memory-mode Parameter.
 
 The store is shared by every manager of this process on the same directory
-(:mod:`~lmdb_embeddings.compat.sharing`), which also keeps the counters of what is pending.
+(:mod:`~lmdb_embeddings.compat.manager.sharing`), which also keeps the counters of what is pending.
 A table never refers back to its manager, so the manager's ``weakref.finalize`` can release
 it when the manager is garbage-collected or the interpreter exits normally: pending updates
 are committed when ``auto_sync`` is on and discarded (logged) when it is off. A crash loses
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.ids import IdIndex
-from ..core.inputs import as_ids, as_values, is_tensor
-from ..errors import ClosedError, InvalidInputError, UnknownIdError
-from ..store import EmbeddingStore
+from ...core.ids import IdIndex
+from ...core.inputs import as_ids, as_values, is_tensor
+from ...errors import ClosedError, InvalidInputError, UnknownIdError
+from ...store import EmbeddingStore
 from . import sharing
 
 log = logging.getLogger(__name__)
@@ -108,19 +108,6 @@ class ManagedTable:
         step = max(1, GROUP_BYTES // max(1, self.dim * self.dtype.itemsize))
         for lo in range(0, n, step):
             yield lo, min(n, lo + step)
-
-    def view_rows(self):
-        """The rows in the caller's order, group by group (numpy, store dtype; pending updates included)."""
-        self.reconcile()
-        for lo, hi in self.groups(len(self.view_ids)):
-            yield self.store.get(self.view_ids[lo:hi])
-
-    def chunk_rows_of(self):
-        """``(ids, rows)`` of every store chunk, in order (pending updates included)."""
-        self.reconcile()
-        for chunk in range(self.n_chunks):
-            ids = self.chunk_ids(chunk)
-            yield ids, self.store.get(ids)
 
     # ---------------------------------------------------------------- reading
     def get(self, ids) -> torch.Tensor:

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ...errors import InvalidInputError
 
 STD_EPS = 1e-8  # the upstream normalisation: (p - p.mean(0)) / (p.std(0) + 1e-8)
 
 
 class StreamingMoments:
-    """Count, mean and centred scatter matrix of the rows seen so far."""
+    """Count, mean and centred scatter of the rows seen so far, merged group by group (Chan et al.).
 
-    def __init__(self):
+    ``full``: the whole ``(width, width)`` scatter matrix (the PCA); otherwise its diagonal only,
+    each column's sum of squared deviations (the manager's statistics).
+    """
+
+    def __init__(self, full: bool = True):
+        self.full = full
         self.n = 0
         self.mean: np.ndarray | None = None
         self.scatter: np.ndarray | None = None
@@ -31,7 +36,7 @@ class StreamingMoments:
             return
         mean = x.mean(0)
         centred = x - mean
-        scatter = centred.T @ centred
+        scatter = centred.T @ centred if self.full else (centred * centred).sum(0)
         if self.n == 0:
             self.n, self.mean, self.scatter = k, mean, scatter
             return
@@ -40,7 +45,8 @@ class StreamingMoments:
         total = self.n + k
         delta = mean - self.mean
         self.mean = self.mean + delta * (k / total)
-        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.n * k / total)
+        spread = np.outer(delta, delta) if self.full else delta * delta
+        self.scatter = self.scatter + scatter + spread * (self.n * k / total)
         self.n = total
 
 

@@ -13,7 +13,11 @@ one ``embeddings_dir`` share it (:class:`SharedStore`), reference-counted:
   and Parameter writes);
 * the store closes when the last manager on it closes; a close that fails (a full disk)
   changes nothing, so it can be retried and the other managers keep working;
-* another process still gets ``WriterLockedError`` naming this one's pid.
+* another process still gets ``WriterLockedError`` naming this one's pid;
+* a store whose files were deleted under it (a script's temporary directory removed while its
+  managers live) is not the directory's store any more: a new manager there starts anew, a sync
+  through its old managers raises :class:`StoreDeletedError`, and their close (or the end of the
+  run) drops what was pending, as upstream's managers lost nothing: they had written every update.
 
 Locking: the module's registry lock guards which managers share which store. A manager's
 ``weakref.finalize`` callback never waits for it: if the lock is taken (possibly by the very
@@ -31,8 +35,9 @@ import threading
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ..store import EmbeddingStore
+from ...errors import CommitError, InvalidInputError
+from ...processes.environment import data_file_identity
+from ...store import EmbeddingStore
 from .table_dir import check_dim, open_table, store_path_in
 
 log = logging.getLogger(__name__)
@@ -42,12 +47,17 @@ _shares: dict[str, SharedStore] = {}
 _deferred: collections.deque = collections.deque()  # tables of unreachable managers waiting for the lock
 
 
+class StoreDeletedError(CommitError, FileNotFoundError):
+    """A sync of a manager whose store's files were deleted (or replaced) while it was open."""
+
+
 class SharedStore:
     """The writable store of one directory in this process, and the tables of the managers open on it."""
 
     def __init__(self, key: str, store: EmbeddingStore, cache_options: dict):
         self.key = key
         self.store = store
+        self.identity = data_file_identity(store.path)  # the open data file's inode: it cannot be reused while open
         self.cache_options = cache_options
         self.pid = os.getpid()
         self.tables: list = []        # the ManagedTables of the open managers
@@ -83,8 +93,17 @@ class SharedStore:
                 return table.param
         return None
 
+    def deleted(self) -> bool:
+        """The store's files were deleted or replaced under the open handle: nothing can be committed to them."""
+        return data_file_identity(self.store.path) != self.identity
+
     def commit(self, full: bool) -> None:
         """One commit of everything pending (``full``: every manager's Parameter writes first)."""
+        if self.deleted():
+            raise StoreDeletedError(
+                f"{self.store.path} was deleted while this TrainableEmbeddingManager had it open, so nothing can be "
+                f"committed to it; its {self.updates} uncommitted update(s) are kept in memory only. A new manager "
+                "on the directory starts a new table")
         written = sum(table.reconcile_rows() for table in self.param_owners(with_orphans=True)) if full else 0
         changed = self.updates > 0 or written > 0
         self.store.commit()
@@ -116,7 +135,10 @@ class SharedStore:
         """``close()`` of ``table``'s manager (registry lock held). Raises, changing nothing, if the commit fails."""
         others = [t for t in self.tables if t is not table]
         path = self.store.path
-        if table.auto_sync and not discard:
+        if self.deleted():
+            if not others:
+                self.drop_deleted()
+        elif table.auto_sync and not discard:
             self.commit(full=True)
         elif others:
             if table.updates_since_sync:
@@ -133,7 +155,7 @@ class SharedStore:
             self.synced()
         if not others:
             self.store.close()
-            _shares.pop(self.key, None)
+            _forget(self)
         self.tables.remove(table)
         table.closed = True
 
@@ -151,7 +173,7 @@ class SharedStore:
             log.debug("a TrainableEmbeddingManager on %s was garbage-collected; %d other(s) still use the store",
                       self.store.path, len(self.tables))
             return
-        _shares.pop(self.key, None)
+        _forget(self)
         self.tables.append(table)  # for the commit's reconcile
         try:
             self._close_unreachable(table)
@@ -162,7 +184,9 @@ class SharedStore:
     def _close_unreachable(self, table) -> None:
         path, pending = self.store.path, self.updates
         try:
-            if table.auto_sync or self.commit_at_close:
+            if self.deleted():
+                self.drop_deleted()
+            elif table.auto_sync or self.commit_at_close:
                 self._commit_unreachable(path, pending)
             else:
                 if pending:
@@ -176,6 +200,16 @@ class SharedStore:
             self.store.close()
         except Exception:
             log.exception("%s: the store of a TrainableEmbeddingManager that was not closed could not be closed", path)
+
+    def drop_deleted(self) -> None:
+        """The last manager of a deleted store ends: what was pending went with the files (upstream had written it)."""
+        if self.updates or self.dirty:
+            log.info("%s was deleted while a TrainableEmbeddingManager had it open: its %d uncommitted update(s) "
+                     "went with it", self.store.path, self.updates)
+        self.store.rollback()
+        self.synced()
+        self.orphans.clear()
+        self.commit_at_close = False
 
     def _commit_unreachable(self, path: str, pending: int) -> None:
         written = 0
@@ -205,8 +239,22 @@ def _key(directory) -> str:
 
 
 def _current(key: str) -> SharedStore | None:
+    """The shared store of ``key`` in this process, unless its files were deleted since (then: forgotten)."""
     share = _shares.get(key)
-    return share if share is not None and share.pid == os.getpid() else None
+    if share is None or share.pid != os.getpid():
+        return None
+    if share.deleted():
+        log.info("%s was deleted while %d TrainableEmbeddingManager(s) had it open: a new manager there starts "
+                 "anew (the old ones keep the deleted store until they close)", share.store.path, len(share.tables))
+        _forget(share)
+        return None
+    return share
+
+
+def _forget(share: SharedStore) -> None:
+    """Take ``share`` out of the registry (not a newer store registered for the same directory since)."""
+    if _shares.get(share.key) is share:
+        del _shares[share.key]
 
 
 def _unlock() -> None:
@@ -300,7 +348,7 @@ def move(table, target: str) -> None:
             except BaseException:
                 new.store.close()
                 raise
-            _shares.pop(old.key, None)
+            _forget(old)
         elif table.param is not None and any(t.param is table.param for t in old.tables if t is not table):
             table.own_param()  # the managers staying on the old store keep the shared Parameter
         old.tables.remove(table)

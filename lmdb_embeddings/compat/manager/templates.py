@@ -9,12 +9,15 @@ upstream layouts, so every upstream caller's own check finds it: the chunk files
 Loading (a template, or ``load_phase_1_template(path)``) reads our store, memmap files or
 chunk files, whichever the directory holds, and matches rows **by sample id** (upstream
 copied files by name or position, which mis-maps rows when the chunk size or the id order
-changes). It reads the source twice, one group at a time: once to check it (dims, values,
-which ids it covers), then to write, so a bad source changes nothing.
+changes). It reads the source twice, one chunk at a time: once to check it (dims, values,
+which ids it covers), then to write, so a bad source changes nothing. Both reads see the same
+table: a store's come from one snapshot, chunk files are loaded once (their rows wait in a
+temporary file beside the manager's store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,18 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EmbeddingStoreError, InvalidInputError, TemplateIncompatibleError
-from ..format.records import is_store
-from ..format.snapshot import Snapshot
-from .building import write_file_dir
-from .cosir_files import find_chunk_files, load_chunk_file, write_chunk_files
-from .memmap_files import MemmapTable, has_memmap_files, write_memmap_files
+from ...errors import EmbeddingStoreError, InvalidInputError, TemplateIncompatibleError
+from ...format.layout import ColumnSpec, TableLayout
+from ...format.memmap_dir import MemmapDirReader, MemmapDirWriter, has_memmap_files
+from ...format.records import MAIN, is_store
+from ...format.snapshot import Snapshot
+from ..files.cosir_chunks import CosirChunkReader, CosirChunkWriter, find_chunk_files
+from ..files.transfer import MainColumn, write_file_dir, write_table
 from .table_dir import store_path_in
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIRNAME = "template_embeddings"
 CONFIG_FILE = "template_config.json"
+_READ_ROWS = 4096  # memmap rows read at once by phase-1 loads
 
 
 class TemplateNotFoundError(EmbeddingStoreError, FileNotFoundError):
@@ -46,10 +51,35 @@ def template_dir(embeddings_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------- writing
+class ManagerRows:
+    """A manager's rows, uncommitted ones included, as a table source, in the order of ``ids``.
+
+    ``table.view_ids``: the caller's order (the memmap files'); ``table.store_ids``: the store's,
+    so chunk ``k`` is store chunk ``k`` (one chunk file each).
+    """
+
+    def __init__(self, table, ids):
+        table.reconcile()
+        self.table, self.ids = table, ids
+        self.layout = TableLayout(table.chunk_rows, len(ids), (ColumnSpec(MAIN, table.dim, table.dtype),))
+
+    def id_chunks(self):
+        for chunk, rows in self.layout.chunk_slices():
+            yield chunk, self.ids[rows]
+
+    def chunks(self):
+        for chunk, rows in self.layout.chunk_slices():
+            yield chunk, [self.table.store.get(self.ids[rows])]
+
+
+def write_memmap_files(table, tmp: str) -> None:
+    rows = ManagerRows(table, table.view_ids)
+    write_table(rows, MemmapDirWriter(tmp, rows.layout))
+
+
 def write_memmap_dir(table, directory) -> None:
     """``_copy_to``: the memmap files of the current rows (caller's order) at ``directory``."""
-    write_file_dir(os.fspath(directory), lambda tmp: write_memmap_files(tmp, table.view_ids, table.view_rows(),
-                                                                        table.dim), "copying")
+    write_file_dir(os.fspath(directory), lambda tmp: write_memmap_files(table, tmp), "copying")
 
 
 def store_template(table, directory: Path, strategy: str, factor, normalize: bool) -> None:
@@ -57,8 +87,9 @@ def store_template(table, directory: Path, strategy: str, factor, normalize: boo
     config = {"strategy": strategy, "embedding_dim": table.dim, "factor": factor, "normalize": normalize}
 
     def build(tmp: str) -> None:
-        write_chunk_files(tmp, table.chunk_rows_of())
-        write_memmap_files(tmp, table.view_ids, table.view_rows(), table.dim)
+        chunks = ManagerRows(table, table.store_ids)
+        write_table(chunks, CosirChunkWriter(tmp, chunks.layout))
+        write_memmap_files(table, tmp)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
 
@@ -83,31 +114,26 @@ def check_template_config(directory: Path, dim: int, strategy: str, factor, norm
         raise TemplateIncompatibleError(f"Template config mismatch — {details} ({path})")
 
 
-def table_groups(directory):
-    """``(kind, groups)``: a function yielding the ``(ids, rows)`` groups of the table in ``directory``."""
+@contextlib.contextmanager
+def table_source(directory, spill_dir: str):
+    """``(kind, source)``: the table in ``directory`` (a store, memmap files or chunk files) as a table
+    source whose rows can be read more than once (each kind reads them by chunk index)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise TemplateNotFoundError(f"No embeddings found at {directory}: the directory does not exist")
     store = store_path_in(directory)
     if is_store(store):
-        return "store", lambda: _store_groups(store)
-    if has_memmap_files(directory):
-        memmap = MemmapTable(directory)
-        return "memmap files", memmap.groups
-    files = find_chunk_files(directory, required=False)
-    if files:
-        return "chunk files", lambda: (load_chunk_file(path) for _, path in files)
-    raise TemplateNotFoundError(f"No embeddings found at {directory}: it holds no store, no embeddings.npy and no "
-                                "embeddings_chunk_*.pt files")
-
-
-def _store_groups(path: str):
-    """The committed rows of a store, chunk by chunk (one consistent snapshot; safe while a writer trains)."""
-    with Snapshot(path) as snap:
-        main = snap.layout.columns[0]
-        for chunk in range(snap.layout.n_chunks):
-            yield snap.ids_chunk(chunk).copy(), np.array(snap.column_chunk(chunk, main))
-            snap.release_pages()
+        with Snapshot(store) as snap:  # one snapshot: both reads see one commit, safe while a writer trains
+            yield "store", MainColumn(snap)
+    elif has_memmap_files(directory):
+        with MemmapDirReader(directory, _READ_ROWS) as reader:
+            yield "memmap files", reader
+    elif files := find_chunk_files(directory, required=False):
+        with CosirChunkReader(files, spill_dir=spill_dir) as reader:
+            yield "chunk files", reader
+    else:
+        raise TemplateNotFoundError(f"No embeddings found at {directory}: it holds no store, no embeddings.npy "
+                                    "and no embeddings_chunk_*.pt files")
 
 
 def load_rows(table, directory, what: str) -> None:
@@ -115,16 +141,24 @@ def load_rows(table, directory, what: str) -> None:
     if os.path.realpath(store_path_in(directory)) == os.path.realpath(table.store.path):
         raise InvalidInputError(f"{what}: {directory} holds this manager's own store, there is nothing to load; "
                                 "pass the directory of another run's result")
-    kind, groups = table_groups(directory)
+    with table_source(directory, os.path.dirname(table.store.path)) as (kind, source):
+        if source.layout.dim != table.dim:
+            raise TemplateIncompatibleError(f"{directory} holds rows of dim {source.layout.dim}, this manager "
+                                            f"embedding_dim={table.dim}")
+        ids_of = [ids.copy() for _, ids in source.id_chunks()]
+
+        def groups():
+            for chunk, parts in source.chunks():
+                yield ids_of[chunk], parts[0]
+
+        _check_then_write(table, directory, what, kind, groups)
+
+
+def _check_then_write(table, directory, what: str, kind: str, groups) -> None:
     n = len(table.view_ids)
     covered = np.zeros(n, bool)
     foreign = 0
     for ids, rows in groups():
-        if len(ids) == 0:
-            continue
-        if rows.shape[1] != table.dim:
-            raise TemplateIncompatibleError(f"{directory} holds rows of dim {rows.shape[1]}, this manager "
-                                            f"embedding_dim={table.dim}")
         positions, found = table.view_index.find(ids)
         ours = positions[found]
         if covered[ours].any() or len(np.unique(ours)) != len(ours):

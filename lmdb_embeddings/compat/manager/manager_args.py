@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.inputs import as_ids, as_positive_int
-from ..errors import InvalidInputError, InvalidTypeError
+from ...core.inputs import as_ids, as_positive_int, repeated_ids
+from ...errors import InvalidInputError, InvalidTypeError
 
 STORAGE_MODES = ("memory", "disk")
 MODES = ("ram", "mmap")
@@ -179,12 +179,10 @@ def _memory_of(style: str, a: dict) -> bool:
 
 
 def _check_unique(ids: np.ndarray) -> None:
-    if len(ids) > 1:
-        ordered = np.sort(ids)
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if len(repeated):
-            shown = ", ".join(map(str, np.unique(repeated)[:10].tolist()))
-            raise InvalidInputError(f"sample_ids contain duplicates ({shown}); pass each sample id once")
+    repeated = repeated_ids(ids)
+    if len(repeated):
+        shown = ", ".join(map(str, repeated[:10].tolist()))
+        raise InvalidInputError(f"sample_ids contain duplicates ({shown}); pass each sample id once")
 
 
 def check_sync_batch_size(value) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..fsutil import dir_size
+from ...fsutil import dir_size
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.init import INIT_KINDS
-from ..core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
-from ..errors import InvalidInputError
-from ..store import EmbeddingStore
-from . import cosir_init, manager_args, sharing
+from ...core.init import INIT_KINDS
+from ...core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
+from ...errors import InvalidInputError
+from ...store import EmbeddingStore
+from ..files import export_cosir
+from ..init import cosir_init
+from . import manager_args, sharing
 from .attributes import UpstreamAttributes
 from .backing import ManagedTable, UnknownSampleError, close_unreachable
-from .cosir_files import export_cosir
 from .reports import cache_performance, disk_usage
 from .statistics import embedding_statistics
 from .table_dir import check_new_table_strategy, copy_committed_store, existing_table, store_path_in
@@ -56,7 +57,7 @@ class UnknownChunkError(InvalidInputError, FileNotFoundError):
 class TrainableEmbeddingManager(UpstreamAttributes):
     """Per-sample trainable embeddings with the upstream managers' interface, stored in LMDB.
 
-    Args (both upstream signatures, see :mod:`~lmdb_embeddings.compat.manager_args`):
+    Args (both upstream signatures, see :mod:`~lmdb_embeddings.compat.manager.manager_args`):
         sample_ids: the sample IDs. Rows are kept sorted by ID (chunk-style calls, as the
             chunk-file managers did) or in the caller's order (``mode=`` or a positional
             ``embeddings_dir``, as the memmap manager did).
@@ -85,7 +86,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
             third positional argument is ``embeddings_dir``.
 
     Managers of one process on one ``embeddings_dir`` share one writable store
-    (:mod:`~lmdb_embeddings.compat.sharing`): each sees the others' rows, uncommitted ones
+    (:mod:`~lmdb_embeddings.compat.manager.sharing`): each sees the others' rows, uncommitted ones
     included, and a sync through any of them commits everything pending. ``close()`` (or
     leaving a ``with`` block, or the manager being garbage-collected, or the interpreter
     exiting normally) commits pending updates when ``auto_sync`` is on; when it is off they
@@ -114,9 +115,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         self._table = sharing.open_managed(directory, found, a, self._seed, build)
         store = self._table.store
         self._finalizer = weakref.finalize(self, close_unreachable, self._table)
-        self._embedding_dim, self._device, self._storage_mode = a.embedding_dim, a.device, a.storage_mode
-        self._enable_l3_cache = a.enable_l3_cache
-        self._cache_l1_size_mb, self._cache_l2_size_mb = a.cache_l1_size_mb, a.cache_l2_size_mb
+        self._args = a
         self._embeddings_dir = directory
         self._derived: dict = {}
         self._served_chunk: tuple[int, list] | None = None
@@ -240,7 +239,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
     def initialize(self, strategy, feature_manager=None, model=None, device="cpu", factor=1.0,
                    normalize=False) -> None:
         """Set every row: ``zeros``/``normal``/``uniform``/``xavier``/``kaiming``, or ``imgtxt``/``txt``/``img``
-        from the feature manager's features (:mod:`~lmdb_embeddings.compat.cosir_init` says which method)."""
+        from the feature manager's features (:mod:`~lmdb_embeddings.compat.init.cosir_init` says which method)."""
         cosir_init.check_strategy(strategy)
         if strategy in INIT_KINDS:
             cosir_init.fill(self._table, strategy, self._seed)
@@ -290,7 +289,7 @@ class TrainableEmbeddingManager(UpstreamAttributes):
 
     def get_disk_usage_info(self) -> dict:
         """Disk and cache figures, with the original's keys (chunk sizes are the raw row bytes)."""
-        return disk_usage(self._table, self._embeddings_dir, self._storage_mode, self._enable_l3_cache)
+        return disk_usage(self._table, self._embeddings_dir, self._args.storage_mode, self._args.enable_l3_cache)
 
     def get_embedding_statistics(self) -> dict:
         """Norm and per-dimension statistics of all rows (one streaming pass, bounded memory)."""
@@ -316,8 +315,8 @@ class TrainableEmbeddingManager(UpstreamAttributes):
         self._finalizer.detach()
 
     def __repr__(self) -> str:
-        state = "closed" if self._table.closed else f"{len(self)} x {self._embedding_dim}"
-        return f"TrainableEmbeddingManager({str(self._embeddings_dir)!r}, {self._storage_mode}, {state})"
+        state = "closed" if self._table.closed else f"{len(self)} x {self._args.embedding_dim}"
+        return f"TrainableEmbeddingManager({str(self._embeddings_dir)!r}, {self._args.storage_mode}, {state})"
 
 
 def _caller_view(ids: np.ndarray, store: EmbeddingStore) -> np.ndarray:

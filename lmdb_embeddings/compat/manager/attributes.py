@@ -10,11 +10,14 @@ any assignment of what cannot change) raises an error saying what to do instead;
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ..core.inputs import is_tensor, to_numpy
-from ..errors import InvalidInputError, ReadOnlyAttributeError
-from .manager_args import check_sync_batch_size
+from ...core.inputs import is_tensor, to_numpy
+from ...errors import InvalidInputError, ReadOnlyAttributeError
+from .backing import ManagedTable
+from .manager_args import ManagerArgs, check_sync_batch_size
 from .reports import CacheView, performance_stats
 
 
@@ -25,11 +28,6 @@ def _read_only(name: str, get, hint: str, doc: str) -> property:
         raise ReadOnlyAttributeError(f"TrainableEmbeddingManager.{name} cannot be assigned: {hint}")
 
     return property(get, refuse, doc=doc)
-
-
-def _fixed(name: str, hint: str, doc: str) -> property:
-    """A constructor argument, kept as ``_<name>``, that cannot be assigned."""
-    return _read_only(name, lambda self: getattr(self, f"_{name}"), hint, doc)
 
 
 def _equal_or_refused(name: str, build, hint: str, doc: str) -> property:
@@ -70,20 +68,35 @@ def _id_to_index(table) -> dict:
 
 
 class UpstreamAttributes:
-    """Mixed into :class:`~lmdb_embeddings.compat.manager.TrainableEmbeddingManager`."""
+    """Mixed into :class:`~lmdb_embeddings.compat.manager.TrainableEmbeddingManager`.
+
+    It reads these attributes of the manager, and nothing else of it.
+    """
+
+    _table: ManagedTable      # the rows (and, through them, the store)
+    _args: ManagerArgs        # the constructor's arguments, checked: fixed for the manager's life
+    _embeddings_dir: Path     # the store's directory (``save_final_embeddings(dir)`` moves it)
+    _derived: dict            # the mappings built on first read, by attribute name
 
     _REGROUP = ("create the manager with the chunk_size (and sample_ids) the mapping was made with, or export the "
                 "table (lmdb-embeddings export-cosir) and import it with another --chunk-rows")
 
-    embedding_dim = _fixed("embedding_dim", "create a manager with another embedding_dim", "Row width.")
-    device = _fixed("device", "create a manager with another device", "Where returned tensors live.")
-    storage_mode = _fixed("storage_mode", "create a manager with another storage_mode", '"memory" or "disk".')
-    enable_l3_cache = _fixed("enable_l3_cache", "it has no effect (the OS page cache is the third tier)",
-                             "Accepted for compatibility.")
-    cache_l1_size_mb = _fixed("cache_l1_size_mb", "create a manager with another budget", "L1 budget, disk mode.")
-    cache_l2_size_mb = _fixed("cache_l2_size_mb", "create a manager with another budget", "L2 budget, disk mode.")
-    embeddings_dir = _fixed("embeddings_dir", "save_final_embeddings(dir) copies the table there and continues on it",
-                            "The directory of the store.")
+    embedding_dim = _read_only("embedding_dim", lambda self: self._args.embedding_dim,
+                               "create a manager with another embedding_dim", "Row width.")
+    device = _read_only("device", lambda self: self._args.device, "create a manager with another device",
+                        "Where returned tensors live.")
+    storage_mode = _read_only("storage_mode", lambda self: self._args.storage_mode,
+                              "create a manager with another storage_mode", '"memory" or "disk".')
+    enable_l3_cache = _read_only("enable_l3_cache", lambda self: self._args.enable_l3_cache,
+                                 "it has no effect (the OS page cache is the third tier)",
+                                 "Accepted for compatibility.")
+    cache_l1_size_mb = _read_only("cache_l1_size_mb", lambda self: self._args.cache_l1_size_mb,
+                                  "create a manager with another budget", "L1 budget, disk mode.")
+    cache_l2_size_mb = _read_only("cache_l2_size_mb", lambda self: self._args.cache_l2_size_mb,
+                                  "create a manager with another budget", "L2 budget, disk mode.")
+    embeddings_dir = _read_only("embeddings_dir", lambda self: self._embeddings_dir,
+                                "save_final_embeddings(dir) copies the table there and continues on it",
+                                "The directory of the store.")
 
     chunk_mapping = _equal_or_refused("chunk_mapping", _chunk_mapping, _REGROUP,
                                       "``{chunk id: [sample ids]}`` in row order (a plain dict).")
@@ -120,7 +133,7 @@ class UpstreamAttributes:
     performance_stats = _read_only("performance_stats", lambda self: performance_stats(self._table),
                                    "it is computed from the store's counters",
                                    "``cache_hits``, ``cache_misses``, ``disk_loads``, ``sync_operations``.")
-    cache = _read_only("cache", lambda self: CacheView(self._table, self._enable_l3_cache),
+    cache = _read_only("cache", lambda self: CacheView(self._table, self._args.enable_l3_cache),
                        "the store's caches are configured when the manager is created",
                        "The 2025-09 ``MultiTierCache`` calls: ``get_cache_info()``, ``adaptive_eviction()``.")
     store = _read_only("store", lambda self: self._table.store, "create a new manager on another embeddings_dir",
