@@ -2,7 +2,8 @@
 
 The public surface, all importable from here (``import lmdb_embeddings as le``):
 
-* :class:`EmbeddingStore` and its :class:`StoreOptions`;
+* :class:`EmbeddingStore` and its :class:`StoreOptions`; :class:`TableHandle`, the ``typing.Protocol``
+  that it and ``ShardedEmbeddingStore`` implement (what code working with either kind may use);
 * the typed dictionaries the API returns (:class:`StoreStats`, :class:`StoreInfo`, ...);
 * every error class (all derive from :class:`EmbeddingStoreError`);
 * the operations the CLI runs, as library functions: :func:`dump_store`,
@@ -46,6 +47,7 @@ from .errors import (
 from .format.dump_file import DumpFileError
 from .format.npy_dir import NpyInputError
 from .format.records import FORMAT_VERSION
+from .handle import ShardedTableHandle, TableHandle
 from .ops import compact_store, dump_store, restore_store, store_info, verify_store
 from .optional import import_needing
 from .options import StoreOptions
@@ -78,6 +80,8 @@ _LAZY = {
 __all__ = [
     "EmbeddingStore",
     "StoreOptions",
+    "TableHandle",
+    "ShardedTableHandle",
     "EmbeddingDataset",
     "BlockShuffleSampler",
     "BlockShuffleBatchSampler",

@@ -2,8 +2,11 @@
 
 This module is the public facade: it checks arguments and hands each call to the handle's
 session (``core.writes.WriterSession`` or ``core.readers.ReaderSession``), whose table
-(``core.table``) serves rows from its chunk caches (``core.cache``). docs/ARCHITECTURE.md
-has the whole picture; docs/FORMAT.md the bytes on disk.
+(``core.table``) serves rows from its chunk caches (``core.cache``). The handle is assembled
+from parts, one per responsibility: the session in this process (store_base.py), the table's
+metadata (store_metadata.py), reading rows (store_reads.py) and writing them (store_writes.py);
+creating, opening, closing and the counters are here. It implements ``handle.TableHandle``.
+docs/ARCHITECTURE.md has the whole picture; docs/FORMAT.md the bytes on disk.
 
 Concurrency: one writable handle per store (``processes.writer_lock``); any number of
 read-only handles in any process, each call running in one short read transaction, so it
@@ -15,40 +18,30 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, ClassVar, cast
 
-import msgpack
 import numpy as np
 
-from .core.cache import CacheStats
 from .core.init import NORMAL_STD, init_spec
 from .core.inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
-from .core.prefetch import Prefetcher
-from .core.readers import ReaderSession
-from .core.session import Session
-from .core.table import Column, Table
-from .core.writes import WriterSession
-from .errors import ClosedError, EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
+from .errors import InvalidInputError, InvalidTypeError
 from .format.builder import build_new_table
-from .format.layout import ColumnSpec, choose_chunk_rows, chunk_size_problem
-from .format.records import MAIN, check_store_dir
+from .format.layout import choose_chunk_rows, chunk_size_problem
+from .handle import implements_table_handle
 from .ops.progress import bar
-from .optional import import_needing
 from .options import StoreOptions
-from .processes import fork
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
-from .processes.writer_lock import WriterLock
 from .results import StoreStats
-
-if TYPE_CHECKING:  # the tensor API's types; torch itself is imported only when get_tensor is called
-    import torch
+from .store_metadata import TableMetadata
+from .store_reads import RowReads
+from .store_writes import RowWrites
 
 log = logging.getLogger(__name__)
 
 
-class EmbeddingStore:
+@implements_table_handle
+class EmbeddingStore(TableMetadata, RowReads, RowWrites):
     """A per-sample trainable embedding table stored in LMDB.
 
     Create one with :meth:`create`, open an existing one with :meth:`open`. A writable
@@ -64,6 +57,8 @@ class EmbeddingStore:
         >>> store.commit()
         >>> store.close()
     """
+
+    sharded: ClassVar[bool] = False  # handle.TableHandle: one process's handle, no call is collective
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -119,285 +114,9 @@ class EmbeddingStore:
         store._session = store._open_session()
         return store
 
-    def _setup(self, path: str, readonly: bool, options: StoreOptions) -> None:
-        self._path, self._readonly, self._options = path, readonly, options
-        self._mutex = threading.RLock()
-        self._pid = os.getpid()
-        self._session: Session | None = None
-        self._closed = False
-        self._stats = CacheStats()
-        self._prefetcher = Prefetcher(self._warm)  # its thread starts at the first hint
-        fork.track(self)
-
-    def _open_session(self, lock: WriterLock | None = None) -> Session:
-        """Open the environment and the table in the current process (the lock too, for a writer,
-        unless ``create`` hands over the one it took)."""
-        if self._readonly:
-            check_store_dir(self._path)
-            return ReaderSession.open(self._path, self._options, self._stats)
-        try:
-            check_store_dir(self._path)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        return WriterSession.open(self._path, self._options, self._stats, lock)
-
-    # --------------------------------------------------------------- process safety
-    def _active(self) -> Session:
-        """The session for this call: reopened after fork/unpickle; refused if closed."""
-        if self._closed:
-            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
-        if self._pid != os.getpid():  # a forked child: the fork guard closed the parent's env and lock
-            self._session, self._readonly, self._stats = None, True, CacheStats()
-            self._pid = os.getpid()
-        if self._session is None:
-            self._session = self._open_session()
-        self._session.settle()  # a commit Python was interrupted around: the handle learns what LMDB did
-        return self._session
-
-    def _writer(self, call: str) -> WriterSession:
-        session = self._active()
-        if session.readonly:
-            raise ReadOnlyError(f"{call}: this handle on {self._path} is read-only; open it with readonly=False")
-        return session
-
-    def _after_fork_in_child(self) -> None:
-        self._mutex = threading.RLock()  # another thread of the parent may have held it at fork
-        self._prefetcher = Prefetcher(self._warm)  # the parent's thread does not exist here
-
-    def __getstate__(self) -> dict:
-        return {"path": self._path, "options": self._options.as_kwargs()}
-
-    def __setstate__(self, state: dict) -> None:
-        self._setup(state["path"], True, StoreOptions.from_kwargs(state["options"]))
-
-    # ----------------------------------------------------------------- properties
-    def _caught_up(self) -> Table:
-        """The table, caught up with the latest commit for a reader."""
-        session = self._active()
-        session.refresh()
-        return session.table
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def dim(self) -> int:
-        with self._mutex:
-            return self._active().table.dim
-
-    @property
-    def dtype(self) -> np.dtype:
-        with self._mutex:
-            return self._active().table.dtype
-
-    @property
-    def chunk_rows(self) -> int:
-        with self._mutex:
-            return self._active().table.chunk_rows
-
-    @property
-    def readonly(self) -> bool:
-        return self._readonly or self._pid != os.getpid()
-
-    @property
-    def ids(self) -> np.ndarray:
-        """The sample IDs in row order (a copy)."""
-        with self._mutex:
-            return self._caught_up().index.ids_copy()
-
-    def __len__(self) -> int:
-        with self._mutex:
-            return self._caught_up().rows
-
-    def __contains__(self, sample_id: object) -> bool:
-        with self._mutex:
-            table = self._caught_up()
-            try:
-                ids = as_ids(sample_id)
-            except EmbeddingStoreError:
-                return False
-            return len(ids) == 1 and bool(table.index.contains(ids)[0])
-
-    def contains(self, ids: IdsLike) -> np.ndarray:
-        """A bool array: which of ``ids`` are in the store (this handle's view, uncommitted adds included)."""
-        ids = as_ids(ids)
-        with self._mutex:
-            return self._caught_up().index.contains(ids)
-
-    @property
-    def commit_count(self) -> int:
-        """Number of commits the store has received since it was created."""
-        with self._mutex:
-            return self._caught_up().commit
-
-    @property
-    def uuid(self) -> str | None:
-        """The table's identity: a new one at each ``create`` and ``restore``, kept by ``compact``
-        (None for a store written before the format recorded it)."""
-        with self._mutex:
-            return self._active().config.get("store_uuid")
-
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("read-only" if self._readonly else "writable")
         return f"EmbeddingStore({self._path!r}, {mode})"
-
-    # --------------------------------------------------------------------- reading
-    def get(self, ids: IdsLike) -> np.ndarray:
-        """Rows of ``ids`` in order, as a fresh ``(len(ids), dim)`` array of the store dtype.
-
-        Duplicates are allowed. A writable handle sees its own uncommitted puts; a
-        read-only handle sees the latest commit, and one call never mixes two commits.
-
-        Raises:
-            KeyError: some IDs are not in the store (the message names some of them).
-        """
-        return self._gather(MAIN, ids)
-
-    def get_tensor(self, ids: IdsLike, device: torch.device | str | int | None = None) -> torch.Tensor:
-        """Like :meth:`get`, as a ``torch.Tensor`` on ``device`` (CUDA copies go through pinned memory);
-        without torch, ``MissingDependencyError`` (an ``ImportError``) says how to install it."""
-        return as_tensor(self.get(ids), device)
-
-    def get_column(self, name: str, ids: IdsLike) -> np.ndarray:
-        """Rows of an auxiliary column for ``ids`` (same rules as :meth:`get`)."""
-        return self._gather(name, ids)
-
-    def get_with_state(self, ids: IdsLike, column: str = MAIN) -> tuple[np.ndarray, dict]:
-        """``(rows, {"commit", "rows", "attrs"})``: :meth:`get_column` and the state of the SAME read
-        (a reader: the commit that served the rows; the sharded store checks its shards by it)."""
-        ids = as_ids(ids)
-        with self._mutex:
-            session = self._active()
-
-            def read() -> tuple[np.ndarray, dict]:
-                table = session.table  # bound inside the read: it follows a store swapped in at the path
-                rows = _column(table, column).cache.gather(table.index.slots(ids))
-                return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
-
-            return session.read(read)
-
-    def prefetch(self, ids: IdsLike) -> None:
-        """A hint that the rows of ``ids`` (all columns) will be needed soon: returns at once, changes nothing any
-        call returns, ignores IDs not in the store (``core/prefetch.py``). Call it a batch ahead."""
-        if self._closed:
-            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
-        self._prefetcher.hint(as_ids(ids))
-
-    def _warm(self, ids: np.ndarray) -> None:
-        with self._mutex:  # the prefetch thread's work, under the mutex as any call
-            if not self._closed:
-                self._active().prefetch(ids)
-
-    def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
-        ids = as_ids(ids)
-        with self._mutex:
-            session = self._active()
-            return session.read(lambda: _gather_from(session.table, name, ids))  # the table as the read finds it
-
-    # --------------------------------------------------------------------- writing
-    def put(self, ids: IdsLike, values: ValuesLike) -> None:
-        """Overwrite the rows of existing ``ids``; durable at the next :meth:`commit`.
-
-        ``values``: numpy array or torch tensor (any device) of shape (len(ids), dim),
-        cast to the store dtype. A rejected call changes nothing.
-
-        Raises:
-            ValueError: wrong shape, duplicate ids, non-finite values.
-            KeyError: unknown ids. PermissionError: read-only handle.
-        """
-        with self._mutex:
-            session = self._writer("put")
-            _put(session, MAIN, ids, values, "put")
-            if session.note_update():
-                session.commit()
-
-    def put_column(self, name: str, ids: IdsLike, values: ValuesLike) -> None:
-        """Overwrite rows of an auxiliary column (same rules as :meth:`put`, not counted by ``commit_every``)."""
-        with self._mutex:
-            _put(self._writer("put_column"), name, ids, values, "put_column")
-
-    def add(self, ids: IdsLike, values: ValuesLike | None = None) -> None:
-        """Append NEW ids (readable at once, durable at commit); values default to the init.
-
-        Raises:
-            ValueError: an id already exists, duplicates, bad values. PermissionError: read-only.
-        """
-        with self._mutex:
-            session = self._writer("add")
-            table = session.table
-            new_ids = as_ids(ids)
-            table.index.check_new(new_ids)
-            if values is None:
-                vals = table.init_values(table.rows, len(new_ids))
-            else:
-                vals = as_values(values, len(new_ids), table.dim, table.dtype, "add")
-            session.append_rows(new_ids, vals)
-            if session.note_update():
-                session.commit()
-
-    def commit(self) -> None:
-        """Make every put/add so far durable, atomically (one transaction, one fsync).
-
-        After it returns, a crash of the process or the OS leaves exactly this state. If
-        the disk is full or another I/O error occurs, ``CommitError`` (an ``OSError``) is
-        raised, the store keeps its previous commit, and this handle keeps its changes so
-        the same ``commit()`` can be retried (unless changes had been spilled to the
-        failed transaction, which the message then says: the handle is rolled back).
-        """
-        with self._mutex:
-            self._writer("commit").commit()
-
-    def rollback(self) -> None:
-        """Discard every put/add (and new column or attr) since the last commit."""
-        with self._mutex:
-            self._writer("rollback").rollback()
-
-    # ------------------------------------------------------- auxiliary columns (state)
-    def ensure_column(self, name: str, width: int, dtype: str | np.dtype = "float32", fill: float = 0.0) -> None:
-        """Declare an auxiliary per-row column (e.g. optimizer moments); rows start at ``fill``.
-
-        The column shares the store's IDs and chunking, is committed atomically with the
-        embeddings, and is carried by dump/restore. Declaring it again is a no-op.
-        """
-        with self._mutex:
-            table = self._caught_up()
-            if not isinstance(name, str) or not name or name == MAIN or "/" in name:
-                raise InvalidInputError(f"column name {name!r} is reserved or invalid")
-            width = as_positive_int(width, "width")
-            dt = as_dtype(dtype)
-            existing = table.columns.get(name)
-            if existing is not None:
-                if (existing.spec.width, existing.spec.dtype) != (width, dt):
-                    raise InvalidInputError(
-                        f"column {name!r} exists with width {existing.spec.width} and dtype {existing.spec.dtype}, "
-                        f"not {width} and {dt}")
-                return
-            self._writer("ensure_column").table.declare_column(ColumnSpec(name, width, dt, float(fill)))
-
-    @property
-    def columns(self) -> dict:
-        """Auxiliary columns: name -> {width, dtype, fill}."""
-        with self._mutex:
-            return {n: d for n, d in self._caught_up().describe_columns().items() if n != MAIN}
-
-    @property
-    def attrs(self) -> dict:
-        """Small user metadata (msgpack-able), committed with the rows (e.g. optimizer step)."""
-        with self._mutex:
-            return dict(self._caught_up().attrs)
-
-    def set_attr(self, key: str, value: object) -> None:
-        """Set one attr; durable at the next commit, discarded by rollback."""
-        with self._mutex:
-            session = self._writer("set_attr")
-            try:
-                msgpack.packb(value)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInputError(f"attr {key!r}: value is not msgpack-serializable ({exc})") from None
-            session.table.set_attr(str(key), value)
 
     # ------------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -451,29 +170,6 @@ class EmbeddingStore:
 
 
 # ----------------------------------------------------------------------- helpers
-def _put(session: WriterSession, name: str, ids, values, call: str) -> None:
-    """``put``/``put_column``: every check first, then the session writes the rows, all or nothing."""
-    table = session.table
-    column = _column(table, name)
-    ids = as_ids(ids)
-    check_unique(ids, call)
-    vals = as_values(values, len(ids), column.spec.width, column.spec.dtype, call)
-    session.put_rows(column, table.index.slots(ids), vals, call)
-
-
-def as_tensor(rows: np.ndarray, device: torch.device | str | int | None = None) -> torch.Tensor:
-    """``rows`` as a torch tensor on ``device`` (CUDA copies go through pinned memory, non-blocking)."""
-    torch = import_needing("torch", "torch", "get_tensor")  # the only part of the store that needs torch
-
-    tensor = torch.from_numpy(rows)
-    if device is None:
-        return tensor
-    device = torch.device(device)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
     """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
 
@@ -525,15 +221,3 @@ def _create_ids(ids) -> np.ndarray | int:
     id_array = as_ids(ids, "ids")
     check_unique(id_array, "create")
     return id_array
-
-
-def _gather_from(table: Table, name: str, ids: np.ndarray) -> np.ndarray:
-    return _column(table, name).cache.gather(table.index.slots(ids))
-
-
-def _column(table: Table, name: str) -> Column:
-    """The table's column ``name``, or a clear error."""
-    column = table.columns.get(name)
-    if column is None:
-        raise InvalidInputError(f"no column {name!r}; declare it with ensure_column first")
-    return column

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -23,6 +24,7 @@ from lmdb_embeddings.distributed.manifest import read_manifest
 from lmdb_embeddings.fsutil import fsync_dir
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DIM, CR = 8, 32
 GLOBAL_IDS = np.random.default_rng(7).choice(np.arange(-3000, 3000), 700, replace=False)
 UNKNOWN = 999_999
@@ -71,28 +73,65 @@ def _new_ids(rank: int, batch: int = 0) -> np.ndarray:
     return 10_000 + 1000 * batch + 100 * rank + np.arange(30)
 
 
-# ------------------------------------------------------------------------------ contract
-def contract(rank: int, world: int, workdir: str) -> dict:
-    """Lookups, create equality, visibility of uncommitted calls, collective errors, commit/reopen,
-    rollback, recovery of an undecided prepared commit, world-size mismatch, read-only, sampler."""
+# ------------------------------------------------------------------------- the store contract
+def store_contract(rank: int, world: int, workdir: str) -> dict:
+    """Every rank runs ``StoreContract`` on the sharded store (tests/dist_contract.py) with pytest, in step:
+    ``{"exit": pytest's exit code, "outcomes": {test id: "passed" | "skipped" | "failed in <when>: <report>"}}``."""
+    outcomes: dict[str, str] = {}
+
+    class Outcomes:
+        @staticmethod
+        def pytest_runtest_logreport(report) -> None:
+            if report.failed:
+                outcomes[report.nodeid] = f"failed in {report.when}: {report.longreprtext[-3000:]}"
+            elif report.skipped or (report.when == "call" and report.nodeid not in outcomes):
+                outcomes[report.nodeid] = report.outcome
+
+    code = pytest.main([os.path.join(HERE, "dist_contract.py"), "-q", "-p", "no:cacheprovider",
+                        f"--basetemp={os.path.join(workdir, f'pytest-rank{rank}')}"], plugins=[Outcomes()])
+    return {"exit": int(code), "outcomes": outcomes}
+
+
+# ------------------------------------------------------------------- what only a sharded store promises
+def sharded(rank: int, world: int, workdir: str) -> dict:
+    """What a sharded store promises beyond the store contract (StoreContract runs on it: tests/dist_contract.py):
+    the table equals a single store fed every rank's calls, for any world size; collective errors; the two-phase
+    commit's failures and recovery; the rules of a collective open; the sampler. Each part reports to ``out``."""
     out: dict = {}
     path = os.path.join(workdir, "sharded")
     store = ShardedEmbeddingStore.create(path, GLOBAL_IDS, DIM, chunk_rows=CR, seed=3, cache_mb=8)
-    single = _single(workdir, rank, "contract", seed=3)
+    single = _single(workdir, rank, "contract", seed=3)  # the test dumps the sharded store and compares with it
+    _lookups_and_create(out, store, single, rank, world, workdir)
+    _calls_of_every_rank(out, store, single, rank, world)
+    store.commit()
+    single.commit()
+    out["commit_count"] = store.commit_count
+    store.close()
+    store = ShardedEmbeddingStore.open(path, cache_mb=8)
+    out["reopened_equal"] = _same(store.get(single.ids), single.get(single.ids)) and store.commit_count == 1
+    store = _undecided_commit_recovered(out, store, single, path, rank, world)
+    _commits_that_fail(out, store, single, rank, world)
+    rank0 = dist.new_group([0])  # (every rank of the default group makes every new group)
+    _opening_rules(out, path, rank, rank0)
+    single.close()
+    out["sampler"] = _sampler_checks(store, rank, world)
+    store.close()
+    if rank == 0:  # a create over a store made for another world size replaces all of its shards
+        ShardedEmbeddingStore.create(os.path.join(workdir, "other"), 10, DIM, overwrite=True, group=rank0).close()
+        out["replaced_shards"] = sorted(os.listdir(os.path.join(workdir, "other")))
+    dist.barrier()
+    return out
 
-    # lookups of local and remote IDs, with duplicates; one rank asks for nothing
+
+def _lookups_and_create(out: dict, store, single, rank: int, world: int, workdir: str) -> None:
+    """Lookups of local and remote IDs equal a single store's; create is independent of the world size."""
     ask = np.random.default_rng(100 + rank).choice(GLOBAL_IDS, 200)
     out["owners_asked"] = len(np.unique(owner_of(ask, world)))
     out["lookup_equal"] = _same(store.get(ask), single.get(ask))
-    ask_none = np.empty(0, np.int64) if rank == world - 1 else GLOBAL_IDS[:5]
-    got = store.get(ask_none)
-    out["empty_lookup_ok"] = got.shape == (len(ask_none), DIM) and _same(got, single.get(ask_none))
     out["tensor_equal"] = _same(store.get_tensor(ask).numpy(), single.get(ask))
     out["local_ids_ok"] = _same(store.local.ids, GLOBAL_IDS[owner_of(GLOBAL_IDS, world) == rank])
     out["len"] = len(store)
     out["local_len"] = len(store.local)
-
-    # create is independent of the world size, for every kind of init (and create over a store)
     out["init_equal"] = {}
     array = _values(55, len(GLOBAL_IDS))
     for name, init in (("uniform", "uniform"), ("xavier", "xavier"), ("array", array)):
@@ -103,9 +142,11 @@ def contract(rank: int, world: int, workdir: str) -> dict:
         other.close()
         ref.close()
 
-    # every rank sees every put/add of earlier collective calls before any commit
-    ids, vals = _puts_of(rank, world, 1.0)
-    store.put(ids, vals)
+
+def _calls_of_every_rank(out: dict, store, single, rank: int, world: int) -> None:
+    """Every rank sees every put/add of earlier collective calls (defaults of add included) before any commit;
+    an invalid call on one rank raises the same class on every rank and changes nothing anywhere."""
+    store.put(*_puts_of(rank, world, 1.0))
     for r in range(world):
         single.put(*_puts_of(r, world, 1.0))
     store.add(_new_ids(rank), _values([9, rank], 30) if rank == 0 else None)  # defaults on the other ranks
@@ -114,27 +155,16 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     all_ids = single.ids
     out["uncommitted_visible"] = _same(store.get(all_ids), single.get(all_ids))
     out["len_after_add"] = [len(store), len(single)]
-
-    # collective errors: one rank's call is invalid, the others' valid; every rank raises the same class
+    store.ensure_column("state", DIM, "float32")
+    before = (store.columns, store.attrs)
     out["errors"] = _error_cases(store, rank, world)
-    out["unchanged_after_errors"] = _same(store.get(all_ids), single.get(all_ids)) and len(store) == len(single)
+    out["unchanged_after_errors"] = (_same(store.get(all_ids), single.get(all_ids)) and len(store) == len(single)
+                                     and (store.columns, store.attrs) == before)
 
-    # commit, reopen
-    store.commit()
-    single.commit()
-    out["commit_count"] = store.commit_count
-    store.close()
-    store = ShardedEmbeddingStore.open(path, cache_mb=8)
-    out["reopened_equal"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 1
 
-    # rollback discards puts and adds on every shard
-    store.put(*_puts_of(rank, world, 7.0))
-    store.add(_new_ids(rank, batch=1))
-    store.rollback()
-    out["rolled_back"] = _same(store.get(all_ids), single.get(all_ids)) and len(store) == len(single)
-    out["rolled_back_adds_gone"] = _outcome(lambda: store.get(_new_ids(rank, batch=1)[:1]))
-
-    # a prepared commit that was never decided (the decision rank died before the manifest): reopening undoes it
+def _undecided_commit_recovered(out: dict, store, single, path: str, rank: int, world: int):
+    """A prepared commit that was never decided (the decision rank died before the manifest): reopening undoes it.
+    Returns the reopened store."""
     store.put(*_puts_of(rank, world, 5.0))
     if rank == 0:
         store._shard.prepare(store.commit_count + 1)  # phase 1 on rank 0 only, then everyone "crashes"
@@ -145,10 +175,15 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     dist.barrier()
     store = ShardedEmbeddingStore.open(path, cache_mb=8)
     out["prepared_then_recovered"] = [prepared, store.local.attrs["dist.commit"]]
-    out["recovered"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 1
+    out["recovered"] = _same(store.get(single.ids), single.get(single.ids)) and store.commit_count == 1
+    return store
 
-    # a shard that cannot commit (disk full on the last rank): CommitError everywhere, every shard back at
-    # the old commit, the changes discarded on every rank; the next commit works
+
+def _commits_that_fail(out: dict, store, single, rank: int, world: int) -> None:
+    """A shard that cannot commit, a manifest that cannot be written: CommitError everywhere, every shard back at
+    the old commit, the changes dropped on every rank; a manifest renamed into place whose directory cannot be
+    synced: the commit is made, and every rank is told that its durability is in doubt."""
+    all_ids = single.ids
     store.put(*_puts_of(rank, world, 6.0))
     if rank == world - 1:
         store._shard.prepare = _fail_with(le.CommitError("commit failed (disk full, simulated)"))
@@ -156,7 +191,6 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     vars(store._shard).pop("prepare", None)  # back to Shard.prepare
     out["after_failed_prepare"] = [_same(store.get(all_ids), single.get(all_ids)), store.commit_count,
                                    store.local.attrs["dist.commit"], len(store) == len(single)]
-    # the manifest cannot be written (on the decision rank): the same
     store.put(*_puts_of(rank, world, 6.0))
     if rank == 0:
         manifest_module.open = _fail_with(OSError(28, "No space left on device (simulated)"))
@@ -170,8 +204,6 @@ def contract(rank: int, world: int, workdir: str) -> dict:
         single.put(*_puts_of(r, world, 6.0))
     single.commit()
     out["commit_after_failures"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 2
-    # the manifest is renamed into place but its directory cannot be synced: the commit is made, and every
-    # rank is told that its durability is in doubt
     store.put(*_puts_of(rank, world, 8.0))
     if rank == 0:
         manifest_module.fsync_dir = _fail_with(OSError(5, "Input/output error (simulated)"))
@@ -182,43 +214,18 @@ def contract(rank: int, world: int, workdir: str) -> dict:
     single.commit()
     out["made_despite_sync_failure"] = _same(store.get(all_ids), single.get(all_ids)) and store.commit_count == 3
 
-    # a second writable open while this one holds the shards: refused on every rank
-    out["second_writer"] = _outcome(lambda: ShardedEmbeddingStore.open(path))
 
-    # another world size: refused, naming both sizes
-    sub = dist.new_group([0])
+def _opening_rules(out: dict, path: str, rank: int, rank0) -> None:
+    """A second writable open is refused on every rank; another world size (``rank0``, a group of rank 0 alone)
+    is refused, naming both sizes."""
+    out["second_writer"] = _outcome(lambda: ShardedEmbeddingStore.open(path))
     if rank == 0:
         try:
-            ShardedEmbeddingStore.open(path, group=sub)
+            ShardedEmbeddingStore.open(path, group=rank0)
             out["other_world_size"] = "opened"
         except le.EmbeddingStoreError as exc:
             out["other_world_size"] = str(exc)
     dist.barrier()
-
-    # read-only: reads the committed state; writes are refused on every rank
-    reader = ShardedEmbeddingStore.open(path, readonly=True)
-    out["readonly_equal"] = _same(reader.get(ask), single.get(ask))
-    out["readonly_put"] = _outcome(lambda: reader.put(*_puts_of(rank, world, 2.0)))
-    reader.close()
-
-    # commit_every counts collective puts
-    store.close()
-    store = ShardedEmbeddingStore.open(path, cache_mb=8, commit_every=2)
-    store.put(*_puts_of(rank, world, 3.0))
-    store.put(*_puts_of(rank, world, 4.0))
-    out["auto_commits"] = store.commit_count
-    for r in range(world):
-        single.put(*_puts_of(r, world, 4.0))
-    single.close()  # the test compares a dump of the sharded store with it
-
-    out["sampler"] = _sampler_checks(store, rank, world)
-    store.close()
-    if rank == 0:  # a create over a store made for another world size replaces all of its shards
-        ShardedEmbeddingStore.create(os.path.join(workdir, "other"), 10, DIM, overwrite=True, group=sub).close()
-        out["replaced_shards"] = sorted(os.listdir(os.path.join(workdir, "other")))
-    dist.barrier()
-    out["closed_get"] = _outcome(lambda: store.get(ask))
-    return out
 
 
 def _error_cases(store: ShardedEmbeddingStore, rank: int, world: int) -> dict:
@@ -245,9 +252,10 @@ def _error_cases(store: ShardedEmbeddingStore, rank: int, world: int) -> dict:
             "add_nan": lambda: store.add(_new_ids(rank, 7)[:10], nan if bad else vals),
             "add_shape": lambda: store.add(_new_ids(rank, 8)[:10], vals[:5] if bad else vals),
             "put_column_unknown": lambda: store.put_column("nope" if bad else "state", existing, vals),
+            "set_attr_not_msgpack": lambda: store.set_attr("note", object() if bad else "fine"),
+            "ensure_column_bad_width": lambda: store.ensure_column("extra", 0 if bad else 2),
         }
 
-    store.ensure_column("state", DIM, "float32")
     results = {}
     for i, name in enumerate(cases(False)):
         bad = rank == i % world
@@ -473,7 +481,7 @@ def writer_and_readers(rank: int, world: int, workdir: str, rows: int = 2000, re
 
 def suite(rank: int, world: int, workdir: str, optimizers: list, two_groups: bool) -> dict:
     """Everything one launch checks (one process start per rank for all of it: CI time)."""
-    out = {"contract": contract(rank, world, workdir), "training": training(rank, world, workdir, optimizers),
+    out = {"sharded": sharded(rank, world, workdir), "training": training(rank, world, workdir, optimizers),
            "habits": habits(rank, world, workdir)}
     if two_groups:
         out["two_groups"] = writer_and_readers(rank, world, workdir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -164,3 +165,32 @@ def test_the_shard_handle_given_out_as_store_local_reads_but_refuses_writes(stor
     shard.close()
     with le.EmbeddingStore.open(store_path, readonly=True) as reader:
         assert global_commit_of(reader) == 1
+
+
+@pytest.mark.parametrize("call", ["put", "close"])
+def test_another_thread_cannot_write_through_store_local_while_the_sharded_store_writes(store_path, call):
+    """The write gate of ``store.local`` is read and toggled under the handle's mutex: a thread calling
+    ``store.local.put`` (or ``close``) while the sharded store's own thread is inside ``Shard.writing()`` is
+    refused once that block ends; it never slips through the open gate."""
+    with le.EmbeddingStore.create(store_path, 50, 4, chunk_rows=16) as store:
+        store.set_attr("dist.commit", 0)
+    shard = Shard(store_path, readonly=False, options={})
+    local, outcome, done = shard.store, [], threading.Event()
+    calls = {"put": lambda: local.put([1], rows_like(1, 4, 7.0)), "close": local.close}
+
+    def other_thread():
+        try:
+            calls[call]()
+            outcome.append("went through")
+        except le.ReadOnlyError:
+            outcome.append("refused")
+        done.set()
+
+    with shard.writing():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        done.wait(2.0)  # the gate is open in this block: a call that is not refused finishes in it
+    thread.join(30)
+    assert outcome == ["refused"]
+    assert not np.array_equal(shard.store.get([1]), rows_like(1, 4, 7.0))
+    shard.close()

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lmdb_embeddings as le
+from lmdb_embeddings.handle import implements_table_handle
 from benchmarks.sampler_convergence import chunks_per_batch, digits, lru_chunk_loads, train_glo
 
 SHAPES = [  # (positions, chunk_rows, block_chunks, window_blocks)
@@ -145,8 +146,9 @@ def test_bad_arguments_are_refused_with_a_clear_error(small_store):
         assert isinstance(caught.value, le.EmbeddingStoreError)
 
 
-class _Sharded:  # what tells a sharded store apart
-    local = collective = None
+@implements_table_handle
+class _Sharded:  # what tells a sharded store apart: a table handle whose class says it is sharded
+    sharded = True
 
 
 def test_a_sharded_store_is_sent_to_sharded_sampler():

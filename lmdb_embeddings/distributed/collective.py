@@ -17,6 +17,7 @@ saying where the store stands (failures.py), and the handle attempts no collecti
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ ERROR_CLASSES: tuple[type[EmbeddingStoreError], ...] = tuple(sorted(
     (cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, EmbeddingStoreError)),
     key=lambda cls: (-len(cls.__mro__), cls.__name__)))
 _UNEXPECTED = len(ERROR_CLASSES) + 1  # not one of ours: every rank raises EmbeddingStoreError
+T = TypeVar("T")
 
 
 def error_code(error: BaseException | None) -> int:
@@ -109,6 +111,13 @@ class Collective:
 
     def barrier(self) -> None:
         self.all_gather_ints([0])
+
+    def agreed(self, step: Callable[..., T], *args) -> T:
+        """``step(*args)`` on every rank, then :meth:`agree` on its outcome: if it raised on any rank, every rank
+        raises (the same class); otherwise every rank gets its own result."""
+        value, error = attempt(step, *args)
+        self.agree(error)
+        return value
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if ``error`` is not None on any rank (see :meth:`raise_if_failed`)."""

@@ -17,6 +17,7 @@ from torch.utils.data import Sampler
 from ..core.inputs import as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError
 from ..torch.samplers import block_shuffle_rows
+from .store import ShardedEmbeddingStore
 
 
 class ShardedSampler(Sampler):
@@ -34,9 +35,9 @@ class ShardedSampler(Sampler):
     windows of ``window_blocks`` blocks (opt-in; it needs ``shuffle=True``).
     """
 
-    def __init__(self, store, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    def __init__(self, store: ShardedEmbeddingStore, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  block_chunks: int | None = None, window_blocks: int = 16):
-        if not hasattr(store, "local") or not hasattr(store, "collective"):
+        if not isinstance(store, ShardedEmbeddingStore):
             raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
                                    "for a plain store use torch's BatchSampler")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

@@ -47,20 +47,23 @@ class ShardStore(EmbeddingStore):
     workers of rank r read r's committed rows).
     """
 
+    # The gate: open only inside Shard.writing(), which holds the handle's mutex for the whole block, and
+    # read only under that mutex (every write and close checks it there), so no other thread's call sees it open.
     _unlocked = False
     _owner_pid: int | None = None
 
-    def _writer(self, call: str):
+    def _writer(self, call: str):  # called with the mutex held, as every write does
         if not self._unlocked:
             raise ReadOnlyError(f"{call}: {self.path} is a shard of a ShardedEmbeddingStore; write through the "
                                 "sharded store (its collective put/add/commit), not through store.local")
         return super()._writer(call)
 
     def close(self) -> None:
-        if not self._unlocked and self._owner_pid == os.getpid():
-            raise ReadOnlyError(f"close: {self.path} is a shard of a ShardedEmbeddingStore; close the sharded "
-                                "store (a collective call), not store.local")
-        super().close()
+        with self._mutex:
+            if not self._unlocked and self._owner_pid == os.getpid():
+                raise ReadOnlyError(f"close: {self.path} is a shard of a ShardedEmbeddingStore; close the sharded "
+                                    "store (a collective call), not store.local")
+            super().close()
 
     def __reduce__(self):
         return _plain_store, (self.__getstate__(),)
@@ -96,13 +99,15 @@ class Shard:
 
     @contextmanager
     def writing(self) -> Iterator[ShardStore]:
-        """The shard handle with writes allowed (the sharded store's own calls only)."""
+        """The shard handle with writes allowed, for the sharded store's own calls: the block holds the handle's
+        mutex, so another thread's call through ``store.local`` waits for it to end, then finds the gate shut."""
         store = self.store
-        store._unlocked = True
-        try:
-            yield store
-        finally:
-            store._unlocked = False
+        with store._mutex:
+            store._unlocked = True
+            try:
+                yield store
+            finally:
+                store._unlocked = False
 
     def mismatch(self, manifest: Manifest, root: str, rank: int) -> str | None:
         """Why this shard does not belong under rank ``rank`` of ``manifest`` (None if it does): every ID checked."""

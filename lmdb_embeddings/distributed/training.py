@@ -1,12 +1,12 @@
 """Optimizer steps on a sharded store: gradients travel to the rows' owners, which update once.
 
 ``StoreOptimizer.step`` hands its gradients to ``ShardedEmbeddingStore.optimizer_step``,
-which runs :func:`owner_step` on every rank:
+which runs, on every rank:
 
-1. each rank sums the gradients of its own lookups per ID (torch's coalesce), in the
-   optimizer's compute dtype;
-2. ONE exchange (the counts all-gather, then one ``all_to_all_single`` of (id, gradient
-   row) records) delivers every row's gradients to its owner;
+1. (:func:`summed`, as the checks of the call's skeleton) each rank sums the gradients of its
+   own lookups per ID (torch's coalesce), in the optimizer's compute dtype;
+2. ONE exchange (the skeleton's all-gather of counts, then, in :func:`owner_step`, one
+   ``all_to_all_single`` of (id, gradient row) records) delivers every row's gradients to its owner;
 3. the owner builds the sparse gradient of the IDs it received (duplicates from several
    ranks are summed by the update's own coalesce, as torch sums duplicate IDs), reads
    the rows and optimizer state from its shard and computes torch's update
@@ -26,34 +26,30 @@ import numpy as np
 import torch
 
 from ..torch.gradients import RowGradients
-from .collective import attempt
-from .exchange import Exchange
+from .exchange import Exchange, Route
 from .shard import Shard
 
 
-def owner_step(exchange: Exchange, shard: Shard, optimizer, grads: RowGradients | None, owner_of,
-               error: BaseException | None = None) -> bool:
-    """Run one step collectively; True if any rank had gradients (and so the shards changed)."""
-    dim = shard.store.dim
-    dtype = optimizer.compute_dtype
-    ids, values = _summed(grads, dim, dtype) if error is None else (np.empty(0, np.int64), None)
-    route = exchange.route(owner_of(ids) if error is None else None, error, "step: ", flag=int(grads is not None))
+def owner_step(exchange: Exchange, shard: Shard, optimizer, route: Route, ids: np.ndarray,
+               values: np.ndarray) -> bool:
+    """Steps 2-4 of the step (the route planned by the sharded store's call skeleton from :func:`summed`);
+    True if any rank had gradients (and so the shards changed)."""
     if not route.flags.any():
         return False  # no rank had a backward since the last step: nothing to do, as on a single store
+    dim = shard.store.dim
     got_ids, got_values = exchange.send(route, ids, values)
     unique, inverse = np.unique(got_ids, return_inverse=True)
     grad = torch.sparse_coo_tensor(torch.from_numpy(inverse.reshape(1, -1).astype(np.int64)),
                                    torch.from_numpy(got_values), (len(unique), dim), check_invariants=False)
     local = RowGradients(unique, grad, parts=int((route.recv_counts > 0).sum()))
-    update, error = attempt(optimizer.compute_update, shard.store, local)
-    exchange.collective.agree(error)
+    update = exchange.collective.agreed(optimizer.compute_update, shard.store, local)
     with shard.writing() as store:
         optimizer.write_update(store, *update)
     return True
 
 
-def _summed(grads: RowGradients | None, dim: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(unique IDs, their summed gradient rows) of this rank's lookups, in the compute dtype."""
+def summed(grads: RowGradients | None, dim: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1: (unique IDs, their summed gradient rows) of this rank's lookups, in the compute dtype."""
     if grads is None:
         return np.empty(0, np.int64), np.empty((0, dim), dtype)
     torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype

@@ -20,9 +20,9 @@ weight decay on the rows it touches). Their state lives in auxiliary columns of 
 
 from __future__ import annotations
 
+from ..handle import ShardedTableHandle, TableHandle
 from .clipping import clip_grad_norm_
 from .embedding import StoreEmbedding
-from .handle import ShardedTableHandle, TableHandle
 from .optimizers import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreOptimizer
 
 __all__ = ["StoreEmbedding", "StoreOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "SparseAdamW",

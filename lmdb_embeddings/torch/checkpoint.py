@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InvalidInputError
-from .handle import TableHandle
+from ..handle import TableHandle
 
 
 def table_identity(store: TableHandle) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..handle import is_sharded
 from .embedding import StoreEmbedding, owner_of_proxy
-from .handle import is_sharded
 
 ParametersLike = nn.Module | torch.Tensor | Iterable[torch.Tensor | nn.Module]
 

@@ -31,10 +31,10 @@ from torch import nn
 
 from ..core.inputs import as_ids, to_numpy
 from ..errors import InvalidInputError, InvalidTypeError, ReadOnlyError, UnknownIdError
+from ..handle import TableHandle, is_table_handle
 from ..store import EmbeddingStore
 from .checkpoint import check_model_checkpoint, table_identity
 from .gradients import GradientBuffer, RowGradients
-from .handle import TableHandle, is_sharded
 
 if TYPE_CHECKING:
     from .optimizers import StoreOptimizer
@@ -96,14 +96,13 @@ class StoreEmbedding(nn.Module):
     def __init__(self, store: TableHandle, padding_idx: int | None = None, max_norm: float | None = None,
                  norm_type: float = 2.0):
         super().__init__()
-        sharded = is_sharded(store)
-        if not isinstance(store, EmbeddingStore) and not sharded:
+        if not is_table_handle(store):
             raise InvalidTypeError(
                 f"StoreEmbedding needs an lmdb_embeddings.EmbeddingStore, got {type(store).__name__}; "
                 "open one with EmbeddingStore.open(path)")
         self.store = store
         self.padding_idx = _checked_padding(store, padding_idx)
-        self.max_norm, self.norm_type = _checked_max_norm(store, max_norm, norm_type, sharded)
+        self.max_norm, self.norm_type = _checked_max_norm(store, max_norm, norm_type)
         dtype = torch.from_numpy(np.empty(0, store.dtype)).dtype
         self.proxy = nn.Parameter(torch.empty(0, dtype=dtype))
         self._grads = self._new_gradient_buffer()
@@ -281,15 +280,14 @@ def _checked_padding(store: TableHandle, padding_idx: Any) -> int | None:
     return padding
 
 
-def _checked_max_norm(store: TableHandle, max_norm: Any, norm_type: Any,
-                      sharded: bool) -> tuple[float | None, float]:
+def _checked_max_norm(store: TableHandle, max_norm: Any, norm_type: Any) -> tuple[float | None, float]:
     for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                                   or not float(value) > 0 or math.isnan(float(value))):
             raise InvalidInputError(f"StoreEmbedding: {name} must be a number > 0, got {value!r}")
     if max_norm is None:
         return None, float(norm_type)
-    if sharded:
+    if store.sharded:
         raise InvalidInputError("StoreEmbedding: max_norm is not supported on a ShardedEmbeddingStore (the rows a "
                                 "rank renormalises may be looked up by other ranks in the same step); renormalise "
                                 "in the model instead")

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..errors import EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
+from ..handle import TableHandle, is_sharded
 from .checkpoint import other_table, table_identity
 from .embedding import StoreEmbedding
 from .gradients import RowGradients
-from .handle import TableHandle, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class StoreOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grads = self.embedding.take_gradients()
         if is_sharded(self.store):
-            self.store.optimizer_step(self, grads)  # type: ignore[attr-defined]
+            self.store.optimizer_step(self, grads)
         elif grads is not None:
             self.write_update(self.store, *self.compute_update(self.store, grads))
         return loss

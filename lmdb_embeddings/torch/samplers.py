@@ -26,6 +26,8 @@ from torch.utils.data import Sampler
 
 from ..core.inputs import as_ids, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError, UnknownIdError
+from ..handle import is_sharded, is_table_handle
+from .dataset import EmbeddingDataset
 
 #: positions handed to Python per ``tolist`` call when yielding one position at a time (bounded memory)
 _YIELD_SLICE = 1 << 16
@@ -173,18 +175,18 @@ def _positions(source: object, ids: object, chunk_rows: object) -> tuple[int, in
         if chunk_rows is None:
             raise InvalidInputError("chunk_rows is required with a count of positions (a store tells its own)")
         return _non_negative_int(source, "the number of positions"), as_positive_int(chunk_rows, "chunk_rows"), None
-    if hasattr(source, "collective") and hasattr(source, "local"):
+    if is_table_handle(source) and is_sharded(source):
         raise InvalidTypeError("a ShardedEmbeddingStore is sampled per rank: use "
                                "ShardedSampler(store, batch_size, block_chunks=...) from lmdb_embeddings.distributed")
     store = source
-    if hasattr(source, "store") and hasattr(source, "ids"):  # an EmbeddingDataset: positions into its ids
+    if isinstance(source, EmbeddingDataset):  # positions into its ids
         if ids is not None:
             raise InvalidInputError("the dataset already names its ids: pass either a dataset, or a store and ids")
         store, ids = source.store, source.ids
-    if not hasattr(store, "chunk_rows") or not hasattr(store, "ids"):
+    if not is_table_handle(store):
         raise InvalidTypeError(f"the source must be an EmbeddingStore, an EmbeddingDataset or a count of positions, "
                                f"got {type(source).__name__}")
-    own = int(store.chunk_rows)  # type: ignore[attr-defined]
+    own = int(store.chunk_rows)
     if chunk_rows is not None and chunk_rows != own:
         raise InvalidInputError(f"chunk_rows={chunk_rows!r} differs from the store's chunk_rows={own}; leave it out")
     store_ids = store.ids  # type: ignore[attr-defined]
