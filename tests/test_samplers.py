@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lmdb_embeddings as le
-from lmdb_embeddings.handle import implements_table_handle
 from benchmarks.sampler_convergence import chunks_per_batch, digits, lru_chunk_loads, train_glo
+from lmdb_embeddings.handle import implements_table_handle
 
 SHAPES = [  # (positions, chunk_rows, block_chunks, window_blocks)
     (0, 4, 1, 16),  # empty
