@@ -39,6 +39,10 @@ class StoreOptions:
     undo_log: every commit of this handle also keeps, in the same LMDB transaction, the values
         it overwrote, so :func:`~lmdb_embeddings.core.undo.revert_last_commit` can undo it (the
         sharded store's two-phase commit; docs/ARCHITECTURE.md, "Scale-out").
+    write_buffer: a writer of a table larger than its L1 keeps rows written to chunks not in L1 in a
+        row-level write buffer within ``cache_mb`` (default), merged into their chunks (each changed
+        chunk rewritten once per merge) when it is full and at commit, instead of loading and later
+        rewriting a whole chunk per row (docs/ARCHITECTURE.md, "Writes beyond the cache").
     """
 
     cache_mb: float | None = None
@@ -49,6 +53,7 @@ class StoreOptions:
     readahead: bool = True
     writemap: bool = True
     undo_log: bool = False
+    write_buffer: bool = True
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> StoreOptions:
@@ -70,7 +75,7 @@ class StoreOptions:
         ce = opts.commit_every
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
             raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
-        for name in ("readahead", "writemap", "undo_log"):
+        for name in ("readahead", "writemap", "undo_log", "write_buffer"):
             if not isinstance(getattr(opts, name), bool):
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
         return opts
