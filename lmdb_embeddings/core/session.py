@@ -156,8 +156,11 @@ class Session:
     def versions(self, spec: ColumnSpec, chunks: list) -> list[int]:
         raise NotImplementedError
 
-    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray, column: _ColumnIO | None = None) -> None:
+    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
         raise EmbeddingStoreError(f"{self.path}: a read-only handle has no changes to spill")
+
+    def note_spilled(self, column: _ColumnIO, chunk: int) -> None:
+        """A chunk of ``column`` was just spilled (a writer trusts its own bytes in the pending transaction)."""
 
     def spilled_rows(self, column: _ColumnIO, slots: np.ndarray) -> np.ndarray:
         raise EmbeddingStoreError(f"{self.path}: a read-only handle has no pending transaction to read")
@@ -240,7 +243,8 @@ class _ColumnIO:
         return self.session.versions(self.spec, chunks)
 
     def spill(self, chunk: int, rows: np.ndarray) -> None:
-        self.session.spill(self.spec, chunk, rows, self)
+        self.session.spill(self.spec, chunk, rows)
+        self.session.note_spilled(self, chunk)
 
 
 def _where(spec: ColumnSpec) -> str:

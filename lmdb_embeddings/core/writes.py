@@ -191,7 +191,7 @@ class WriterSession(Session):
         directory.follow((pending.txn_id, self._spills), self.env.map_epoch, self.table.rows)
         return directory.rows(pending.txn, pending.db(column.db_name), slots)
 
-    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray, column=None) -> None:
+    def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
         """Write an evicted dirty chunk (or a chunk merged with the write buffer) into the pending transaction."""
         budget, table = self.env.budget, self.table
         table_bytes = table.row_bytes * table.rows
@@ -212,8 +212,12 @@ class WriterSession(Session):
             raise CommitError(f"{reason}; nothing was lost: this handle keeps its uncommitted changes",
                               reason=str(exc)) from None
         self.spilled += 1
-        if column is not None:  # its own bytes: reads and loads from the pending transaction need not hash them
-            column.pending_directory(pending).note_verified(chunk, table.commit + 1)
+
+    def note_spilled(self, column, chunk: int) -> None:
+        """Its own bytes: reads and loads of the chunk from the pending transaction need not hash them."""
+        pending = self._pending
+        if pending is not None and pending.is_open:
+            column.pending_directory(pending).note_verified(chunk, self.table.commit + 1)
 
     # -- commit and rollback -------------------------------------------------------------
     def has_changes(self) -> bool:
