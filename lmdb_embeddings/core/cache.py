@@ -432,8 +432,8 @@ class ColumnCache(BufferedWrites, L1Slab):
         """
         if len(slots) <= self.capacity or self.capacity >= self._chunk_limit:
             return True
-        if self._buffering:  # no chunk is made resident: the rows must fit the buffer in one go
-            return len(slots) <= self.buffer.limit
+        if self._buffering and len(slots) <= self.buffer.limit:  # no chunk is made resident
+            return True
         return len(np.unique(slots // self.chunk_rows)) <= self.capacity
 
     def _whole_table_in_place(self) -> bool:

@@ -177,23 +177,22 @@ class BufferedWrites:
         return self.buffer.limit > 0 and self.capacity < self._chunk_limit
 
     def _scatter_buffered(self, slots: np.ndarray, values: np.ndarray) -> None:
-        """Rows of resident chunks into L1, the others into the write buffer (merged first if it is full)."""
+        """Rows of resident chunks into L1, the others into the write buffer (made room for first, so a failed
+        merge leaves the call unwritten). A call with more such rows than the buffer holds takes the chunk path
+        (``_scatter_cached``: chunks made resident in groups, rows of a chunk written together)."""
         chunks = slots // self.chunk_rows
         self._grow_index(int(chunks.max()) + 1)
         resident = self.chunk_slot[chunks] >= 0
         away = np.flatnonzero(~resident)
-        buffer = self.buffer
-        if len(away) <= buffer.limit:  # room made (a merge may fail) before any row of the call is written
-            self._make_room(len(away))
+        if len(away) > self.buffer.limit:
+            self._scatter_cached(slots, values)
+            return
+        self._make_room(len(away))
         if len(away) < len(slots):
             here = np.flatnonzero(resident)
             self._scatter_cached(slots[here], values[here])
             slots, values = slots[away], values[away]
-        step = max(1, buffer.limit)
-        for start in range(0, len(slots), step):  # more rows than the buffer holds: put_rows can undo
-            part = slots[start : start + step]
-            self._make_room(len(part))
-            buffer.write(part, values[start : start + step])
+        self.buffer.write(slots, values)
 
     def _make_room(self, n: int) -> None:
         """Room in the write buffer for ``n`` new rows: compacted if that frees enough, else merged."""
