@@ -16,9 +16,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 import lmdb_embeddings as le
-from conftest import run_python
 
 DIM = 32
 
