@@ -195,7 +195,9 @@ class WriterSession(Session):
         """Write an evicted dirty chunk (or a chunk merged with the write buffer) into the pending transaction."""
         budget, table = self.env.budget, self.table
         table_bytes = table.row_bytes * table.rows
-        pending = self._transaction(budget.pending_headroom(table_bytes, table.rows, free_bytes(self.path)))
+        pending = self._pending
+        if pending is None or pending.committing or not pending.is_open:  # the disk's free space: only to begin one
+            pending = self._transaction(budget.pending_headroom(table_bytes, table.rows, free_bytes(self.path)))
         value = self._encoder.encode(rows, chunk, table.commit + 1)
         self._spills += 1  # values read in place from the pending transaction must be looked up again
         try:
