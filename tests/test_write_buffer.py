@@ -27,9 +27,10 @@ def _create(path: str, rows: int, **options) -> le.EmbeddingStore:
     return le.EmbeddingStore.create(path, rows, DIM, chunk_rows=128, seed=0, cache_mb=0.25, **options)
 
 
-def test_buffered_puts_and_gets_match_a_numpy_model_across_merges_commit_and_rollback(store_path):
+@pytest.mark.parametrize("writemap", [True, False])  # the pending transaction's values in the map, or malloc'd
+def test_buffered_puts_and_gets_match_a_numpy_model_across_merges_commit_and_rollback(store_path, writemap):
     rows = 20_000  # 2.4 MiB of rows + a state column, through a 0.25 MiB cache
-    store = _create(store_path, rows)
+    store = _create(store_path, rows, writemap=writemap)
     try:
         store.ensure_column("m", DIM)
         model, state = store.get(store.ids), np.zeros((rows, DIM), np.float32)
