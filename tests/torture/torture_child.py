@@ -181,7 +181,9 @@ def _retry_protocol(store, r: int, provoke) -> None:
 
 
 def role_diskfull(args) -> None:
-    store = le.EmbeddingStore.open(args.path, cache_mb=args.cache_mb)
+    # the chunk path (no write buffer): the scenario needs L1 to hold part of the changes, so that the commit
+    # reserves more than the spills did (a buffering writer keeps only two chunks in L1)
+    store = le.EmbeddingStore.open(args.path, cache_mb=args.cache_mb, write_buffer=False)
     say("open", table_round(store))
     _retry_protocol(store, args.round, lambda: say("ballast", _fill_disk(args.fill_dir)))
 
