@@ -30,12 +30,16 @@ from .errors import (
     ClosedError,
     CommitError,
     CorruptionError,
+    CosirExportError,
+    CosirImportError,
+    DumpFileError,
     EmbeddingStoreError,
     FormatVersionError,
     InvalidInputError,
     InvalidTypeError,
     MissingDependencyError,
     NotAStoreError,
+    NpyInputError,
     ReadOnlyError,
     StorageError,
     StoreExistsError,
@@ -44,8 +48,6 @@ from .errors import (
     UnknownIdError,
     WriterLockedError,
 )
-from .format.dump_file import DumpFileError
-from .format.npy_dir import NpyInputError
 from .format.records import FORMAT_VERSION
 from .handle import ShardedTableHandle, TableHandle
 from .ops import compact_store, dump_store, restore_store, store_info, verify_store
@@ -56,7 +58,7 @@ from .store import EmbeddingStore
 from .version import __version__
 
 if TYPE_CHECKING:  # what type checkers see of the names imported on first use (below)
-    from .compat.files import CosirExportError, CosirImportError, export_cosir, import_cosir
+    from .compat.files import export_cosir, import_cosir
     from .compat.manager import TrainableEmbeddingManager
     from .distributed.sampler import ShardedSampler
     from .distributed.store import ShardedEmbeddingStore
@@ -71,8 +73,6 @@ _LAZY = {
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
     "import_cosir": "lmdb_embeddings.compat.files",
     "export_cosir": "lmdb_embeddings.compat.files",
-    "CosirImportError": "lmdb_embeddings.compat.files",
-    "CosirExportError": "lmdb_embeddings.compat.files",
     "ShardedEmbeddingStore": "lmdb_embeddings.distributed.store",
     "ShardedSampler": "lmdb_embeddings.distributed.sampler",
 }

@@ -3,12 +3,13 @@
 No import cycle between modules; imports at module top level (the only exception: ``torch``,
 imported where the tensor API needs it, so the core and the CLI start without it); no class
 over 400 lines and no module over 700; ``format/`` never imports the store; the core, the
-formats, the processes and the ops never import torch.
+formats, the processes and the ops never import torch; every exception class lives in ``errors.py``.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import os
 import subprocess
 import sys
@@ -147,3 +148,36 @@ def test_the_core_and_the_cli_start_without_torch(command):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(ROOT))
     assert proc.returncode == 0, proc.stderr
+
+
+def _exception_classes_outside_errors() -> list[str]:
+    """Every class of the package that derives from ``BaseException``, outside ``errors.py``.
+
+    Decided from the source: a class is an exception if one of its bases (by its last dotted name) is a
+    builtin exception or a class already found to be one, repeated until nothing changes.
+    """
+    exceptions = {name for name, value in vars(builtins).items()
+                  if isinstance(value, type) and issubclass(value, BaseException)}
+    classes = []  # (path, line, name, base names)
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).split(".")[-1] for b in node.bases]
+                classes.append((path, node.lineno, node.name, bases))
+    found: set[tuple[str, int]] = set()
+    while True:
+        new = {(path, line) for path, line, name, bases in classes
+               if (path, line) not in found and any(b in exceptions for b in bases)}
+        if not new:
+            break
+        found |= new
+        exceptions |= {name for path, line, name, _ in classes if (path, line) in new}
+    errors_py = os.path.join(ROOT, "errors.py")
+    return sorted(f"{path}:{line} class {name}" for path, line, name, _ in classes
+                  if (path, line) in found and path != errors_py)
+
+
+def test_every_exception_class_is_in_errors_py():
+    offenders = _exception_classes_outside_errors()
+    assert not offenders, "exception classes outside lmdb_embeddings/errors.py (move them there):\n" + "\n".join(
+        offenders)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 
 from ...core.inputs import as_positive_int
-from ...errors import EmbeddingStoreError, StorageError, StoreExistsError
+from ...errors import CosirExportError, EmbeddingStoreError, StorageError, StoreExistsError
 from ...format.layout import TableSink, TableSource, copy_table
 from ...format.memmap_dir import MemmapDirReader
 from ...format.snapshot import Snapshot
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 #: the names a directory of CoSiR files may hold: what export, templates and ``_copy_to`` write
 _COSIR_FILE = re.compile(r"^(embeddings_chunk_\d+\.pt|embeddings\.npy|sample_ids\.npy|metadata\.json|"
                          r"template_config\.json)$")
-
-
-class CosirExportError(EmbeddingStoreError, ValueError):
-    """The chunk files cannot be written where asked (the message says why)."""
 
 
 # ----------------------------------------------------------------------- into a store
