@@ -195,25 +195,3 @@ def test_another_thread_cannot_write_through_store_local_while_the_sharded_store
     assert not np.array_equal(shard.store.get([1]), rows_like(1, 4, 7.0))
     shard.close()
 
-
-def test_every_error_class_of_the_package_crosses_ranks_as_itself():
-    """A collective error is sent as the code of its class; a class the table lacks arrives as its base class.
-    Importing every module of the package finds every error class; each must be in the table."""
-    import importlib
-    import pkgutil
-
-    from lmdb_embeddings.distributed.collective import ERROR_CLASSES, class_of, error_code
-
-    for module in pkgutil.walk_packages(le.__path__, "lmdb_embeddings."):
-        if not module.name.endswith("__main__"):  # that one runs the CLI
-            importlib.import_module(module.name)
-    ours, stack = set(), [le.EmbeddingStoreError]
-    while stack:
-        cls = stack.pop()
-        if cls.__module__.startswith("lmdb_embeddings") and cls not in ours:
-            ours.add(cls)
-            stack.extend(cls.__subclasses__())
-    missing = sorted(cls.__qualname__ for cls in ours - set(ERROR_CLASSES))
-    assert not missing, f"error classes that would cross ranks as their base class: {missing}"
-    for cls in ERROR_CLASSES:
-        assert class_of(error_code(cls("a message"))) is cls
