@@ -12,6 +12,15 @@ class per name. The modules that raised them first still re-export the public on
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the class name if it has none; an ``OSError``'s reason and file),
+    as the CLI prints it and as ranks report a failed collective."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())
+
+
 class EmbeddingStoreError(Exception):
     """Base class of every error raised by lmdb_embeddings."""
 

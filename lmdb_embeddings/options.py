@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -61,9 +62,9 @@ class StoreOptions:
         opts = cls(**kwargs)
         for name in ("cache_mb", "l1_mb", "l2_mb"):
             value = getattr(opts, name)
-            if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
+            if value is not None and (not is_real(value, finite=True) or value < 0):
                 raise InvalidInputError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
-        if not _is_real(opts.l1_fraction):
+        if not is_real(opts.l1_fraction):
             raise InvalidTypeError(f"l1_fraction must be a number within [0, 1], got {opts.l1_fraction!r}")
         if not 0.0 <= float(opts.l1_fraction) <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"l1_fraction must be within [0, 1], got {opts.l1_fraction!r}")
@@ -127,6 +128,9 @@ class StoreOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _is_real(value) -> bool:
-    """An int or float (numpy scalars included), not a bool or a string."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+def is_real(value: object, *, finite: bool = False) -> bool:
+    """An int or float (numpy scalars included), not a bool or a string; with ``finite``, not NaN or inf either.
+    The one test of a numeric setting (open options here, optimizer hyperparameters in ``torch/optimizers.py``)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    return not finite or math.isfinite(value)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ..core.inputs import repeated_ids, shown_ids
 from ..errors import CorruptionError
 from ..format.chunks import ID_DTYPE, chunk_key, key_index
 from ..format.records import MAIN, check_store_dir
@@ -25,7 +26,6 @@ from ..format.snapshot import Snapshot
 from ..results import VerifyReport
 from .progress import bar
 
-_SHOWN_DUPLICATES = 10
 MAX_LISTED = 100  # problems listed in a report; the rest are counted in ``problems_not_listed``
 
 
@@ -180,10 +180,6 @@ def _check_extra_chunks(snap, problem, n_chunks: int) -> None:
 
 
 def _check_unique(ids: np.ndarray, problem) -> None:
-    if len(ids) < 2:
-        return
-    ordered = np.sort(ids)
-    dup = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    dup = repeated_ids(ids)
     if len(dup):
-        shown = ", ".join(str(int(x)) for x in dup[:_SHOWN_DUPLICATES])
-        problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown}")
+        problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown_ids(dup)}")
