@@ -108,7 +108,13 @@ class EmbeddingStore(TableMetadata, RowReads, RowWrites):
             EmbeddingStoreError: a writer already holds it (``WriterLockedError``, naming its
                 pid), the directory is not a store, or it was written by a newer format version.
         """
-        options = StoreOptions.from_kwargs(open_options)
+        return cls.open_with_options(path, StoreOptions.from_kwargs(open_options), readonly=readonly)
+
+    @classmethod
+    def open_with_options(cls, path: str | os.PathLike[str], options: StoreOptions, *,
+                          readonly: bool = False) -> EmbeddingStore:
+        """:meth:`open` with the options as one checked :class:`~lmdb_embeddings.StoreOptions` (internal
+        ones included: the sharded store opens its shards with ``undo_log``)."""
         store = cls.__new__(cls)
         store._setup(_as_path(path), bool(readonly), options)
         store._session = store._open_session()
