@@ -4,7 +4,8 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
 
 * :class:`EmbeddingStore` and its :class:`StoreOptions`; :class:`TableHandle`, the ``typing.Protocol``
   that it and ``ShardedEmbeddingStore`` implement (what code working with either kind may use);
-* the typed dictionaries the API returns (:class:`StoreStats`, :class:`StoreInfo`, ...);
+* what the API returns: typed dictionaries (:class:`StoreStats`, :class:`StoreInfo`, ...) and
+  :class:`VerifyReport`, a dataclass that reads as its mapping (``as_dict()`` for JSON);
 * every error class (all derive from :class:`EmbeddingStoreError`);
 * the operations the CLI runs, as library functions: :func:`dump_store`,
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
@@ -117,7 +118,7 @@ __all__ = [
     "compact_store",
     "import_cosir",
     "export_cosir",
-    # what they return (TypedDicts)
+    # what they return (TypedDicts; VerifyReport a mapping-compatible dataclass)
     "StoreStats",
     "StoreInfo",
     "VerifyReport",

@@ -176,8 +176,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     verify = verify_sharded if is_sharded(args.path) else verify_store
     report = verify(args.path, progress=progress_wanted(args.quiet))
     if args.json:
-        _print_json(report)
-    elif report["ok"]:
+        _print_json(report.as_dict())
+    elif report.ok:
         print(f"OK: {report['path']}: {report['chunks_checked']} chunks of {report['rows']} rows "
               f"({', '.join(report['columns'])}) are sound")
     else:
