@@ -28,10 +28,10 @@ from .errors import InvalidInputError, InvalidTypeError
 from .format.builder import build_new_table
 from .format.layout import choose_chunk_rows, chunk_size_problem
 from .handle import implements_table_handle
-from .ops.progress import bar
 from .options import StoreOptions
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
+from .progress import bar
 from .results import StoreStats
 from .store_metadata import TableMetadata
 from .store_reads import RowReads

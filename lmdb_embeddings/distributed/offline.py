@@ -28,10 +28,10 @@ from ..format.records import FORMAT_VERSION, check_store_dir, is_store
 from ..format.snapshot import Snapshot
 from ..ops.backup import detect_format, open_dump
 from ..ops.info import store_info
-from ..ops.progress import bar
 from ..ops.verify import finish_report, new_report, verify_store
 from ..processes.staging import StagedStore, refuse_if_open
 from ..processes.writer_lock import WriterLock
+from ..progress import bar
 from ..results import VerifyReport
 from .creation import ShardBuilder
 from .manifest import RESERVED_PREFIX, Manifest, is_sharded, new_token, read_manifest, shard_name, write_manifest

@@ -23,8 +23,8 @@ from ..errors import CorruptionError
 from ..format.chunks import ID_DTYPE, chunk_key, key_index
 from ..format.records import MAIN, check_store_dir
 from ..format.snapshot import Snapshot
+from ..progress import bar
 from ..results import Problem, VerifyReport
-from .progress import bar
 
 MAX_LISTED = 100  # problems listed in a report; the rest are counted in ``problems_not_listed``
 

@@ -23,8 +23,8 @@ from ...format.memmap_dir import MemmapDirReader
 from ...format.snapshot import Snapshot
 from ...fsutil import fsync_dir
 from ...ops.backup import build_verified
-from ...ops.progress import bar
 from ...processes.staging import StagedStore, check_replace_target
+from ...progress import bar
 from .cosir_chunks import CosirChunkReader, CosirChunkWriter, find_chunk_files
 
 log = logging.getLogger(__name__)
