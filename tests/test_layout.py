@@ -36,7 +36,8 @@ LAYERS = (
     ("cli", ("cli", "__main__")),
 )
 # Today's imports against that order, each a known debt (issue 22: builder and snapshot belong with the
-# storage modules, the argument checks and the init values below format). Remove an entry when its import goes; the test fails on a new one, and on an entry no longer used.
+# storage modules, the argument checks and the init values below format). Remove an entry when its import
+# goes; the test fails on a new one, and on an entry no longer used.
 LAYER_EXCEPTIONS = {
     ("format.builder", "processes.environment"), ("format.builder", "processes.memory"),
     ("format.builder", "processes.space"), ("format.builder", "processes.transaction"),
