@@ -110,18 +110,23 @@ def _payload_offset(data_file: str, payload: bytes) -> int:
     return at
 
 
-def test_verify_finds_a_flipped_byte_in_a_chunk_payload(tmp_path):
-    path = str(tmp_path / "s")
-    values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)  # every row distinct
-    le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
-    report = json.loads(ok("verify", path, "--json").stdout)
-    assert report["ok"] is True and report["chunks_checked"] == 16 and report["problems"] == []
+def _flip_a_byte_of_chunk_3(path: str, values: np.ndarray) -> None:
+    """Flip one bit inside chunk 3's payload (128 rows per chunk) in the data file."""
     at = _payload_offset(os.path.join(path, "data.mdb"), values[3 * 128 : 4 * 128].tobytes())
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
         f.seek(at + 1000)
         byte = f.read(1)
         f.seek(at + 1000)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_verify_finds_a_flipped_byte_in_a_chunk_payload(tmp_path):
+    path = str(tmp_path / "s")
+    values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)  # every row distinct
+    le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
+    report = json.loads(ok("verify", path, "--json").stdout)
+    assert report["ok"] is True and report["chunks_checked"] == 16 and report["problems"] == []
+    _flip_a_byte_of_chunk_3(path, values)
     proc = run_cli("verify", path)
     assert proc.returncode == 1
     assert "bad chunks: 3" in proc.stdout and "checksum mismatch" in proc.stdout
@@ -145,12 +150,7 @@ def test_verify_store_returns_a_report_dataclass_that_still_reads_as_its_mapping
     path = str(tmp_path / "s")
     values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)
     le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
-    at = _payload_offset(os.path.join(path, "data.mdb"), values[3 * 128 : 4 * 128].tobytes())
-    with open(os.path.join(path, "data.mdb"), "r+b") as f:
-        f.seek(at + 1000)
-        byte = f.read(1)
-        f.seek(at + 1000)
-        f.write(bytes([byte[0] ^ 0x01]))
+    _flip_a_byte_of_chunk_3(path, values)
     report = le.verify_store(path)
     assert isinstance(report, le.VerifyReport) and report.ok is False and report["ok"] is False
     assert report.bad_chunks == report["bad_chunks"] == [3] and report.rows == report.get("rows") == 2000
