@@ -133,7 +133,6 @@ class StoreOptions:
         return int(l1), int(max(l2, 0))
 
 
-
 def open_option_names() -> tuple[str, ...]:
     """The options a user may pass to ``create``/``open`` (every field not marked internal)."""
     return tuple(f.name for f in fields(StoreOptions) if not f.metadata.get("internal"))
