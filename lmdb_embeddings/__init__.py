@@ -4,7 +4,8 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
 
 * :class:`EmbeddingStore` and its :class:`StoreOptions`; :class:`TableHandle`, the ``typing.Protocol``
   that it and ``ShardedEmbeddingStore`` implement (what code working with either kind may use);
-* the typed dictionaries the API returns (:class:`StoreStats`, :class:`StoreInfo`, ...);
+* what the API returns: typed dictionaries (:class:`StoreStats`, :class:`StoreInfo`, ...) and
+  :class:`VerifyReport`, a dataclass that reads as its mapping (``as_dict()`` for JSON);
 * every error class (all derive from :class:`EmbeddingStoreError`);
 * the operations the CLI runs, as library functions: :func:`dump_store`,
   :func:`restore_store`, :func:`verify_store`, :func:`store_info`, :func:`compact_store`,
@@ -30,12 +31,16 @@ from .errors import (
     ClosedError,
     CommitError,
     CorruptionError,
+    CosirExportError,
+    CosirImportError,
+    DumpFileError,
     EmbeddingStoreError,
     FormatVersionError,
     InvalidInputError,
     InvalidTypeError,
     MissingDependencyError,
     NotAStoreError,
+    NpyInputError,
     ReadOnlyError,
     StorageError,
     StoreExistsError,
@@ -44,8 +49,6 @@ from .errors import (
     UnknownIdError,
     WriterLockedError,
 )
-from .format.dump_file import DumpFileError
-from .format.npy_dir import NpyInputError
 from .format.records import FORMAT_VERSION
 from .handle import ShardedTableHandle, TableHandle
 from .ops import compact_store, dump_store, restore_store, store_info, verify_store
@@ -56,7 +59,7 @@ from .store import EmbeddingStore
 from .version import __version__
 
 if TYPE_CHECKING:  # what type checkers see of the names imported on first use (below)
-    from .compat.files import CosirExportError, CosirImportError, export_cosir, import_cosir
+    from .compat.files import export_cosir, import_cosir
     from .compat.manager import TrainableEmbeddingManager
     from .distributed.sampler import ShardedSampler
     from .distributed.store import ShardedEmbeddingStore
@@ -71,8 +74,6 @@ _LAZY = {
     "TrainableEmbeddingManager": "lmdb_embeddings.compat.manager",
     "import_cosir": "lmdb_embeddings.compat.files",
     "export_cosir": "lmdb_embeddings.compat.files",
-    "CosirImportError": "lmdb_embeddings.compat.files",
-    "CosirExportError": "lmdb_embeddings.compat.files",
     "ShardedEmbeddingStore": "lmdb_embeddings.distributed.store",
     "ShardedSampler": "lmdb_embeddings.distributed.sampler",
 }
@@ -117,7 +118,7 @@ __all__ = [
     "compact_store",
     "import_cosir",
     "export_cosir",
-    # what they return (TypedDicts)
+    # what they return (TypedDicts; VerifyReport a mapping-compatible dataclass)
     "StoreStats",
     "StoreInfo",
     "VerifyReport",

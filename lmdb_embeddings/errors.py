@@ -3,9 +3,22 @@
 Every error the package raises derives from :class:`EmbeddingStoreError` and, where the
 spec names a builtin (``KeyError``, ``ValueError`` ...), from that builtin too, so callers
 can catch either the library's base class or the ordinary Python exception.
+
+Every exception class of the package is defined here and nowhere else (``tests/test_layout.py``
+checks it), so the modules that raise them, and other ranks that rebuild them by name, find one
+class per name. The modules that raised them first still re-export the public ones.
 """
 
 from __future__ import annotations
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the class name if it has none; an ``OSError``'s reason and file),
+    as the CLI prints it and as ranks report a failed collective."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())
 
 
 class EmbeddingStoreError(Exception):
@@ -113,3 +126,54 @@ class ProcessGroupCommitError(CommitError, ProcessGroupError):
 class MissingDependencyError(EmbeddingStoreError, ImportError):
     """An optional dependency (torch for the tensor API, pytest for ``lmdb_embeddings.testing``) is not
     installed; the message says what to install."""
+
+
+# ----------------------------------------------------------------------- files and dumps
+class DumpFileError(EmbeddingStoreError, ValueError):
+    """A dump file is not one, is damaged or truncated, or is from a newer version."""
+
+
+class NpyInputError(InvalidInputError):
+    """An .npy directory that cannot be restored (missing, damaged or inconsistent files)."""
+
+
+class ReservationError(StorageError):
+    """The disk blocks a write needs could not be allocated; nothing was written. ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------- the sharded store
+class ManifestSyncError(CommitError):
+    """The new manifest was renamed into place (the commit is decided) but syncing its directory failed."""
+
+
+# ----------------------------------------------------------------------- the CoSiR drop-in
+class CosirImportError(EmbeddingStoreError, ValueError):
+    """The original chunk files cannot be imported (the message names the file and the problem)."""
+
+
+class CosirSourceNotFoundError(EmbeddingStoreError, FileNotFoundError):
+    """The directory of original chunk files does not exist."""
+
+
+class CosirExportError(EmbeddingStoreError, ValueError):
+    """The chunk files cannot be written where asked (the message says why)."""
+
+
+class UnknownChunkError(InvalidInputError, FileNotFoundError):
+    """A chunk id outside ``0 .. num_chunks - 1`` (the original raised ValueError or FileNotFoundError)."""
+
+
+class UnknownSampleError(UnknownIdError, ValueError):
+    """Sample IDs not managed here (a ``KeyError`` like the store's, a ``ValueError`` like the original's)."""
+
+
+class StoreDeletedError(CommitError, FileNotFoundError):
+    """A sync of a manager whose store's files were deleted (or replaced) while it was open."""
+
+
+class TemplateNotFoundError(EmbeddingStoreError, FileNotFoundError):
+    """The directory holds no table (no store, no embeddings.npy, no embeddings_chunk_*.pt)."""

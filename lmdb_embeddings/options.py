@@ -1,9 +1,10 @@
-"""Settings of an open handle, validated once, frozen."""
+"""Settings of an open handle, validated when made (``__post_init__``), frozen, and passed on as this object."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import numbers
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import psutil
@@ -36,13 +37,19 @@ class StoreOptions:
         cache however much changes between commits, and commits copy each byte once. Disk
         blocks are reserved before anything is written, so a full disk is a clean
         ``CommitError``. Turn it off only on a filesystem that cannot ``posix_fallocate``.
-    undo_log: every commit of this handle also keeps, in the same LMDB transaction, the values
-        it overwrote, so :func:`~lmdb_embeddings.core.undo.revert_last_commit` can undo it (the
-        sharded store's two-phase commit; docs/ARCHITECTURE.md, "Scale-out").
     write_buffer: a writer of a table larger than its L1 keeps rows written to chunks not in L1 in a
         row-level write buffer within ``cache_mb`` (default), merged into their chunks (each changed
         chunk rewritten once per merge) when it is full and at commit, instead of loading and later
         rewriting a whole chunk per row (docs/ARCHITECTURE.md, "Writes beyond the cache").
+
+    Internal (not an open option: ``create``/``open`` refuse it; the sharded store sets it on its shards):
+
+    undo_log: every commit of this handle also keeps, in the same LMDB transaction, the values
+        it overwrote, so :func:`~lmdb_embeddings.core.undo.revert_last_commit` can undo it (the
+        sharded store's two-phase commit; docs/ARCHITECTURE.md, "Scale-out").
+
+    Every instance is checked when it is made (``InvalidInputError`` / ``InvalidTypeError``), so a
+    ``StoreOptions`` in hand is a valid one.
     """
 
     cache_mb: float | None = None
@@ -52,33 +59,35 @@ class StoreOptions:
     commit_every: int | None = None
     readahead: bool = True
     writemap: bool = True
-    undo_log: bool = False
     write_buffer: bool = True
+    undo_log: bool = field(default=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        for name in ("cache_mb", "l1_mb", "l2_mb"):
+            value = getattr(self, name)
+            if value is not None and (not is_real(value, finite=True) or value < 0):
+                raise InvalidInputError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
+        if not is_real(self.l1_fraction):
+            raise InvalidTypeError(f"l1_fraction must be a number within [0, 1], got {self.l1_fraction!r}")
+        if not 0.0 <= float(self.l1_fraction) <= 1.0:  # NaN fails this too
+            raise InvalidInputError(f"l1_fraction must be within [0, 1], got {self.l1_fraction!r}")
+        ce = self.commit_every
+        if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+            raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
+        for name in ("readahead", "writemap", "write_buffer", "undo_log"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> StoreOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+        """The ``**open_options`` of ``create``/``open``: only the public options (not ``undo_log``)."""
+        known = open_option_names()
+        unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise InvalidTypeError(
                 f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
             )
-        opts = cls(**kwargs)
-        for name in ("cache_mb", "l1_mb", "l2_mb"):
-            value = getattr(opts, name)
-            if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
-                raise InvalidInputError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
-        if not _is_real(opts.l1_fraction):
-            raise InvalidTypeError(f"l1_fraction must be a number within [0, 1], got {opts.l1_fraction!r}")
-        if not 0.0 <= float(opts.l1_fraction) <= 1.0:  # NaN fails this too
-            raise InvalidInputError(f"l1_fraction must be within [0, 1], got {opts.l1_fraction!r}")
-        ce = opts.commit_every
-        if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
-            raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
-        for name in ("readahead", "writemap", "undo_log", "write_buffer"):
-            if not isinstance(getattr(opts, name), bool):
-                raise InvalidTypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
-        return opts
+        return cls(**kwargs)
 
     def resolved_cache_mb(self, table_bytes: int, readonly: bool, floor_bytes: int = 0) -> float:
         """``cache_mb``, or its default for a table of ``table_bytes`` (see the class doc), never below
@@ -128,10 +137,15 @@ class StoreOptions:
         l2 = self.l2_mb * mib if self.l2_mb is not None else total - l1
         return int(l1), int(max(l2, 0))
 
-    def as_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+def open_option_names() -> tuple[str, ...]:
+    """The options a user may pass to ``create``/``open`` (every field not marked internal)."""
+    return tuple(f.name for f in fields(StoreOptions) if not f.metadata.get("internal"))
 
 
-def _is_real(value) -> bool:
-    """An int or float (numpy scalars included), not a bool or a string."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+def is_real(value: object, *, finite: bool = False) -> bool:
+    """An int or float (numpy scalars included), not a bool or a string; with ``finite``, not NaN or inf either.
+    The one test of a numeric setting (open options here, optimizer hyperparameters in ``torch/optimizers.py``)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    return not finite or math.isfinite(value)

@@ -1,13 +1,18 @@
-"""The dictionaries the API returns, as ``TypedDict``s: what ``stats()`` and the operations hold.
+"""What the API returns: what ``stats()`` and the operations hold.
 
-They are plain ``dict``s at run time (``json.dumps`` takes them as they are); the types let a
-type checker (mypy, pyright) check the keys a caller reads. A sharded store's ``info``,
-``verify`` and ``restore`` give the same keys plus those marked below.
+Most are ``TypedDict``s, plain ``dict``s at run time (``json.dumps`` takes them as they are); the
+types let a type checker (mypy, pyright) check the keys a caller reads. ``verify``'s report is a
+dataclass (:class:`VerifyReport` with its :class:`Problem` list) that still reads as the mapping it
+was (``report["ok"]``, ``dict(report)``, ``==`` with a dict); ``as_dict()`` gives plain dicts for
+``json.dumps``. A sharded store's ``info``, ``verify`` and ``restore`` give the same keys plus those
+marked below.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypedDict
 
 
 class StoreStats(TypedDict):
@@ -85,30 +90,75 @@ class StoreInfo(_StoreInfo, total=False):
     sharded: dict[str, Any]  # a sharded store: world_size and each shard's figures
 
 
-class VerifyProblem(TypedDict):
-    part: str  # "ids", "column 'embeddings'", "metadata", ...
-    chunk: int | None
+class ResultMapping(Mapping[str, Any]):
+    """A result dataclass that reads as the mapping it used to be: ``result["ok"]``, ``result.get(...)``,
+    ``dict(result)``, ``==`` with a dict; :meth:`as_dict` gives plain dicts and lists (``json.dumps`` takes
+    it). A field left at ``None`` among ``_optional`` is absent, as the key was."""
+
+    _optional: ClassVar[frozenset[str]] = frozenset()
+
+    def _keys(self) -> list[str]:
+        return [f.name for f in fields(self)
+                if not (f.name in self._optional and getattr(self, f.name) is None)]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: _plain(getattr(self, key)) for key in self._keys()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ResultMapping):
+        return value.as_dict()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class Problem(ResultMapping):
+    """One thing ``verify`` found wrong."""
+
+    part: str  # "ids", "column 'embeddings'", "metadata", "shard 1 ids", ...
+    chunk: int | None  # the chunk it is in; None for metadata and the IDs as a whole
     error: str
 
 
-class _VerifyReport(TypedDict):
+@dataclass(eq=False)
+class VerifyReport(ResultMapping):
+    """``verify_store(path)`` (and ``verify_sharded``): ``ok``, the first ``MAX_LISTED`` problems and how many
+    more, the bad chunks; the table's figures when its metadata could be read (absent keys otherwise)."""
+
     path: str
-    ok: bool
-    problems: list[VerifyProblem]
-    bad_chunks: list[int]
-    chunks_checked: int
+    ok: bool = True
+    problems: list[Problem] = field(default_factory=list)
+    problems_not_listed: int = 0
+    bad_chunks: list = field(default_factory=list)  # chunk numbers; "shard R chunk C" for a sharded store
+    chunks_checked: int = 0
+    rows: int | None = None
+    dim: int | None = None
+    dtype: str | None = None
+    chunk_rows: int | None = None
+    chunks: int | None = None
+    commit: int | None = None
+    columns: list[str] | None = None
+    sharded: bool | None = None  # a sharded store's report
+    world_size: int | None = None
+
+    _optional: ClassVar[frozenset[str]] = frozenset(
+        {"rows", "dim", "dtype", "chunk_rows", "chunks", "commit", "columns", "sharded", "world_size"})
 
 
-class VerifyReport(_VerifyReport, total=False):
-    """``verify_store(path)``; the table's figures are there when its metadata could be read."""
-
-    rows: int
-    dim: int
-    dtype: str
-    chunk_rows: int
-    chunks: int
-    commit: int
-    columns: list[str]
+VerifyProblem = Problem  # its name when it was a TypedDict
 
 
 class DumpResult(TypedDict):

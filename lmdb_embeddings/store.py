@@ -22,16 +22,15 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
-from .core.init import NORMAL_STD, init_spec
-from .core.inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
+from .core.inputs import IdsLike, ValuesLike
+from .core.table_spec import TableSpec
 from .errors import InvalidInputError, InvalidTypeError
 from .format.builder import build_new_table
-from .format.layout import choose_chunk_rows, chunk_size_problem
 from .handle import implements_table_handle
-from .ops.progress import bar
 from .options import StoreOptions
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
+from .progress import bar
 from .results import StoreStats
 from .store_metadata import TableMetadata
 from .store_reads import RowReads
@@ -85,13 +84,14 @@ class EmbeddingStore(TableMetadata, RowReads, RowWrites):
             ValueError: bad ids, dim, dtype, chunk_rows or init.
         """
         options = StoreOptions.from_kwargs(open_options)
-        id_array, dim, dt, chunk_rows, spec, seed, values = check_create_args(ids, dim, dtype, chunk_rows, init, seed)
-        n = id_array if isinstance(id_array, int) else len(id_array)
-        options.check_writer_cache(chunk_rows, dim * dt.itemsize, n, "create")  # before anything is built
+        table = TableSpec.from_create_args(ids, dim, dtype, chunk_rows, init, seed)
+        n = table.rows
+        options.check_writer_cache(table.chunk_rows, table.dim * table.dtype.itemsize, n, "create")  # before building
         path = _as_path(path)
         check_replace_target(path, overwrite, "pass overwrite=True")
         with StagedStore(path, "creating") as stage, bar(n, "create", progress, unit="rows") as pbar:
-            build_new_table(stage.tmp, id_array, dim, dt, chunk_rows, spec, seed, values, pbar.update)
+            build_new_table(stage.tmp, table.ids, table.dim, table.dtype, table.chunk_rows, table.init, table.seed,
+                            table.values, pbar.update)
             lock = stage.lock_new()  # held from before the swap into the open: the handle gets THIS table
             stage.swap_in(replace=bool(overwrite))
         store = cls.__new__(cls)
@@ -108,7 +108,13 @@ class EmbeddingStore(TableMetadata, RowReads, RowWrites):
             EmbeddingStoreError: a writer already holds it (``WriterLockedError``, naming its
                 pid), the directory is not a store, or it was written by a newer format version.
         """
-        options = StoreOptions.from_kwargs(open_options)
+        return cls.open_with_options(path, StoreOptions.from_kwargs(open_options), readonly=readonly)
+
+    @classmethod
+    def open_with_options(cls, path: str | os.PathLike[str], options: StoreOptions, *,
+                          readonly: bool = False) -> EmbeddingStore:
+        """:meth:`open` with the options as one checked :class:`~lmdb_embeddings.StoreOptions` (internal
+        ones included: the sharded store opens its shards with ``undo_log``)."""
         store = cls.__new__(cls)
         store._setup(_as_path(path), bool(readonly), options)
         store._session = store._open_session()
@@ -170,33 +176,6 @@ class EmbeddingStore(TableMetadata, RowReads, RowWrites):
 
 
 # ----------------------------------------------------------------------- helpers
-def check_create_args(ids, dim, dtype, chunk_rows, init, seed) -> tuple:
-    """``create``'s arguments, checked: (ids, dim, dtype, chunk_rows, init spec, seed, init values or None).
-
-    ``ids`` comes back as an int N for 0..N-1 (never built as an array) or the unique int64 IDs.
-    Shared with ``ShardedEmbeddingStore.create``, which must accept exactly what ``create`` accepts.
-    """
-    dim = as_positive_int(dim, "dim")
-    dt = as_dtype(dtype)
-    if chunk_rows is None:  # the store chooses (format.layout.choose_chunk_rows)
-        chunk_rows = choose_chunk_rows(dim * dt.itemsize)
-    chunk_rows = as_positive_int(chunk_rows, "chunk_rows")
-    too_big = chunk_size_problem(chunk_rows, dim * dt.itemsize)
-    if too_big:
-        raise InvalidInputError(f"create: {too_big}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise InvalidInputError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    id_array = _create_ids(ids)
-    n = id_array if isinstance(id_array, int) else len(id_array)
-    values = None
-    if isinstance(init, str):
-        spec = init_spec(init, n, dim)
-    else:
-        values = as_values(init, n, dim, dt, "create(init=array)")
-        spec = {"kind": "normal", "std": NORMAL_STD, "name": "array"}
-    return id_array, dim, dt, chunk_rows, spec, int(seed), values
-
-
 def _as_path(path) -> str:
     """An absolute str path from a str, bytes or ``os.PathLike`` (a clear error for anything else)."""
     if isinstance(path, bytes):
@@ -210,14 +189,3 @@ def _as_path(path) -> str:
     if not path:
         raise InvalidInputError("path is empty; give the store's directory")
     return os.path.abspath(path)
-
-
-def _create_ids(ids) -> np.ndarray | int:
-    """``create``'s ids: an int N (IDs 0..N-1, never built as an array) or unique int64 IDs."""
-    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
-        if ids < 0:
-            raise InvalidInputError(f"ids: a row count must be >= 0, got {ids}")
-        return int(ids)
-    id_array = as_ids(ids, "ids")
-    check_unique(id_array, "create")
-    return id_array

@@ -103,10 +103,10 @@ class StoreBase:
                 self._active().prefetch(ids)
 
     def __getstate__(self) -> dict:
-        return {"path": self._path, "options": self._options.as_kwargs()}
+        return {"path": self._path, "options": self._options}
 
     def __setstate__(self, state: dict) -> None:
-        self._setup(state["path"], True, StoreOptions.from_kwargs(state["options"]))
+        self._setup(state["path"], True, state["options"])
 
     # ----------------------------------------------------------------- properties
     @property

@@ -50,7 +50,7 @@ class RowReads(StoreBase):
 
             def read() -> tuple[np.ndarray, dict]:
                 table = session.table  # bound inside the read: it follows a store swapped in at the path
-                rows = column_of(table, column).cache.gather(table.index.slots(ids))
+                rows = _gather_from(table, column, ids)
                 return rows, {"commit": table.commit, "rows": table.rows, "attrs": dict(table.attrs)}
 
             return session.read(read)

@@ -110,18 +110,23 @@ def _payload_offset(data_file: str, payload: bytes) -> int:
     return at
 
 
-def test_verify_finds_a_flipped_byte_in_a_chunk_payload(tmp_path):
-    path = str(tmp_path / "s")
-    values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)  # every row distinct
-    le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
-    report = json.loads(ok("verify", path, "--json").stdout)
-    assert report["ok"] is True and report["chunks_checked"] == 16 and report["problems"] == []
+def _flip_a_byte_of_chunk_3(path: str, values: np.ndarray) -> None:
+    """Flip one bit inside chunk 3's payload (128 rows per chunk) in the data file."""
     at = _payload_offset(os.path.join(path, "data.mdb"), values[3 * 128 : 4 * 128].tobytes())
     with open(os.path.join(path, "data.mdb"), "r+b") as f:
         f.seek(at + 1000)
         byte = f.read(1)
         f.seek(at + 1000)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_verify_finds_a_flipped_byte_in_a_chunk_payload(tmp_path):
+    path = str(tmp_path / "s")
+    values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)  # every row distinct
+    le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
+    report = json.loads(ok("verify", path, "--json").stdout)
+    assert report["ok"] is True and report["chunks_checked"] == 16 and report["problems"] == []
+    _flip_a_byte_of_chunk_3(path, values)
     proc = run_cli("verify", path)
     assert proc.returncode == 1
     assert "bad chunks: 3" in proc.stdout and "checksum mismatch" in proc.stdout
@@ -134,6 +139,29 @@ def test_verify_finds_a_flipped_byte_in_a_chunk_payload(tmp_path):
     proc = run_cli("dump", path, str(tmp_path / "t.lemb"))
     assert "chunk 3" in assert_one_line_error(proc)
     assert proc.returncode == 1 and not os.path.exists(tmp_path / "t.lemb")
+
+
+def test_verify_store_returns_a_report_dataclass_that_still_reads_as_its_mapping(tmp_path):
+    """``verify_store`` returns a ``VerifyReport`` dataclass with ``Problem`` entries: attributes for new code,
+    ``report["ok"]`` / ``p["chunk"]`` / ``dict(report)`` / ``==`` with a dict as before, and ``as_dict()`` plain
+    dicts and lists that ``json.dumps`` takes, equal to what ``verify --json`` prints."""
+    from lmdb_embeddings.results import Problem
+
+    path = str(tmp_path / "s")
+    values = np.arange(2000 * 8, dtype=np.float32).reshape(2000, 8)
+    le.EmbeddingStore.create(path, 2000, 8, chunk_rows=128, init=values).close()
+    _flip_a_byte_of_chunk_3(path, values)
+    report = le.verify_store(path)
+    assert isinstance(report, le.VerifyReport) and report.ok is False and report["ok"] is False
+    assert report.bad_chunks == report["bad_chunks"] == [3] and report.rows == report.get("rows") == 2000
+    first = report.problems[0]
+    assert isinstance(first, Problem) and first.chunk == first["chunk"] == 3
+    assert first.part == "column 'embeddings'" and "checksum" in first.error
+    plain = report.as_dict()
+    assert type(plain) is dict and all(type(p) is dict for p in plain["problems"])
+    assert report == plain and dict(report) == plain and set(report) == set(plain)
+    assert json.loads(json.dumps(plain)) == json.loads(run_cli("verify", path, "--json").stdout)
+    assert "world_size" not in report and report.get("world_size") is None  # absent, as the key was
 
 
 def test_compact_keeps_data_and_never_grows(tmp_path):

@@ -121,7 +121,7 @@ def test_a_damaged_newer_or_missing_manifest_is_refused_clearly(tmp_path):
 def test_a_prepared_shard_commit_can_be_reverted_and_only_that_one(store_path):
     with le.EmbeddingStore.create(store_path, 300, 4, chunk_rows=32) as store:
         store.set_attr("dist.commit", 0)
-    shard = Shard(store_path, readonly=False, options={"cache_mb": 8})
+    shard = Shard(store_path, readonly=False, options=le.StoreOptions(cache_mb=8))
     before = shard.store.get(np.arange(300))
     with shard.writing() as store:
         store.put(np.arange(0, 300, 3), rows_like(100, 4, 1.0))
@@ -145,7 +145,7 @@ def test_the_shard_handle_given_out_as_store_local_reads_but_refuses_writes(stor
     """``store.local`` is the writable shard itself: a write or commit on it alone would not be a global commit."""
     with le.EmbeddingStore.create(store_path, 50, 4, chunk_rows=16) as store:
         store.set_attr("dist.commit", 0)
-    shard = Shard(store_path, readonly=False, options={})
+    shard = Shard(store_path, readonly=False, options=le.StoreOptions())
     local = shard.store
     assert isinstance(local, le.EmbeddingStore) and local.get([3]).shape == (1, 4) and len(local) == 50
     refused = {"put": lambda: local.put([1], rows_like(1, 4, 1.0)), "add": lambda: local.add([99]),
@@ -174,7 +174,7 @@ def test_another_thread_cannot_write_through_store_local_while_the_sharded_store
     refused once that block ends; it never slips through the open gate."""
     with le.EmbeddingStore.create(store_path, 50, 4, chunk_rows=16) as store:
         store.set_attr("dist.commit", 0)
-    shard = Shard(store_path, readonly=False, options={})
+    shard = Shard(store_path, readonly=False, options=le.StoreOptions())
     local, outcome, done = shard.store, [], threading.Event()
     calls = {"put": lambda: local.put([1], rows_like(1, 4, 7.0)), "close": local.close}
 
@@ -194,3 +194,4 @@ def test_another_thread_cannot_write_through_store_local_while_the_sharded_store
     assert outcome == ["refused"]
     assert not np.array_equal(shard.store.get([1]), rows_like(1, 4, 7.0))
     shard.close()
+

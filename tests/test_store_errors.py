@@ -122,6 +122,43 @@ def test_unknown_open_option(small_store):
         EmbeddingStore.open(small_store.path, cache_MB=4)
 
 
+def test_undo_log_is_not_an_open_option(small_store, tmp_path):
+    """The undo log belongs to the sharded store's shards: ``create``/``open`` refuse it as an unknown option
+    (the error lists the real ones), and change nothing."""
+    small_store.close()
+    with pytest.raises(TypeError, match="unknown option.*undo_log.*cache_mb") as info:
+        EmbeddingStore.open(small_store.path, undo_log=True)
+    assert isinstance(info.value, le.EmbeddingStoreError)
+    assert "undo_log" not in str(info.value).split("the options are")[1]
+    with pytest.raises(TypeError, match="unknown option.*undo_log"):
+        EmbeddingStore.create(str(tmp_path / "new"), 10, 4, undo_log=True)
+    assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"cache_mb": -1}, ValueError), ({"l1_fraction": 2.0}, ValueError), ({"l1_fraction": "a"}, TypeError),
+    ({"commit_every": 0}, ValueError), ({"writemap": 1}, TypeError), ({"undo_log": "yes"}, TypeError),
+])
+def test_store_options_are_checked_when_made(kwargs, error):
+    """``StoreOptions`` is checked by its constructor, not only on the way in from ``**open_options``: an
+    instance in hand is a valid one (the sharded store and pickled handles pass the object on)."""
+    with pytest.raises(error) as info:
+        le.StoreOptions(**kwargs)
+    assert isinstance(info.value, le.EmbeddingStoreError)
+
+
+def test_a_pickled_handle_keeps_its_options_object(small_store):
+    import pickle
+
+    small_store.close()
+    reader = EmbeddingStore.open(small_store.path, readonly=True, cache_mb=3, commit_every=5)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy._options == reader._options == le.StoreOptions(cache_mb=3, commit_every=5)
+    assert np.array_equal(copy.get([1]), reader.get([1]))
+    reader.close()
+    copy.close()
+
+
 def test_create_over_existing_store(small_store):
     path = small_store.path
     small_store.put([1], np.ones((1, 16)))

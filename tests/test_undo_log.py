@@ -1,6 +1,7 @@
-"""The undo log (open option ``undo_log=True``) and ``revert_last_commit``: the shard-side half of the
-sharded store's two-phase commit. A commit made with the log can be undone exactly, whatever it changed:
-rows, added IDs, new columns, attrs, chunks spilled from the cache before the commit."""
+"""The undo log (``StoreOptions.undo_log``, internal: the sharded store sets it on its shards) and
+``revert_last_commit``: the shard-side half of the sharded store's two-phase commit. A commit made with
+the log can be undone exactly, whatever it changed: rows, added IDs, new columns, attrs, chunks spilled
+from the cache before the commit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ import lmdb_embeddings as le
 from lmdb_embeddings.core import undo
 from lmdb_embeddings.core.undo import revert_last_commit
 from lmdb_embeddings.ops.verify import verify_store
+from lmdb_embeddings.options import open_option_names
+
+
+def _logged(path, **options) -> le.EmbeddingStore:
+    """A writable handle whose commits keep the undo log (``undo_log`` is internal: the sharded store sets it)."""
+    return le.EmbeddingStore.open_with_options(path, le.StoreOptions(undo_log=True, **options))
+
+
+def _create_logged(path, ids, dim, **kwargs) -> le.EmbeddingStore:
+    """``create``, then the handle reopened with the undo log (the open options given stay with it)."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in open_option_names()}
+    le.EmbeddingStore.create(path, ids, dim, **kwargs, **options).close()
+    return _logged(path, **options)
 
 
 def _table(store) -> dict:
@@ -30,7 +44,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_revert_undoes_puts_adds_columns_and_attrs(store_path):
-    store = le.EmbeddingStore.create(store_path, np.arange(100, 300), 8, chunk_rows=16, seed=3, undo_log=True)
+    store = _create_logged(store_path, np.arange(100, 300), 8, chunk_rows=16, seed=3)
     store.put(np.arange(100, 140), rows_like(40, 8, 1.0))
     store.set_attr("step", 1)
     store.commit()
@@ -61,7 +75,7 @@ def test_revert_undoes_puts_adds_columns_and_attrs(store_path):
 
 def test_revert_restores_the_committed_value_of_chunks_spilled_before_the_commit(store_path):
     n, dim, cr = 4096, 32, 64  # 64 chunks of 8 KiB; a 0.1 MiB cache holds a few, so dirty chunks spill
-    store = le.EmbeddingStore.create(store_path, n, dim, chunk_rows=cr, seed=5, cache_mb=0.1, undo_log=True)
+    store = _create_logged(store_path, n, dim, chunk_rows=cr, seed=5, cache_mb=0.1)
     store.commit()
     before = store.get(np.arange(n))
     for value in (1.0, 2.0):  # every chunk is spilled twice into the same pending transaction
@@ -77,7 +91,7 @@ def test_revert_restores_the_committed_value_of_chunks_spilled_before_the_commit
 
 
 def test_a_rolled_back_transaction_keeps_the_undo_log_of_the_last_commit(store_path):
-    store = le.EmbeddingStore.create(store_path, 2048, 16, chunk_rows=64, cache_mb=0.05, undo_log=True)
+    store = _create_logged(store_path, 2048, 16, chunk_rows=64, cache_mb=0.05)
     before = store.get(np.arange(2048))
     store.put(np.arange(10), rows_like(10, 16, 1.0))
     store.commit()
@@ -92,7 +106,7 @@ def test_a_rolled_back_transaction_keeps_the_undo_log_of_the_last_commit(store_p
 
 
 def test_a_reader_open_across_a_revert_sees_the_reverted_rows_and_ids(store_path):
-    store = le.EmbeddingStore.create(store_path, 100, 4, chunk_rows=16, undo_log=True)
+    store = _create_logged(store_path, 100, 4, chunk_rows=16)
     before = store.get(np.arange(100))
     store.add(np.arange(100, 130))
     store.put(np.arange(50), rows_like(50, 4, 1.0))
@@ -117,7 +131,7 @@ def test_revert_refuses_without_a_matching_log_and_changes_nothing(store_path):
     with pytest.raises(le.EmbeddingStoreError, match="no undo log"):  # never committed with the log
         revert_last_commit(store_path)
 
-    with le.EmbeddingStore.open(store_path, undo_log=True) as logged:
+    with _logged(store_path) as logged:
         logged.put([2], rows_like(1, 4, 2.0))
     with le.EmbeddingStore.open(store_path) as unlogged:  # a later commit without the log
         unlogged.put([3], rows_like(1, 4, 3.0))
@@ -130,7 +144,7 @@ def test_revert_refuses_without_a_matching_log_and_changes_nothing(store_path):
     with le.EmbeddingStore.open(store_path, readonly=True) as reader:
         np.testing.assert_array_equal(reader.get(np.arange(50)), expected)
 
-    with le.EmbeddingStore.open(store_path, undo_log=True) as logged:
+    with _logged(store_path) as logged:
         logged.put([4], rows_like(1, 4, 4.0))
     revert_last_commit(store_path)
     with pytest.raises(le.EmbeddingStoreError, match="no undo log to apply"):  # one commit back only
@@ -151,7 +165,7 @@ def test_a_reader_that_missed_the_revert_forgets_the_undone_rows_when_later_adds
     Its row count only grows (130 -> 140), so only the state record's revert history tells it that
     slots 100..129 now hold other IDs and rows.
     """
-    store = le.EmbeddingStore.create(store_path, 100, 4, chunk_rows=16, undo_log=True)
+    store = _create_logged(store_path, 100, 4, chunk_rows=16)
     store.add(np.arange(100, 130), rows_like(30, 4, 1.0))
     store.commit()
     reader = le.EmbeddingStore.open(store_path, readonly=True)
@@ -160,7 +174,7 @@ def test_a_reader_that_missed_the_revert_forgets_the_undone_rows_when_later_adds
     store.close()
     revert_last_commit(store_path)
     new_rows = rows_like(40, 4, 7.0, seed=3)
-    with le.EmbeddingStore.open(store_path, undo_log=True) as writer:
+    with _logged(store_path) as writer:
         writer.add(np.arange(500, 540), new_rows)
         expected = writer.get(writer.ids)
     assert len(reader) == 140 and 120 not in reader and 539 in reader
@@ -191,7 +205,7 @@ def test_every_block_a_logged_commit_writes_was_reserved_first(store_path, cache
     the pre-images the undo log writes too (a whole-table rewrite writes the table twice)."""
     n, dim = 20_000, 64  # 5 MiB: a fresh store has no free pages, so the rewrite and its log are appended
     le.EmbeddingStore.create(store_path, n, dim, chunk_rows=256).close()
-    store = le.EmbeddingStore.open(store_path, undo_log=True, cache_mb=cache_mb)
+    store = _logged(store_path, cache_mb=cache_mb)
     store.put(np.arange(n), rows_like(n, dim, 1.0))
     store.commit()
     env = store._session.env  # the writer's environment: its data file and LMDB's committed end

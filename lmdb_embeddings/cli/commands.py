@@ -23,7 +23,7 @@ from ..core.inputs import SUPPORTED_DTYPES
 from ..distributed.manifest import is_sharded
 from ..distributed.offline import restore_sharded, sharded_info, verify_sharded
 from ..distributed.snapshot import ShardedSnapshot
-from ..errors import EmbeddingStoreError, InvalidInputError, StoreExistsError
+from ..errors import EmbeddingStoreError, InvalidInputError, StoreExistsError, one_line
 from ..ops import compact_store, dump_store, restore_store, store_info, verify_store
 from ..optional import import_needing
 from ..processes.staging import check_replace_target
@@ -101,7 +101,7 @@ def _load_npy(path: str, flag: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError) as exc:  # truncated, or an object array
-        raise InvalidInputError(f"{flag} {path}: not a readable .npy array ({_one_line(exc)})") from None
+        raise InvalidInputError(f"{flag} {path}: not a readable .npy array ({one_line(exc)})") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -176,8 +176,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     verify = verify_sharded if is_sharded(args.path) else verify_store
     report = verify(args.path, progress=progress_wanted(args.quiet))
     if args.json:
-        _print_json(report)
-    elif report["ok"]:
+        _print_json(report.as_dict())
+    elif report.ok:
         print(f"OK: {report['path']}: {report['chunks_checked']} chunks of {report['rows']} rows "
               f"({', '.join(report['columns'])}) are sound")
     else:
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: the output was closed before it was complete (broken pipe)", file=sys.stderr)
         return EXIT_FAILED
     except (EmbeddingStoreError, OSError) as exc:  # bad input, missing path, damage found, refused operation
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
@@ -348,13 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback:
             raise
-        print(f"{prefix}: unexpected error: {type(exc).__name__}: {_one_line(exc)} (rerun with --traceback "
+        print(f"{prefix}: unexpected error: {type(exc).__name__}: {one_line(exc)} (rerun with --traceback "
               "and report it)", file=sys.stderr)
         return EXIT_FAILED
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}"
-    return " ".join(text.split())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CorruptionError, InvalidInputError, UnknownIdError
+from .inputs import check_unique, shown_ids
 
 _SHOWN_MISSING = 10
 
@@ -108,7 +109,7 @@ class IdIndex:
         slots, found = self.find(ids)
         if not found.all():
             missing = np.unique(ids[~found])
-            shown = ", ".join(str(int(x)) for x in missing[:_SHOWN_MISSING])
+            shown = shown_ids(missing, _SHOWN_MISSING)
             more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
             raise UnknownIdError(f"{len(missing)} unknown sample id(s): {shown}{more}")
         return slots
@@ -119,11 +120,10 @@ class IdIndex:
     # -- growth ------------------------------------------------------------------------
     def check_new(self, new_ids: np.ndarray) -> None:
         """Raise (changing nothing) unless ``new_ids`` are unique and all absent."""
-        if len(np.unique(new_ids)) != len(new_ids):
-            raise InvalidInputError("add: the ids contain duplicates; each id may be added once")
+        check_unique(new_ids, "add")
         present = self.contains(new_ids)
         if present.any():
-            shown = ", ".join(str(int(x)) for x in new_ids[present][:_SHOWN_MISSING])
+            shown = shown_ids(new_ids[present])
             raise InvalidInputError(f"add: {int(present.sum())} id(s) already in the store: {shown}")
 
     def append(self, new_ids: np.ndarray) -> None:

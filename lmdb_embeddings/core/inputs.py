@@ -97,12 +97,17 @@ def repeated_ids(ids: np.ndarray) -> np.ndarray:
     return np.unique(ordered[1:][same]) if same.any() else ordered[:0]
 
 
-def check_unique(ids: np.ndarray, call: str) -> None:
-    """Refuse repeated IDs in one call."""
+def shown_ids(ids: np.ndarray, limit: int = 10) -> str:
+    """The first ``limit`` of ``ids`` for a message: ``"3, 5, 8"``."""
+    return ", ".join(str(int(x)) for x in ids[:limit])
+
+
+def check_unique(ids: np.ndarray, call: str, what: str = "ids", each: str = "id") -> None:
+    """Refuse IDs given more than once (``InvalidInputError`` naming some of them): the one check of
+    the package that a call's IDs are unique."""
     repeated = repeated_ids(ids)
     if len(repeated):
-        shown = ", ".join(str(int(x)) for x in repeated[:10])
-        raise InvalidInputError(f"{call}: duplicate ids in one call ({shown}); pass each id once")
+        raise InvalidInputError(f"{call}: the {what} contain duplicates ({shown_ids(repeated)}); pass each {each} once")
 
 
 def as_values(values, n: int, width: int, dtype: np.dtype, call: str) -> np.ndarray:

@@ -125,9 +125,6 @@ class Table:
             column.cache.set_budget(int(l1 * share), int(l2 * share), min_chunks, self._options.write_buffer)
 
     # -- rows --------------------------------------------------------------------------
-    def gather(self, name: str, slots: np.ndarray) -> np.ndarray:
-        return self.columns[name].cache.gather(slots)
-
     def prefetch(self, slots: np.ndarray) -> None:
         """Bring the rows of ``slots`` closer in every column (``store.prefetch``)."""
         for column in self.columns.values():

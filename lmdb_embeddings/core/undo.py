@@ -22,10 +22,10 @@ import logging
 import os
 import struct
 
-from ..errors import CommitError, CorruptionError, EmbeddingStoreError
+from ..errors import CommitError, CorruptionError, EmbeddingStoreError, ReservationError
 from ..format.records import META_DB, check_store_dir, pack_record, read_record, unpack_record
 from ..processes import environment
-from ..processes.transaction import ReservationError, WriteTransaction
+from ..processes.transaction import WriteTransaction
 from ..processes.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)

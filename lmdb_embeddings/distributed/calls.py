@@ -28,6 +28,7 @@ import numpy as np
 from ..core.inputs import IdsLike, as_dtype
 from ..errors import ClosedError, CorruptionError, InvalidInputError, ReadOnlyError
 from ..format.records import MAIN
+from ..options import StoreOptions
 from . import failures
 from .collective import Collective, attempt
 from .exchange import Exchange, Route
@@ -59,7 +60,7 @@ class CollectiveCalls:
     _closed: bool
 
     def _setup(self, path: str, manifest: Manifest, c: Collective, shard: Shard, readonly: bool,
-               options: dict) -> None:
+               options: StoreOptions) -> None:
         self._path, self._manifest, self._collective, self._shard = path, manifest, c, shard
         self._exchange = Exchange(c)
         self._protocol = TwoPhaseCommit(c, path, shard, manifest)
@@ -67,7 +68,7 @@ class CollectiveCalls:
         self._dtype = as_dtype(manifest.dtype)
         self._commit = manifest.commit
         self._rows = self._committed_rows = manifest.rows
-        self._commit_every = options.get("commit_every")
+        self._commit_every = options.commit_every
         self._since_commit = 0
         self._changed = False
         self._closed = False

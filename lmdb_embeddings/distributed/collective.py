@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import errors
-from ..errors import EmbeddingStoreError, ProcessGroupError
+from ..errors import EmbeddingStoreError, ProcessGroupError, one_line
 from .failures import REOPEN
 
 # Every error class of the package, most specific first (a class before its bases): an
@@ -153,7 +153,7 @@ def _describe(error: BaseException | None) -> str:
 
 def _torch_failure(exc: BaseException) -> str:
     """torch's message in one short line (gloo's starts with a source location and ends in advice)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     text = text.split(" This is typically caused", 1)[0]

@@ -16,18 +16,16 @@ token that no manifest names yet, so a half-built shard is never part of a store
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
 from ..core import init as initializers
+from ..core.table_spec import TableSpec
 from ..errors import EmbeddingStoreError, StoreExistsError, WriterLockedError
 from ..format.builder import StoreBuilder
 from ..format.layout import ID_DTYPE, ColumnSpec, TableLayout
-from ..format.records import MAIN, is_store
+from ..format.records import is_store
 from ..processes.writer_lock import holder_pid
-from ..store import check_create_args
 from .manifest import (
     COMMIT_ATTR,
     ROW_COLUMN,
@@ -43,53 +41,6 @@ from .ownership import owner_of
 
 ROW_SPEC = ColumnSpec(ROW_COLUMN, 1, np.dtype("<f8"))
 _BUILD_BLOCK_CHUNKS = 64  # create: global chunks generated (and handed to the shard builder) per step
-_FINGERPRINT_BLOCK = 1 << 20
-
-
-@dataclass
-class TableSpec:
-    """The checked arguments of a create: global IDs, shape, dtype, chunking, init and seed."""
-
-    ids: np.ndarray | int  # the global IDs in row order, or N for 0..N-1 (never built as an array)
-    dim: int
-    dtype: np.dtype
-    chunk_rows: int
-    init: dict  # the init spec a single store records (core.init.init_spec)
-    seed: int
-    values: np.ndarray | None  # init given as an array: row i belongs to ids[i]
-
-    @classmethod
-    def from_create_args(cls, ids, dim, dtype, chunk_rows, init, seed) -> TableSpec:
-        """The same checks as ``EmbeddingStore.create`` (the same function)."""
-        return cls(*check_create_args(ids, dim, dtype, chunk_rows, init, seed))
-
-    @property
-    def rows(self) -> int:
-        return self.ids if isinstance(self.ids, int) else len(self.ids)
-
-    def ids_at(self, start: int, stop: int) -> np.ndarray:
-        """The IDs of global positions ``start:stop``."""
-        stop = min(stop, self.rows)
-        return np.arange(start, stop, dtype=np.int64) if isinstance(self.ids, int) else self.ids[start:stop]
-
-    def fingerprint(self) -> int:
-        """A 63-bit digest of everything, to check that every rank was given the same table.
-
-        The IDs are hashed block by block, so ``N`` and ``arange(N)`` are the same table.
-        """
-        h = xxhash.xxh3_64()
-        h.update(repr((self.dim, self.dtype.name, self.chunk_rows, sorted(self.init.items()), self.seed)).encode())
-        for start in range(0, self.rows, _FINGERPRINT_BLOCK):
-            h.update(np.ascontiguousarray(self.ids_at(start, start + _FINGERPRINT_BLOCK), np.int64).tobytes())
-        if self.values is not None:
-            h.update(np.ascontiguousarray(self.values).tobytes())
-        return h.intdigest() >> 1
-
-    def layout(self) -> TableLayout:
-        """The global table as a plain store of it would describe itself."""
-        return TableLayout(chunk_rows=self.chunk_rows, rows=self.rows,
-                           columns=(ColumnSpec(MAIN, self.dim, self.dtype),),
-                           config={"init": self.init, "seed": self.seed})
 
 
 def initial_rows(spec: dict, seed: int, chunk_rows: int, dim: int, dtype: np.dtype,

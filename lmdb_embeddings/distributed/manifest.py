@@ -34,7 +34,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import xxhash
 
-from ..errors import CommitError, CorruptionError, FormatVersionError, NotAStoreError, StoreNotFoundError
+from ..errors import (
+    CommitError,
+    CorruptionError,
+    FormatVersionError,
+    ManifestSyncError,
+    NotAStoreError,
+    StoreNotFoundError,
+)
 from ..format.layout import MAX_ROWS, TableLayout
 from ..format.records import MAIN, MAX_COMMIT, is_store
 from ..fsutil import fsync_dir
@@ -50,10 +57,6 @@ ROW_COLUMN = "dist.row"  # per-row global position (float64, exact below 2**53 r
 RESERVED_PREFIX = "dist."
 _SHARD_NAME = re.compile(r"^shard-(\d{5})-([0-9a-f]{8})$")
 _TEMP_PREFIX = f".{MANIFEST}.tmp-"
-
-
-class ManifestSyncError(CommitError):
-    """The new manifest was renamed into place (the commit is decided) but syncing its directory failed."""
 
 
 @dataclass

@@ -28,10 +28,11 @@ from ..format.records import FORMAT_VERSION, check_store_dir, is_store
 from ..format.snapshot import Snapshot
 from ..ops.backup import detect_format, open_dump
 from ..ops.info import store_info
-from ..ops.progress import bar
 from ..ops.verify import finish_report, new_report, verify_store
 from ..processes.staging import StagedStore, refuse_if_open
 from ..processes.writer_lock import WriterLock
+from ..progress import bar
+from ..results import VerifyReport
 from .creation import ShardBuilder
 from .manifest import RESERVED_PREFIX, Manifest, is_sharded, new_token, read_manifest, shard_name, write_manifest
 from .ownership import DEFAULT_BUCKETS, owner_of
@@ -75,7 +76,7 @@ def sharded_info(path: str) -> dict:
     }
 
 
-def verify_sharded(path: str, *, progress: bool = False) -> dict:
+def verify_sharded(path: str, *, progress: bool = False) -> VerifyReport:
     """``verify`` every shard, then what ties them together: the manifest, the commit each shard holds,
     the same columns everywhere, every ID on its owner, the global row positions a permutation."""
     path = os.path.abspath(path)
@@ -85,26 +86,26 @@ def verify_sharded(path: str, *, progress: bool = False) -> dict:
     except CorruptionError as exc:
         problem("manifest", None, str(exc))
         return report
-    report.update(rows=manifest.rows, dim=manifest.dim, dtype=manifest.dtype, chunk_rows=manifest.chunk_rows,
-                  commit=manifest.commit, world_size=manifest.world_size, columns=[])
+    report.rows, report.dim, report.dtype = manifest.rows, manifest.dim, manifest.dtype
+    report.chunk_rows, report.commit, report.world_size = manifest.chunk_rows, manifest.commit, manifest.world_size
+    report.columns = []
     for rank in range(manifest.world_size):
         shard_path = manifest.shard_path(path, rank)
         if not is_store(shard_path):
             problem(f"shard {rank}", None, f"{shard_path} is missing or not a store")
             continue
         shard = verify_store(shard_path, progress=progress)
-        report["chunks_checked"] += shard["chunks_checked"]
-        report["columns"] = report["columns"] or [c for c in shard.get("columns", [])
-                                                  if not c.startswith(RESERVED_PREFIX)]
-        for p in shard["problems"]:
-            problem(f"shard {rank} {p['part']}", p["chunk"], p["error"])
-        report["problems_not_listed"] += shard["problems_not_listed"]
-        if shard["ok"] and (mismatch := _shard_mismatch(path, manifest, rank)) is not None:
+        report.chunks_checked += shard.chunks_checked
+        report.columns = report.columns or [c for c in shard.columns or [] if not c.startswith(RESERVED_PREFIX)]
+        for p in shard.problems:
+            problem(f"shard {rank} {p.part}", p.chunk, p.error)
+        report.problems_not_listed += shard.problems_not_listed
+        if shard.ok and (mismatch := _shard_mismatch(path, manifest, rank)) is not None:
             problem(f"shard {rank}", None, mismatch)
-    if not report["problems"]:
+    if not report.problems:
         _check_shards_together(path, manifest, problem)
-    return finish_report(report, lambda p: f"shard {p['part'].split()[1]} chunk {p['chunk']}"
-                         if p["part"].startswith("shard ") else None)
+    return finish_report(report, lambda p: f"shard {p.part.split()[1]} chunk {p.chunk}"
+                         if p.part.startswith("shard ") else None)
 
 
 def _shard_mismatch(path: str, manifest: Manifest, rank: int) -> str | None:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, InvalidTypeError
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError
 from ..options import StoreOptions
 from .collective import Collective, attempt, error_code
 from .creation import TableSpec, build_shard, plan_create
@@ -30,15 +30,13 @@ log = logging.getLogger(__name__)
 _SHOWN = 10
 
 
-def shard_options(open_options: dict) -> dict:
-    """The user's open options, checked; ``undo_log`` belongs to the sharded store."""
-    if "undo_log" in open_options:
-        raise InvalidTypeError("undo_log is set by the sharded store itself; do not pass it")
-    return StoreOptions.from_kwargs(open_options).as_kwargs()
+def shard_options(open_options: dict) -> StoreOptions:
+    """The user's open options, checked (``undo_log`` is not one: the sharded store sets it on its shards)."""
+    return StoreOptions.from_kwargs(open_options)
 
 
 def create_shards(c: Collective, path: str, table_args: tuple, overwrite: bool,
-                  open_options: dict) -> tuple[Manifest, dict]:
+                  open_options: dict) -> tuple[Manifest, StoreOptions]:
     """Build a new sharded store at ``path`` (every rank its shard); returns (manifest, shard options)."""
     table, error = attempt(TableSpec.from_create_args, *table_args)
     options, options_error = attempt(shard_options, open_options)
@@ -64,7 +62,7 @@ def create_shards(c: Collective, path: str, table_args: tuple, overwrite: bool,
     return manifest, options
 
 
-def read_for_open(c: Collective, path: str, open_options: dict) -> tuple[Manifest, dict]:
+def read_for_open(c: Collective, path: str, open_options: dict) -> tuple[Manifest, StoreOptions]:
     """The manifest of the store at ``path``, checked against this group; returns (manifest, shard options)."""
     options, error = attempt(shard_options, open_options)
     c.agree(error)
@@ -78,7 +76,7 @@ def read_for_open(c: Collective, path: str, open_options: dict) -> tuple[Manifes
 
 
 def attach_shard(c: Collective, path: str, manifest: Manifest, readonly: bool,
-                 options: dict) -> tuple[Shard, Manifest]:
+                 options: StoreOptions) -> tuple[Shard, Manifest]:
     """Open this rank's shard, check that it is this rank's and the manifest's, bring all shards to the
     manifest's commit, check the row count."""
     shard, error = attempt(_open_own_shard, path, manifest, c.rank, readonly, options)
@@ -96,7 +94,7 @@ def attach_shard(c: Collective, path: str, manifest: Manifest, readonly: bool,
     return shard, manifest
 
 
-def _open_own_shard(path: str, manifest: Manifest, rank: int, readonly: bool, options: dict) -> Shard:
+def _open_own_shard(path: str, manifest: Manifest, rank: int, readonly: bool, options: StoreOptions) -> Shard:
     """This rank's shard, opened; refused (CorruptionError) unless it belongs to this rank and the manifest.
 
     Checked before anything is recovered or written: a shard copied back under another rank's name

@@ -22,11 +22,13 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
 from ..core.undo import revert_last_commit
 from ..errors import CorruptionError, ReadOnlyError
+from ..options import StoreOptions
 from ..store import EmbeddingStore
 from .manifest import COMMIT_ATTR, Manifest
 
@@ -85,15 +87,15 @@ def _plain_store(state: dict) -> EmbeddingStore:
 class Shard:
     """A rank's shard store plus the two operations the cross-shard commit needs from it."""
 
-    def __init__(self, path: str, *, readonly: bool, options: dict):
+    def __init__(self, path: str, *, readonly: bool, options: StoreOptions):
         self.path = path
         self.readonly = readonly
         # the sharded store counts commit_every itself: a shard must never commit on its own
-        self._options = {**options, "commit_every": None, "undo_log": not readonly}
+        self._options = replace(options, commit_every=None, undo_log=not readonly)
         self.store = self._open()
 
     def _open(self) -> ShardStore:
-        store = ShardStore.open(self.path, readonly=self.readonly, **self._options)
+        store = ShardStore.open_with_options(self.path, self._options, readonly=self.readonly)
         store._owner_pid = os.getpid()
         return store
 
@@ -169,7 +171,7 @@ def recover_shard(path: str, commit: int) -> bool:
         held = global_commit_of(reader)
     if held == commit:
         return False
-    shard = Shard(path, readonly=False, options={})
+    shard = Shard(path, readonly=False, options=StoreOptions())
     try:
         shard.revert_to(commit)
     finally:

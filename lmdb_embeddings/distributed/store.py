@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InvalidTypeError
 from ..handle import implements_table_handle
+from ..options import StoreOptions
 from ..store import EmbeddingStore
 from . import failures, opening
 from .collective import Collective
@@ -95,7 +96,7 @@ class ShardedEmbeddingStore(ShardedReads, ShardedWrites):
 
     @classmethod
     def _attach(cls, path: str, manifest: Manifest, c: Collective, readonly: bool,
-                options: dict) -> ShardedEmbeddingStore:
+                options: StoreOptions) -> ShardedEmbeddingStore:
         """Open this rank's shard and bring all shards to the manifest's commit."""
         shard, manifest = opening.attach_shard(c, path, manifest, readonly, options)
         store = cls.__new__(cls)

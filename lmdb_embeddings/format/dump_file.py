@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..errors import EmbeddingStoreError
+from ..errors import DumpFileError, EmbeddingStoreError
 from .layout import ID_DTYPE, TableLayout
 
 MAGIC = b"LEMBDUMP"
@@ -35,10 +35,6 @@ _PREAMBLE = struct.Struct("<8sII")
 _U64 = struct.Struct("<Q")
 _TRAILER = struct.Struct("<8sQQQ")
 _MAX_HEADER = 64 << 20
-
-
-class DumpFileError(EmbeddingStoreError, ValueError):
-    """A dump file is not one, is damaged or truncated, or is from a newer version."""
 
 
 class _Offsets:

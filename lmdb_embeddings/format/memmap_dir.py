@@ -16,8 +16,9 @@ import os
 import numpy as np
 
 from ..core.inputs import as_ids, as_values, repeated_ids
+from ..errors import NpyInputError
 from .layout import ID_DTYPE, ColumnSpec, TableLayout
-from .npy_dir import NpyInputError, NpyStreamReader, NpyStreamWriter
+from .npy_dir import NpyStreamReader, NpyStreamWriter
 from .records import MAIN
 
 EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE = "embeddings.npy", "sample_ids.npy", "metadata.json"

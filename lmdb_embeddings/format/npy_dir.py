@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from ..core.inputs import as_dtype
-from ..errors import EmbeddingStoreError, InvalidInputError
+from ..errors import EmbeddingStoreError, NpyInputError
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
 from .layout import ID_DTYPE, ColumnSpec, TableLayout, choose_chunk_rows
 from .records import MAIN
@@ -31,10 +31,6 @@ from .records import MAIN
 IDS_FILE, EMBEDDINGS_FILE, TABLE_FILE = "ids.npy", "embeddings.npy", "table.json"
 NPY_FORMAT = "lmdb_embeddings-npy"
 NPY_FORMAT_VERSION = 1
-
-
-class NpyInputError(InvalidInputError):
-    """An .npy directory that cannot be restored (missing, damaged or inconsistent files)."""
 
 
 def column_file(index: int) -> str:

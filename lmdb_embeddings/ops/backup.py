@@ -27,9 +27,9 @@ from ..format.records import check_store_dir
 from ..format.snapshot import Snapshot
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
 from ..processes.staging import StagedStore, check_replace_target
+from ..progress import bar
 from ..results import DumpResult, RestoreResult
 from ..version import __version__
-from .progress import bar
 from .verify import verify_store
 
 FORMATS = ("native", "npy")

@@ -24,9 +24,9 @@ from ..format.snapshot import Snapshot
 from ..fsutil import allocated_bytes
 from ..processes import environment
 from ..processes.staging import StagedStore
+from ..progress import bar
 from ..results import CompactResult
 from .info import store_info
-from .progress import bar
 from .verify import verify_store
 
 POLL_SECONDS = 0.2  # how often the bar looks at the size of the copy being written

@@ -18,32 +18,31 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ..core.inputs import repeated_ids, shown_ids
 from ..errors import CorruptionError
 from ..format.chunks import ID_DTYPE, chunk_key, key_index
 from ..format.records import MAIN, check_store_dir
 from ..format.snapshot import Snapshot
-from ..results import VerifyReport
-from .progress import bar
+from ..progress import bar
+from ..results import Problem, VerifyReport
 
-_SHOWN_DUPLICATES = 10
 MAX_LISTED = 100  # problems listed in a report; the rest are counted in ``problems_not_listed``
 
 
-def new_report(path: str, **fields) -> tuple[dict, Callable[[str, int | None, str], None]]:
+def new_report(path: str, **fields) -> tuple[VerifyReport, Callable[[str, int | None, str], None]]:
     """An empty verify report for ``path`` and the function that records a problem in it.
 
     The report lists the first ``MAX_LISTED`` problems and counts the others, so a store that
     is damaged everywhere (or claims far more rows than it holds) gives a bounded report.
     """
-    report = {"path": path, "ok": True, "problems": [], "problems_not_listed": 0, "bad_chunks": [],
-              "chunks_checked": 0, **fields}
+    report = VerifyReport(path, **fields)
 
     def problem(part: str, chunk: int | None, error: str) -> None:
-        if len(report["problems"]) < MAX_LISTED:
-            report["problems"].append({"part": part, "chunk": chunk, "error": error})
+        if len(report.problems) < MAX_LISTED:
+            report.problems.append(Problem(part, chunk, error))
         else:
-            report["problems_not_listed"] += 1
-        report["ok"] = False
+            report.problems_not_listed += 1
+        report.ok = False
 
     return report, problem
 
@@ -60,8 +59,9 @@ def verify_store(path: str, *, progress: bool = False) -> VerifyReport:
         return report
     with snap:
         layout = snap.layout
-        report.update(rows=layout.rows, dim=layout.dim, dtype=layout.dtype.name, chunk_rows=layout.chunk_rows,
-                      chunks=layout.n_chunks, commit=layout.commit, columns=[c.name for c in layout.columns])
+        report.rows, report.dim, report.dtype = layout.rows, layout.dim, layout.dtype.name
+        report.chunk_rows, report.chunks, report.commit = layout.chunk_rows, layout.n_chunks, layout.commit
+        report.columns = [c.name for c in layout.columns]
         found_ids = _Ids()
         main = next(c for c in layout.columns if c.name == MAIN)
         expected = 0  # the next chunk that should be there
@@ -77,19 +77,18 @@ def verify_store(path: str, *, progress: bool = False) -> VerifyReport:
                     _check_value(snap, problem, f"column {column.name!r}", snap.db_of(column), chunk, column.width,
                                  column.dtype, n, column.name == MAIN, layout.commit)
                 snap.release_pages()
-                report["chunks_checked"] += 1
+                report.chunks_checked += 1
                 pbar.update(n * layout.row_bytes)
         _missing(problem, expected, layout.n_chunks, f"; the state record claims {layout.rows} rows")
         _check_extra_chunks(snap, problem, layout.n_chunks)
         _check_unique(found_ids.array(), problem)
-    return finish_report(report, lambda p: p["chunk"])
+    return finish_report(report, lambda p: p.chunk)
 
 
-def finish_report(report: dict, chunk_of: Callable[[dict], object]) -> dict:
+def finish_report(report: VerifyReport, chunk_of: Callable[[Problem], object]) -> VerifyReport:
     """Set ``ok`` and ``bad_chunks`` (those of the listed problems) from the problems recorded."""
-    report["ok"] = not report["problems"]
-    report["bad_chunks"] = sorted({c for p in report["problems"] if p["chunk"] is not None
-                                   and (c := chunk_of(p)) is not None})
+    report.ok = not report.problems
+    report.bad_chunks = sorted({c for p in report.problems if p.chunk is not None and (c := chunk_of(p)) is not None})
     return report
 
 
@@ -180,10 +179,6 @@ def _check_extra_chunks(snap, problem, n_chunks: int) -> None:
 
 
 def _check_unique(ids: np.ndarray, problem) -> None:
-    if len(ids) < 2:
-        return
-    ordered = np.sort(ids)
-    dup = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    dup = repeated_ids(ids)
     if len(dup):
-        shown = ", ".join(str(int(x)) for x in dup[:_SHOWN_DUPLICATES])
-        problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown}")
+        problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown_ids(dup)}")

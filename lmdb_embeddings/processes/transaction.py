@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from ..errors import StorageError
+from ..errors import ReservationError
 
 if TYPE_CHECKING:  # the environment writes its ``replaced`` record through this module
     from .shared_env import SharedEnv
@@ -48,14 +48,6 @@ class Outcome(enum.Enum):
     OPEN = "open"
     COMMITTED = "committed"  # LMDB committed it
     ABORTED = "aborted"  # aborted, or LMDB refused the commit
-
-
-class ReservationError(StorageError):
-    """The disk blocks a write needs could not be allocated; nothing was written. ``reason`` says why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def describe_os_error(exc: OSError, need: int) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
@@ -28,6 +27,7 @@ import torch
 
 from ..errors import EmbeddingStoreError, InvalidInputError, InvalidTypeError, ReadOnlyError
 from ..handle import TableHandle, is_sharded
+from ..options import is_real
 from .checkpoint import other_table, table_identity
 from .embedding import StoreEmbedding
 from .gradients import RowGradients
@@ -410,14 +410,10 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
 def _check_nonneg(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if not _is_real(value) or value < 0:
+    if not is_real(value, finite=True) or value < 0:
         raise InvalidInputError(f"invalid {name}: {value!r} (must be a finite number >= 0)")
 
 
@@ -427,7 +423,7 @@ def _check_adam(owner: str, lr: Any, betas: Any, eps: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise InvalidInputError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not _is_real(beta) or not 0.0 <= beta < 1.0:
+        if not is_real(beta, finite=True) or not 0.0 <= beta < 1.0:
             raise InvalidInputError(f"{owner}: invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
 
 

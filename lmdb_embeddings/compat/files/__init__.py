@@ -2,7 +2,7 @@
 ``lmdb_embeddings.format.memmap_dir`` (no torch), ``embeddings.npy`` + ``sample_ids.npy``; moving
 tables between them and stores (``transfer``: ``import_cosir``, ``export_cosir``)."""
 
-from .cosir_chunks import CosirImportError, CosirSourceNotFoundError
-from .transfer import CosirExportError, export_cosir, import_cosir
+from ...errors import CosirExportError, CosirImportError, CosirSourceNotFoundError
+from .transfer import export_cosir, import_cosir
 
 __all__ = ["import_cosir", "export_cosir", "CosirImportError", "CosirExportError", "CosirSourceNotFoundError"]

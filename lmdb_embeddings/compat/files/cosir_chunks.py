@@ -18,20 +18,12 @@ import numpy as np
 import torch
 
 from ...core.inputs import as_dtype, as_values, repeated_ids
-from ...errors import EmbeddingStoreError, InvalidInputError, StorageError
+from ...errors import CosirImportError, CosirSourceNotFoundError, EmbeddingStoreError, InvalidInputError, StorageError
 from ...format.layout import ID_DTYPE, ColumnSpec, TableLayout
 from ...format.records import MAIN
 
 CHUNK_GLOB = "embeddings_chunk_*.pt"
 _CHUNK_NAME = re.compile(r"^embeddings_chunk_(\d+)\.pt$")
-
-
-class CosirImportError(EmbeddingStoreError, ValueError):
-    """The original chunk files cannot be imported (the message names the file and the problem)."""
-
-
-class CosirSourceNotFoundError(EmbeddingStoreError, FileNotFoundError):
-    """The directory of original chunk files does not exist."""
 
 
 def find_chunk_files(src_dir, required: bool = True) -> list[tuple[int, str]]:

@@ -17,14 +17,14 @@ import re
 from collections.abc import Callable
 
 from ...core.inputs import as_positive_int
-from ...errors import EmbeddingStoreError, StorageError, StoreExistsError
+from ...errors import CosirExportError, EmbeddingStoreError, StorageError, StoreExistsError
 from ...format.layout import TableSink, TableSource, copy_table
 from ...format.memmap_dir import MemmapDirReader
 from ...format.snapshot import Snapshot
 from ...fsutil import fsync_dir
 from ...ops.backup import build_verified
-from ...ops.progress import bar
 from ...processes.staging import StagedStore, check_replace_target
+from ...progress import bar
 from .cosir_chunks import CosirChunkReader, CosirChunkWriter, find_chunk_files
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 #: the names a directory of CoSiR files may hold: what export, templates and ``_copy_to`` write
 _COSIR_FILE = re.compile(r"^(embeddings_chunk_\d+\.pt|embeddings\.npy|sample_ids\.npy|metadata\.json|"
                          r"template_config\.json)$")
-
-
-class CosirExportError(EmbeddingStoreError, ValueError):
-    """The chunk files cannot be written where asked (the message says why)."""
 
 
 # ----------------------------------------------------------------------- into a store

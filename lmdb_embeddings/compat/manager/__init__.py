@@ -1,6 +1,6 @@
 """The drop-in ``TrainableEmbeddingManager`` (``manager``) and the modules that do its jobs (docs/ARCHITECTURE.md)."""
 
-from .backing import UnknownSampleError
-from .manager import TrainableEmbeddingManager, UnknownChunkError
+from ...errors import UnknownChunkError, UnknownSampleError
+from .manager import TrainableEmbeddingManager
 
 __all__ = ["TrainableEmbeddingManager", "UnknownChunkError", "UnknownSampleError"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from ...core.ids import IdIndex
 from ...core.inputs import as_ids, as_values, is_tensor
-from ...errors import ClosedError, InvalidInputError, UnknownIdError
+from ...errors import ClosedError, InvalidInputError, UnknownIdError, UnknownSampleError
 from ...store import EmbeddingStore
 from . import sharing
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 GROUP_BYTES = 32 << 20  # rows read or compared at once by whole-table passes
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-class UnknownSampleError(UnknownIdError, ValueError):
-    """Sample IDs not managed here (a ``KeyError`` like the store's, a ``ValueError`` like the original's)."""
 
 
 class ManagedTable:

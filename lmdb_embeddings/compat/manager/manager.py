@@ -31,7 +31,7 @@ import torch
 
 from ...core.init import INIT_KINDS
 from ...core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, UnknownChunkError
 from ...store import EmbeddingStore
 from ..files import export_cosir
 from ..init import cosir_init
@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 SAVE_FORMATS = ("lmdb", "cosir", "memmap")
 
 __all__ = ["TrainableEmbeddingManager", "UnknownSampleError", "UnknownChunkError"]
-
-
-class UnknownChunkError(InvalidInputError, FileNotFoundError):
-    """A chunk id outside ``0 .. num_chunks - 1`` (the original raised ValueError or FileNotFoundError)."""
 
 
 class TrainableEmbeddingManager(UpstreamAttributes):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.inputs import as_ids, as_positive_int, repeated_ids
+from ...core.inputs import as_ids, as_positive_int, check_unique
 from ...errors import InvalidInputError, InvalidTypeError
 
 STORAGE_MODES = ("memory", "disk")
@@ -109,7 +109,7 @@ def parse(sample_ids, embedding_dim, args: tuple, kwargs: dict) -> ManagerArgs:
     a = bound.arguments
     memory = _memory_of(style, a)
     ids = as_ids(a["sample_ids"], "sample_ids")
-    _check_unique(ids)
+    check_unique(ids, "TrainableEmbeddingManager", "sample_ids", "sample id")
     chunk_size = a["chunk_size"]
     fm_chunk = getattr(a["feature_manager"], "chunk_size", None) if a["feature_manager"] is not None else None
     if fm_chunk is not None:  # the feature manager's chunk size wins, as in the 2025-09 manager
@@ -176,13 +176,6 @@ def _memory_of(style: str, a: dict) -> bool:
     if storage_mode is not None and mode == "ram":  # the upstream rule: storage_mode wins over the default
         return storage_mode == "memory"
     return mode == "ram"
-
-
-def _check_unique(ids: np.ndarray) -> None:
-    repeated = repeated_ids(ids)
-    if len(repeated):
-        shown = ", ".join(map(str, repeated[:10].tolist()))
-        raise InvalidInputError(f"sample_ids contain duplicates ({shown}); pass each sample id once")
 
 
 def check_sync_batch_size(value) -> int:

@@ -35,7 +35,7 @@ import threading
 
 import numpy as np
 
-from ...errors import CommitError, InvalidInputError
+from ...errors import InvalidInputError, StoreDeletedError
 from ...processes.environment import data_file_identity
 from ...store import EmbeddingStore
 from .table_dir import check_dim, open_table, store_path_in
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _shares: dict[str, SharedStore] = {}
 _deferred: collections.deque = collections.deque()  # tables of unreachable managers waiting for the lock
-
-
-class StoreDeletedError(CommitError, FileNotFoundError):
-    """A sync of a manager whose store's files were deleted (or replaced) while it was open."""
 
 
 class SharedStore:

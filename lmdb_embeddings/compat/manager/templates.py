@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import EmbeddingStoreError, InvalidInputError, TemplateIncompatibleError
+from ...errors import InvalidInputError, TemplateIncompatibleError, TemplateNotFoundError
 from ...format.layout import ColumnSpec, TableLayout
 from ...format.memmap_dir import MemmapDirReader, MemmapDirWriter, has_memmap_files
 from ...format.records import MAIN, is_store
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIRNAME = "template_embeddings"
 CONFIG_FILE = "template_config.json"
 _READ_ROWS = 4096  # memmap rows read at once by phase-1 loads
-
-
-class TemplateNotFoundError(EmbeddingStoreError, FileNotFoundError):
-    """The directory holds no table (no store, no embeddings.npy, no embeddings_chunk_*.pt)."""
 
 
 def template_dir(embeddings_dir: Path) -> Path:
