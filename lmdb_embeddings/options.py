@@ -37,6 +37,10 @@ class StoreOptions:
         cache however much changes between commits, and commits copy each byte once. Disk
         blocks are reserved before anything is written, so a full disk is a clean
         ``CommitError``. Turn it off only on a filesystem that cannot ``posix_fallocate``.
+    write_buffer: a writer of a table larger than its L1 keeps rows written to chunks not in L1 in a
+        row-level write buffer within ``cache_mb`` (default), merged into their chunks (each changed
+        chunk rewritten once per merge) when it is full and at commit, instead of loading and later
+        rewriting a whole chunk per row (docs/ARCHITECTURE.md, "Writes beyond the cache").
 
     Internal (not an open option: ``create``/``open`` refuse it; the sharded store sets it on its shards):
 
@@ -55,6 +59,7 @@ class StoreOptions:
     commit_every: int | None = None
     readahead: bool = True
     writemap: bool = True
+    write_buffer: bool = True
     undo_log: bool = field(default=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class StoreOptions:
         ce = self.commit_every
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
             raise InvalidInputError(f"commit_every must be a positive int or None, got {ce!r}")
-        for name in ("readahead", "writemap", "undo_log"):
+        for name in ("readahead", "writemap", "write_buffer", "undo_log"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

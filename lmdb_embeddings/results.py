@@ -29,6 +29,9 @@ class StoreStats(TypedDict):
     bytes_committed: int
     dirty_chunks: int  # chunks changed since the last commit
     spilled_chunks: int  # dirty chunks written into the pending transaction (the cache was full)
+    buffered_rows: int  # rows held in the write buffers now (written beyond the cache, not merged yet)
+    buffer_merges: int  # write-buffer merges (per column): each rewrote its changed chunks once
+    merged_chunks: int  # chunks those merges wrote into the pending transaction
     cache_bytes: int
     cache_budget_bytes: int
     l1_chunks: int

@@ -17,9 +17,10 @@ def _table(store) -> np.ndarray:
     return store.get(store.ids)
 
 
-def test_cache_bytes_stay_within_budget(store_path):
+@pytest.mark.parametrize("write_buffer", [False, True])
+def test_cache_bytes_stay_within_budget(store_path, write_buffer):
     # 20000 x 128 float32 = ~9.8 MiB table, 1 MiB cache, 32 KiB chunks
-    with EmbeddingStore.create(store_path, 20000, 128, chunk_rows=64, cache_mb=1) as store:
+    with EmbeddingStore.create(store_path, 20000, 128, chunk_rows=64, cache_mb=1, write_buffer=write_buffer) as store:
         rng = np.random.default_rng(0)
         for i in range(60):
             ids = rng.integers(0, 20000, 512)
@@ -32,7 +33,10 @@ def test_cache_bytes_stay_within_budget(store_path):
         store.put(some, store.get(some))  # clean committed chunks leave L1 for these: into L2
         stats = store.stats()
         assert stats["cache_bytes"] <= MIB + 64 * 128 * 4 * 2  # budget + a couple of chunks
-        assert stats["l1_chunks"] > 0 and stats["l2_chunks"] > 0 and stats["map_rows"] > 0
+        if write_buffer:  # writes beyond L1 are buffered rows: no chunk comes into L1 or L2
+            assert stats["buffered_rows"] > 0 and stats["buffer_merges"] > 0 and stats["map_rows"] > 0
+        else:
+            assert stats["l1_chunks"] > 0 and stats["l2_chunks"] > 0 and stats["map_rows"] > 0
         store.get(np.arange(20000))  # one call larger than the whole cache
         assert store.stats()["cache_bytes"] <= MIB + 64 * 128 * 4 * 2
     with EmbeddingStore.open(store_path, readonly=True, cache_mb=1) as reader:
@@ -52,7 +56,7 @@ def test_explicit_tier_budgets(store_path):
 def test_l2_serves_chunks_pushed_out_of_l1(store_path):
     chunk = 64 * 32 * 4  # 8 KiB
     with EmbeddingStore.create(store_path, 64 * 20, 32, chunk_rows=64, l1_mb=4 * chunk / MIB,
-                               l2_mb=40 * chunk / MIB) as store:
+                               l2_mb=40 * chunk / MIB, write_buffer=False) as store:  # L1 and L2 at work
         one = np.ones((1, 32), np.float32)
         for c in range(20):  # a put makes its chunk resident (a get of a table larger than L1 reads the map)
             store.put([c * 64], one)

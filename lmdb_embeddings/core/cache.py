@@ -34,8 +34,11 @@ from typing import Protocol
 
 import numpy as np
 
+from .write_buffer import BufferedWrites, RowWriteBuffer
+
 _NO_SLOT = -1
 _ALL = slice(None)  # "every position of the call"
+_BEYOND = np.iinfo(np.int64).max  # past every row slot
 
 
 class ChunkIO(Protocol):
@@ -52,6 +55,9 @@ class ChunkIO(Protocol):
 
     def read_rows(self, slots: np.ndarray) -> np.ndarray:
         """The committed rows of row slots ``slots`` (clean chunks only), copied out of LMDB's map: a fresh array."""
+
+    def read_spilled_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The rows of row slots ``slots`` (spilled chunks only) as the pending transaction holds them (a copy)."""
 
     def warm(self, slots: np.ndarray) -> None:
         """Make reading ``slots`` (clean chunks) from the map cheap soon: chunks looked up, pages read ahead."""
@@ -79,6 +85,8 @@ class CacheStats:
     def __init__(self) -> None:
         self.l1_hits = self.l1_misses = self.l2_hits = self.l2_misses = self.chunks_loaded = 0
         self.map_rows = 0  # rows copied straight out of LMDB's map (chunks neither cached nor loaded)
+        self.buffer_merges = 0  # write buffers merged into their chunks
+        self.merged_chunks = 0  # chunks rewritten by those merges
 
     def as_dict(self) -> dict:
         lookups = self.l1_hits + self.l1_misses
@@ -90,6 +98,8 @@ class CacheStats:
             "hit_rate": (self.l1_hits + self.l2_hits) / lookups if lookups else 0.0,
             "chunks_loaded": self.chunks_loaded,
             "map_rows": self.map_rows,
+            "buffer_merges": self.buffer_merges,
+            "merged_chunks": self.merged_chunks,
         }
 
 
@@ -280,7 +290,7 @@ class L1Slab:
         return self.slab[base : base + int(self.slot_rows[slot])]
 
 
-class ColumnCache(L1Slab):
+class ColumnCache(BufferedWrites, L1Slab):
     """One column's cache (see the module docstring): L1 slots, the L2 victims, spills and reads beside them."""
 
     def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, fill: float, stats: CacheStats,
@@ -293,17 +303,32 @@ class ColumnCache(L1Slab):
         # chunks spilled into the pending write transaction since the last commit: their committed
         # rows are not theirs any more, so they are never read from the map
         self.spilled = ChunkSet()
+        # a writer of a table larger than L1: rows written to chunks not in L1 (``core/write_buffer.py``);
+        # a row slot is never both buffered and in a resident chunk
+        self.buffer = RowWriteBuffer(width, dtype)
 
     # -- sizing ------------------------------------------------------------------------
-    def set_budget(self, l1_bytes: int, l2_bytes: int, min_chunks: int = 2) -> None:
+    def set_budget(self, l1_bytes: int, l2_bytes: int, min_chunks: int = 2, write_buffer: bool = False) -> None:
         """L1 holds ``l1_bytes`` of chunks but never fewer than ``min_chunks`` (a writer's read-modify-write needs
-        two; a reader, which reads a table larger than L1 from the map, none)."""
-        self.capacity = max(min_chunks, l1_bytes // max(self.chunk_bytes, 1))
+        two; a reader, which reads a table larger than L1 from the map, none).
+
+        A writer (``min_chunks`` > 0) of a table larger than that, with ``write_buffer``, gives the bytes of L1
+        beyond its ``min_chunks``, and L2's, to the row write buffer instead: beyond the cache, reads come from
+        the map (or the pending transaction) and writes go to the buffer, so nothing would fill them."""
+        chunk_bytes = max(self.chunk_bytes, 1)
+        self.capacity = max(min_chunks, l1_bytes // chunk_bytes)
+        buffer_bytes = 0
+        if write_buffer and min_chunks and (self.capacity < self._chunk_limit or len(self.buffer)):
+            buffer_bytes = max(0, l1_bytes + l2_bytes - min_chunks * chunk_bytes)  # L2 too: nothing is evicted
+            self.capacity, l2_bytes = min_chunks, 0
+            for chunk in list(self.l2):
+                self.l2.take(chunk)
+        self.buffer.set_budget(buffer_bytes)
         self.l2.budget = max(0, l2_bytes) if l2_bytes >= self.chunk_bytes else 0
 
     @property
     def bytes(self) -> int:
-        return self.slab.nbytes + self.l2.bytes
+        return self.slab.nbytes + self.l2.bytes + self.buffer.bytes
 
     # -- rows in, rows out ---------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> np.ndarray:
@@ -334,24 +359,36 @@ class ColumnCache(L1Slab):
     def _gather_beside(self, slots: np.ndarray) -> np.ndarray:
         """Rows of a table larger than L1: chunks in L1 or spilled from this cache through L1, the others
         copied straight out of LMDB's map (nothing loaded, nothing evicted)."""
+        out = self._gather_unbuffered(slots)
+        if len(self.buffer):
+            self.buffer.overlay(slots, out)
+        return out
+
+    def _gather_unbuffered(self, slots: np.ndarray) -> np.ndarray:
+        """``_gather_beside`` but for the rows held in the write buffer (read from under it)."""
         if not (self._n_resident or self.spilled):  # a reader of a large table: every row from the map
             self.stats.map_rows += len(slots)
             return self.io.read_rows(slots)
         chunks = slots // self.chunk_rows
         self._grow_index(int(chunks.max()) + 1)
-        cached = (self.chunk_slot[chunks] != _NO_SLOT) | self.spilled.contains(chunks)
-        if not cached.any():
-            self.stats.map_rows += len(slots)
-            return self.io.read_rows(slots)
-        here = np.flatnonzero(cached)
-        out = self._gather_cached(slots[here]) if len(here) == len(slots) else None
-        if out is not None:
-            return out
+        resident = self.chunk_slot[chunks] != _NO_SLOT
+        spilled = self.spilled.contains(chunks) & ~resident
+        if not self._buffering:  # (a writer whose chunks fit L1 again, rows added) spilled chunks come through L1
+            resident |= spilled
+            spilled[:] = False
+        if resident.all():
+            return self._gather_cached(slots)
         out = np.empty((len(slots), self.width), self.dtype)
-        out[here] = self._gather_cached(slots[here])
-        away = np.flatnonzero(~cached)
-        self.stats.map_rows += len(away)
-        out[away] = self.io.read_rows(slots[away])
+        if resident.any():
+            here = np.flatnonzero(resident)
+            out[here] = self._gather_cached(slots[here])
+        if spilled.any():
+            there = np.flatnonzero(spilled)
+            out[there] = self.io.read_spilled_rows(slots[there])
+        away = np.flatnonzero(~(resident | spilled))
+        if len(away):
+            self.stats.map_rows += len(away)
+            out[away] = self.io.read_rows(slots[away])
         return out
 
     def scatter(self, slots: np.ndarray, values: np.ndarray) -> None:
@@ -362,6 +399,12 @@ class ColumnCache(L1Slab):
             self.slab[slots] = values
             self.dirty[chunks] = True
             return
+        if len(slots) and self._buffering:
+            self._scatter_buffered(slots, values)
+            return
+        self._scatter_cached(slots, values)
+
+    def _scatter_cached(self, slots: np.ndarray, values: np.ndarray) -> None:
         for positions, rows, cache_slots in self._locate(slots):
             self.slab[rows] = values[positions]
             self.dirty[cache_slots] = True  # every located chunk receives rows
@@ -388,6 +431,8 @@ class ColumnCache(L1Slab):
         Checked without a sort when L1 can hold the whole table or more chunks than ``slots`` has rows.
         """
         if len(slots) <= self.capacity or self.capacity >= self._chunk_limit:
+            return True
+        if self._buffering and len(slots) <= self.buffer.limit:  # no chunk is made resident
             return True
         return len(np.unique(slots // self.chunk_rows)) <= self.capacity
 
@@ -571,8 +616,14 @@ class ColumnCache(L1Slab):
     def n_dirty(self) -> int:
         return int(self.dirty.sum())
 
+    @property
+    def has_changes(self) -> bool:
+        """Dirty chunks in L1 or rows in the write buffer (spilled chunks are the session's to count)."""
+        return bool(len(self.buffer)) or bool(self.dirty.any())
+
     def mark_clean(self, version: int) -> None:
-        """After a commit: every dirty chunk is the committed one now, and nothing is spilled any more."""
+        """After a commit: every dirty chunk is the committed one now, and nothing is spilled any more (the
+        commit merged the write buffer first)."""
         self.slot_version[self.dirty] = version
         self.slot_validated[self.dirty] = version
         self.dirty[:] = False
@@ -580,17 +631,22 @@ class ColumnCache(L1Slab):
 
     def drop(self, chunks: Iterable[int]) -> None:
         """Forget chunks (stale in a reader, or discarded by rollback)."""
+        cr = self.chunk_rows
         for chunk in chunks:
             self.l2.take(chunk)
             if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
                 self._release_slot(int(self.chunk_slot[chunk]))
             self.spilled.discard(chunk)
+            if len(self.buffer):
+                self.buffer.drop_range(chunk * cr, (chunk + 1) * cr)
 
     def drop_dirty(self) -> None:
-        """Rollback: forget dirty chunks and every chunk spilled into the aborted transaction."""
+        """Rollback: forget dirty chunks, buffered rows and every chunk spilled into the aborted transaction."""
+        self.buffer.clear()
         self.drop(self.slot_chunk[np.flatnonzero(self.dirty[: self._n_slots])].tolist() + self.spilled.chunks())
 
     def drop_from(self, first_chunk: int) -> None:
+        self.buffer.drop_range(first_chunk * self.chunk_rows, _BEYOND)
         resident = self.slot_chunk[self.slot_chunk >= first_chunk].tolist()
         self.drop(resident + [c for c in self.l2 if c >= first_chunk])
 
@@ -599,6 +655,7 @@ class ColumnCache(L1Slab):
         shorten the one it cuts (so a later commit never writes rows the table does not have)."""
         cut, keep = divmod(first_row, self.chunk_rows)
         self.drop_from(cut + 1 if keep else cut)
+        self.buffer.drop_range(first_row, _BEYOND)
         if keep and cut < len(self.chunk_slot) and self.chunk_slot[cut] != _NO_SLOT:
             slot = int(self.chunk_slot[cut])
             self.slot_rows[slot] = min(int(self.slot_rows[slot]), keep)
@@ -607,6 +664,7 @@ class ColumnCache(L1Slab):
         self.drop(self.slot_chunk[self.slot_chunk != _NO_SLOT].tolist())
         self.drop(list(self.l2))
         self.spilled.clear()
+        self.buffer.clear()
 
 
 def _grown(arr: np.ndarray, size: int, fill) -> np.ndarray:

@@ -128,7 +128,7 @@ class ReaderSession(Session):
         self.table.catch_up(state, lambda start, stop: self.id_chunks(txn, start, stop))
         return []
 
-    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory, column=None) -> Iterator[tuple]:
         return self.decode_chunks(self._txn, spec, chunks, directory)
 
     @contextmanager

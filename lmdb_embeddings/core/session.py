@@ -80,16 +80,20 @@ class Session:
             yield ids[max(0, start_row - c * cr) :].copy()
 
     def decode_chunks(self, txn, spec: ColumnSpec, chunks: list, directory: ChunkDirectory,
-                      committed: bool = True) -> Iterator[tuple]:
+                      committed: bool = True, own: ChunkDirectory | None = None) -> Iterator[tuple]:
         """(chunk, row view, version) of each chunk as of ``txn``; fresh (empty) for chunks never written.
 
         A version the directory verified is not hashed again; a checksum checked here in a committed
-        snapshot (``committed``; not the writer's pending transaction) is noted as verified.
+        snapshot (``committed``; not the writer's pending transaction) is noted as verified. ``own``: the
+        pending transaction's chunks this writer spilled into it (their bytes are its own: not hashed).
         """
         where = _where(spec)
         db = self.db_of(spec)
         for chunk in chunks:
-            found = read_chunk(txn, db, chunk, spec.width, spec.dtype, where, directory.trusted_version(chunk))
+            trusted = own.trusted_version(chunk) if own is not None else None
+            if trusted is None:
+                trusted = directory.trusted_version(chunk)
+            found = read_chunk(txn, db, chunk, spec.width, spec.dtype, where, trusted)
             if found is None:
                 if spec.name == MAIN and chunk * self.table.chunk_rows < self.table.committed_rows:
                     raise CorruptionError(f"{self.path}: chunk {chunk} is missing from the store")
@@ -119,7 +123,8 @@ class Session:
         """Catch up with the latest commit (a reader), so properties answer for it."""
         self.read(lambda: None)
 
-    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory,
+             column: _ColumnIO | None = None) -> Iterator[tuple]:
         raise NotImplementedError
 
     def committed_snapshot(self):
@@ -154,6 +159,12 @@ class Session:
     def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
         raise EmbeddingStoreError(f"{self.path}: a read-only handle has no changes to spill")
 
+    def note_spilled(self, column: _ColumnIO, chunk: int) -> None:
+        """A chunk of ``column`` was just spilled (a writer trusts its own bytes in the pending transaction)."""
+
+    def spilled_rows(self, column: _ColumnIO, slots: np.ndarray) -> np.ndarray:
+        raise EmbeddingStoreError(f"{self.path}: a read-only handle has no pending transaction to read")
+
     def has_changes(self) -> bool:
         return False
 
@@ -170,6 +181,7 @@ class Session:
         l1, l2 = table.tier_bytes()
         out.update(commits=self.commits, bytes_committed=self.bytes_committed,
                    dirty_chunks=sum(c.n_dirty for c in caches), spilled_chunks=self.spilled,
+                   buffered_rows=sum(len(c.buffer) for c in caches),
                    cache_bytes=sum(c.bytes for c in caches), cache_budget_bytes=l1 + l2,
                    l1_chunks=sum(c.resident_chunks for c in caches), l2_chunks=sum(len(c.l2) for c in caches),
                    rows=table.rows, store_commit=table.commit, last_commit_time=table.committed_at)
@@ -194,17 +206,32 @@ class _ColumnIO:
         self.session, self.spec = session, spec
         self.db_name = column_db_name(spec.name)
         self._directory: ChunkDirectory | None = None
+        self._pending_of = None  # the WriteTransaction that ``_pending`` describes
+        self._pending: ChunkDirectory | None = None
 
     @property
     def directory(self) -> ChunkDirectory:
         if self._directory is None:  # made on first use: the table (its chunking) exists by then
-            spec = self.spec
-            self._directory = ChunkDirectory(self.session.table.chunk_rows, spec.width, spec.dtype, spec.fill,
-                                             _where(spec), required=spec.name == MAIN)
+            self._directory = self._new_directory()
         return self._directory
 
+    def _new_directory(self) -> ChunkDirectory:
+        spec = self.spec
+        return ChunkDirectory(self.session.table.chunk_rows, spec.width, spec.dtype, spec.fill, _where(spec),
+                              required=spec.name == MAIN)
+
+    def pending_directory(self, transaction) -> ChunkDirectory:
+        """Where this column's spilled chunks lie in the writer's pending ``transaction`` (a ``WriteTransaction``),
+        a new directory for every transaction: the versions it trusts are the ones this writer spilled into it."""
+        if self._pending_of is not transaction or self._pending is None:
+            self._pending, self._pending_of = self._new_directory(), transaction
+        return self._pending
+
+    def read_spilled_rows(self, slots: np.ndarray) -> np.ndarray:
+        return self.session.spilled_rows(self, slots)
+
     def load(self, chunks: list) -> Iterator[tuple]:
-        return self.session.load(self.spec, chunks, self.directory)
+        return self.session.load(self.spec, chunks, self.directory, self)
 
     def read_rows(self, slots: np.ndarray) -> np.ndarray:
         return self.session.map_rows(self, slots)
@@ -217,6 +244,7 @@ class _ColumnIO:
 
     def spill(self, chunk: int, rows: np.ndarray) -> None:
         self.session.spill(self.spec, chunk, rows)
+        self.session.note_spilled(self, chunk)
 
 
 def _where(spec: ColumnSpec) -> str:

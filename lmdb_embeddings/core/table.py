@@ -122,7 +122,7 @@ class Table:
         min_chunks = 0 if self._readonly else MIN_WRITER_CHUNKS  # a reader reads a table larger than L1 in place
         for column in self.columns.values():
             share = column.spec.row_bytes / total
-            column.cache.set_budget(int(l1 * share), int(l2 * share), min_chunks)
+            column.cache.set_budget(int(l1 * share), int(l2 * share), min_chunks, self._options.write_buffer)
 
     # -- rows --------------------------------------------------------------------------
     def prefetch(self, slots: np.ndarray) -> None:
@@ -167,7 +167,12 @@ class Table:
     # -- commits -----------------------------------------------------------------------
     def has_changes(self) -> bool:
         return (self.rows != self.committed_rows or bool(self.new_columns) or self.attrs_changed
-                or any(c.cache.n_dirty for c in self.columns.values()))
+                or any(c.cache.has_changes for c in self.columns.values()))
+
+    def merge_buffers(self) -> None:
+        """Write every column's buffered rows into their chunks in the pending transaction (before a commit)."""
+        for column in self.columns.values():
+            column.cache.merge_buffer()
 
     def dirty_bytes(self) -> int:
         return sum(c.cache.n_dirty * c.cache.chunk_bytes for c in self.columns.values())

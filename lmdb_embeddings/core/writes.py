@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import lmdb
 import numpy as np
 
-from ..errors import CommitError, ReadOnlyError
+from ..errors import CommitError, EmbeddingStoreError, ReadOnlyError
 from ..format.chunks import ChunkEncoder, chunk_key
 from ..format.layout import ColumnSpec
 from ..format.records import IDS_DB, META_DB, column_db_name, pack_record
@@ -57,6 +57,7 @@ class WriterSession(Session):
         self._committing: tuple | None = None  # (version, time, bytes) of the commit in self._pending
         self._lost = False  # LMDB gave up on a transaction holding spilled chunks: roll back at the call's end
         self._since_commit = 0
+        self._spills = 0  # puts into the pending transaction so far (a value read in place is valid until the next)
         self._encoder = ChunkEncoder()
         self._undo = UndoLog() if options.undo_log else None  # keeps what each commit overwrites
         super().__init__(path, env, options, stats)
@@ -91,10 +92,13 @@ class WriterSession(Session):
     def refresh(self) -> None:
         pass
 
-    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory) -> Iterator[tuple]:
-        """Chunks as this writer last wrote them: from the pending transaction if one is open."""
-        if self._pending is not None and self._pending.is_open:
-            yield from self.decode_chunks(self._pending.txn, spec, chunks, directory, committed=False)
+    def load(self, spec: ColumnSpec, chunks: list, directory: ChunkDirectory, column=None) -> Iterator[tuple]:
+        """Chunks as this writer last wrote them: from the pending transaction if one is open (what this writer
+        spilled into it is not hashed again)."""
+        pending = self._pending
+        if pending is not None and pending.is_open:
+            own = column.pending_directory(pending) if column is not None else None
+            yield from self.decode_chunks(pending.txn, spec, chunks, directory, committed=False, own=own)
             return
         with self.env.reading() as txn:
             yield from self.decode_chunks(txn, spec, chunks, directory)
@@ -177,12 +181,25 @@ class WriterSession(Session):
                            reason=reason, rolled_back=True)
 
     # -- the pending transaction (continued) --------------------------------------------------
+    def spilled_rows(self, column, slots: np.ndarray) -> np.ndarray:
+        """Rows of ``slots`` (chunks spilled into the pending transaction) copied out of it, in place: the
+        column's pending directory (``core/directory.py``), renewed after every spill (a write may move values)."""
+        pending = self._pending
+        if pending is None or not pending.is_open:
+            raise EmbeddingStoreError(f"{self.path}: chunks marked spilled but no pending transaction is open")
+        directory = column.pending_directory(pending)
+        directory.follow((pending.txn_id, self._spills), self.env.map_epoch, self.table.rows)
+        return directory.rows(pending.txn, pending.db(column.db_name), slots)
+
     def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
-        """Write an evicted dirty chunk into the pending write transaction."""
+        """Write an evicted dirty chunk (or a chunk merged with the write buffer) into the pending transaction."""
         budget, table = self.env.budget, self.table
         table_bytes = table.row_bytes * table.rows
-        pending = self._transaction(budget.pending_headroom(table_bytes, table.rows, free_bytes(self.path)))
+        pending = self._pending
+        if pending is None or pending.committing or not pending.is_open:  # the disk's free space: only to begin one
+            pending = self._transaction(budget.pending_headroom(table_bytes, table.rows, free_bytes(self.path)))
         value = self._encoder.encode(rows, chunk, table.commit + 1)
+        self._spills += 1  # values read in place from the pending transaction must be looked up again
         try:
             pending.put(column_db_name(spec.name), chunk_key(chunk), value, ahead=budget.ahead(table_bytes))
         except ReservationError as exc:
@@ -197,6 +214,12 @@ class WriterSession(Session):
             raise CommitError(f"{reason}; nothing was lost: this handle keeps its uncommitted changes",
                               reason=str(exc)) from None
         self.spilled += 1
+
+    def note_spilled(self, column, chunk: int) -> None:
+        """Its own bytes: reads and loads of the chunk from the pending transaction need not hash them."""
+        pending = self._pending
+        if pending is not None and pending.is_open:
+            column.pending_directory(pending).note_verified(chunk, self.table.commit + 1)
 
     # -- commit and rollback -------------------------------------------------------------
     def has_changes(self) -> bool:
@@ -235,6 +258,7 @@ class WriterSession(Session):
         self.settle()
         if not self.has_changes():
             return
+        self.read(self.table.merge_buffers)  # buffered rows into their chunks in the pending transaction first
         for attempt in (0, 1):
             try:
                 self._write_commit(map_was_full=attempt == 1)

@@ -4,9 +4,11 @@ what every call must return (the pattern of zarr's ``testing/stateful.py``).
 :class:`CacheMachine` runs one :class:`~lmdb_embeddings.core.cache.ColumnCache` against :class:`FakeChunkIO`,
 an in-memory stand-in for the session: a committed store (chunk -> rows, version), the writer's pending
 transaction (chunks spilled into it), and "the map", which serves committed rows in place. Each run
-picks a writer or a reader, the chunk size, the L1 and L2 budgets, then mixes gets (hits, misses, rows
-served from the map), puts (evictions, spills), prefetches, adds, commits and rollbacks, and, for a
-reader, commits by another writer (revalidation). After every step it checks the bookkeeping
+picks a writer or a reader, the chunk size, the L1 and L2 budgets and (a writer) whether writes beyond L1
+go to the row write buffer (``core/write_buffer.py``), then mixes gets (hits, misses, rows served from the
+map or from the pending transaction, buffered rows over them), puts (evictions, spills, buffered rows,
+merges), prefetches, adds, merges, commits and rollbacks, and, for a reader, commits by another writer
+(revalidation). After every step it checks the bookkeeping
 invariants; after every get, the rows against the model. The fake refuses what the session must never
 be asked: a spilled or dirty chunk read from the map, a spill by a reader.
 
@@ -90,6 +92,16 @@ class FakeChunkIO:
     def warm(self, slots):
         self._clean_only(slots)
 
+    def read_spilled_rows(self, slots):
+        chunks = set((np.asarray(slots) // self.chunk_rows).tolist())
+        assert chunks <= set(self.pending), f"chunk(s) {sorted(chunks - set(self.pending))} read as spilled"
+        out = np.full((len(slots), self.width), FILL, np.float32)
+        for i, slot in enumerate(np.asarray(slots).tolist()):
+            chunk, offset = divmod(slot, self.chunk_rows)
+            if offset < len(self.pending[chunk]):
+                out[i] = self.pending[chunk][offset]
+        return out
+
 
 class CacheMachine(RuleBasedStateMachine):
     """Random calls on one ColumnCache, checked against a model of the table (see the module docstring)."""
@@ -102,8 +114,9 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(writer=st.booleans(), chunk_rows=st.sampled_from([2, 3, 4, 1, 8]), width=st.sampled_from([1, 3]),
                 rows=st.one_of(st.sampled_from([24, 40, 17, 60]), st.integers(1, 60)),
                 l1_chunks=st.one_of(st.sampled_from([2, 3, 4, 0]), st.integers(0, 30)),
-                l2_chunks=st.sampled_from([0, 2, 5]), seed=st.integers(0, 2**16))
-    def start(self, writer, chunk_rows, width, rows, l1_chunks, l2_chunks, seed):
+                l2_chunks=st.sampled_from([0, 2, 5]), seed=st.integers(0, 2**16),
+                write_buffer=st.sampled_from([True, True, False]), buffer_rows=st.integers(1, 12))
+    def start(self, writer, chunk_rows, width, rows, l1_chunks, l2_chunks, seed, write_buffer, buffer_rows):
         self.writer, self.chunk_rows, self.width = writer, chunk_rows, width
         self.rng = np.random.default_rng(seed)
         self.io = FakeChunkIO(chunk_rows, width, writer)
@@ -116,7 +129,11 @@ class CacheMachine(RuleBasedStateMachine):
         self.stats = CacheStats()
         self.cache = ColumnCache(width, np.float32, chunk_rows, FILL, self.stats, self.io, self.table)
         chunk_bytes = chunk_rows * width * 4
-        self.cache.set_budget(l1_chunks * chunk_bytes, l2_chunks * chunk_bytes, 2 if writer else 0)
+        l1_bytes = l1_chunks * chunk_bytes
+        if write_buffer and writer and l1_chunks < -(-rows // chunk_rows):  # the buffer holds a few rows at least
+            l1_bytes = max(l1_bytes, 2 * chunk_bytes + buffer_rows * (width * 4 + 16))
+        self.cache.set_budget(l1_bytes, l2_chunks * chunk_bytes, 2 if writer else 0, write_buffer)
+        self.budget = l1_bytes + l2_chunks * chunk_bytes
 
     # -- strategies over the current table --------------------------------------------------
     def _slots(self, data, unique: bool) -> np.ndarray:
@@ -180,7 +197,16 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.cache is not None and self.writer)
     @rule()
+    def merge(self):
+        """The write buffer merged into its chunks (as when it is full): nothing a get returns changes."""
+        self.cache.merge_buffer()
+        assert not len(self.cache.buffer)
+        self._note_dirty()
+
+    @precondition(lambda self: self.cache is not None and self.writer)
+    @rule()
     def commit(self):
+        self.cache.merge_buffer()  # as the session's commit does, before it writes the dirty chunks
         version = self.io.commit + 1
         for chunk, rows in self.io.pending.items():  # what was spilled, then what is still dirty (newer)
             self.io.committed[chunk] = (rows.copy(), version)
@@ -240,6 +266,14 @@ class CacheMachine(RuleBasedStateMachine):
         assert not set(cache.l2) & set(held[resident].tolist()), "a chunk both in L1 and L2"
         if not self.writer:
             assert cache.n_dirty == 0 and not self.io.pending
+        buffer = cache.buffer
+        keys = buffer.keys
+        assert (np.diff(keys) > 0).all(), "buffered keys not sorted and unique"
+        assert len(keys) <= buffer.limit and (not len(keys) or keys[-1] < self.table.rows)
+        buffered_chunks = set((keys // self.chunk_rows).tolist())
+        assert not buffered_chunks & set(held[resident].tolist()), "a row both buffered and in a resident chunk"
+        if buffer.limit:
+            assert buffer.limit * (buffer.row_bytes + 16) <= self.budget, "the write buffer beyond the cache budget"
 
 
 __all__ = ["CacheMachine", "FakeChunkIO", "FakeTable", "FILL"]

@@ -4,7 +4,10 @@ Each role reports on stdout, one event per line, flushed at once, so a parent th
 the child with SIGKILL still reads every event written before the kill from the pipe:
 
 * ``rounds``: the crash writer: puts the WHOLE table to the value ``r`` and commits, round
-  after round; ``commit r`` before ``commit()``, ``ack r SECONDS`` after it returned.
+  after round; ``commit r`` before ``commit()``, ``ack r SECONDS`` after it returned. With
+  ``--shuffled B`` the table is put in batches of ``B`` IDs in random order (through ``--cache-mb``
+  smaller than the table: the write buffer fills and merges); ``--say-merges`` prints ``merge r``
+  before each write-buffer merge and ``merged r`` after it.
 * ``adds``: appends batches of new IDs (row value = its ID) and commits each batch.
 * ``create``: builds a store (to be killed in the middle).
 * ``reader``: read-only gets of random IDs until a stop file appears; a get whose rows are
@@ -37,15 +40,41 @@ def table_round(store: le.EmbeddingStore) -> int:
     return int(store.get(store.ids[:1])[0, 0])
 
 
+def _say_merges(current_round: list) -> None:
+    """Print ``merge r`` / ``merged r`` around every write-buffer merge of this process (``--say-merges``)."""
+    from lmdb_embeddings.core.cache import ColumnCache
+
+    merge = ColumnCache.merge_buffer
+
+    def said(cache):
+        if not len(cache.buffer):
+            return
+        say("merge", current_round[0])
+        merge(cache)
+        say("merged", current_round[0])
+
+    ColumnCache.merge_buffer = said
+
+
 def role_rounds(args) -> None:
-    store = le.EmbeddingStore.open(args.path)
+    options = {"cache_mb": args.cache_mb} if args.cache_mb else {}
+    store = le.EmbeddingStore.open(args.path, **options)
     ids = store.ids
     r = table_round(store)
+    current = [r]
+    if args.say_merges:
+        _say_merges(current)
     say("open", r)
     data = os.path.join(args.path, "data.mdb")
+    rng = np.random.default_rng(os.getpid())
     for _ in range(args.max_rounds or sys.maxsize):
         r += 1
-        store.put(ids, np.full((len(ids), store.dim), r, store.dtype))
+        current[0] = r
+        if args.shuffled:
+            for batch in np.array_split(rng.permutation(ids), max(1, len(ids) // args.shuffled)):
+                store.put(batch, np.full((len(batch), store.dim), r, store.dtype))
+        else:
+            store.put(ids, np.full((len(ids), store.dim), r, store.dtype))
         say("commit", r)
         t0 = time.perf_counter()
         store.commit()
@@ -152,7 +181,9 @@ def _retry_protocol(store, r: int, provoke) -> None:
 
 
 def role_diskfull(args) -> None:
-    store = le.EmbeddingStore.open(args.path, cache_mb=args.cache_mb)
+    # the chunk path (no write buffer): the scenario needs L1 to hold part of the changes, so that the commit
+    # reserves more than the spills did (a buffering writer keeps only two chunks in L1)
+    store = le.EmbeddingStore.open(args.path, cache_mb=args.cache_mb, write_buffer=False)
     say("open", table_round(store))
     _retry_protocol(store, args.round, lambda: say("ballast", _fill_disk(args.fill_dir)))
 
@@ -335,6 +366,9 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("--max-rounds", type=int, default=0)
     p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--cache-mb", type=float, default=0.0)
+    p.add_argument("--shuffled", type=int, default=0)
+    p.add_argument("--say-merges", action="store_true")
     p.set_defaults(func=role_rounds)
     p = sub.add_parser("adds")
     p.add_argument("path")

@@ -1,0 +1,183 @@
+"""Shuffled training over a table larger than the cache, against the memmap trainer (issue 19's training target).
+
+``python -m benchmarks.big_training [--rows 500000] [--cache-mb 64] [--steps 30] [--rounds 3] [--quick]``
+
+A run is ``--steps`` steps of ``StoreEmbedding`` + ``SparseAdam`` (batches of ``--batch`` IDs drawn from
+one random permutation of the table, a squared-error loss against a fixed random target) and ONE commit,
+on a fresh store of ``--rows`` x ``--dim`` rows opened with ``cache_mb``. It runs with the write buffer
+(``write_buffer=True``, the default) and without it (``write_buffer=False``: every row written beyond L1
+makes its chunk resident, later spilled whole), against the "memmap trainer": rows, ``exp_avg`` and
+``exp_avg_sq`` in three ``np.memmap`` files, the same batches, the same Adam arithmetic in torch on the
+gathered rows (``_sparse_adam``), scattered back, flushed at the end.
+
+Every variant is timed by the calling thread's CPU time (``time.thread_time``, user + system) of its
+training loop and commit (or flush), so figures stay comparable while other processes load the CPUs; the
+results are ratios of rows per CPU-second against the memmap trainer of the same round. Rounds interleave
+the variants. Also reported: the data file's allocated blocks over the table's bytes (rows + moments), and
+RssAnon after the run. Results: ``benchmarks/results/big_training.{jsonl,md}`` with the commit measured.
+``--quick``: a small table through a small cache, one round (a smoke test, ``tests/test_bench_big_training.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import lmdb_embeddings as le
+from lmdb_embeddings.torch import SparseAdam, StoreEmbedding
+from lmdb_embeddings.torch.optimizers import _sparse_adam
+
+from .run import RESULTS, ROOT
+from .scratch import scratch_dir
+
+DIM, BATCH = 128, 1024
+VARIANTS = ("buffer", "no_buffer")  # write_buffer=True / False
+
+
+def _anon_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
+
+
+def _batches(rows: int, steps: int, batch: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(rows)
+    return [order[i * batch : (i + 1) * batch] for i in range(steps)]
+
+
+def store_round(work: str, rows: int, cache_mb: float, batches: list, target: torch.Tensor, write_buffer: bool) -> dict:
+    """One training run + ONE commit on a fresh store; CPU seconds of the loop and the commit."""
+    path = os.path.join(work, "store")
+    le.EmbeddingStore.create(path, rows, DIM, seed=0, overwrite=True).close()
+    store = le.EmbeddingStore.open(path, cache_mb=cache_mb, write_buffer=write_buffer)
+    try:
+        emb = StoreEmbedding(store)
+        opt = SparseAdam(emb, lr=1e-3)
+        c = time.thread_time()
+        for ids in batches:
+            out = emb(ids)
+            opt.zero_grad()
+            _loss(out, target).backward()
+            opt.step()
+        loop = time.thread_time() - c
+        c = time.thread_time()
+        store.commit()
+        commit = time.thread_time() - c
+        stats = store.stats()
+        anon = _anon_mb()
+    finally:
+        store.close()
+    allocated = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
+    table_bytes = rows * DIM * 4 * 3  # rows + exp_avg + exp_avg_sq
+    return {"cpu_s": loop + commit, "loop_cpu_s": loop, "commit_cpu_s": commit,
+            "disk_x_table": allocated / table_bytes, "anon_mb": anon,
+            "merges": stats.get("buffer_merges", 0), "merged_chunks": stats.get("merged_chunks", 0),
+            "chunks_loaded": stats["chunks_loaded"]}
+
+
+def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> dict:
+    """The memmap trainer: the same batches and Adam arithmetic over three np.memmaps, flushed at the end."""
+    names = [os.path.join(work, f"{n}.f32") for n in ("rows", "exp_avg", "exp_avg_sq")]
+    maps = []
+    for i, name in enumerate(names):
+        mm = np.memmap(name, np.float32, "w+", shape=(rows, DIM))
+        if i == 0:
+            for start in range(0, rows, 65536):
+                mm[start : start + 65536] = np.random.default_rng(start).standard_normal(
+                    (min(65536, rows - start), DIM), np.float32)
+        maps.append(mm)
+    w_mm, m_mm, v_mm = maps
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+    try:
+        c = time.thread_time()
+        for step, ids in enumerate(batches, 1):
+            order = np.sort(ids)  # the store sees unique IDs too; sorted reads are memmap's best case
+            w = torch.from_numpy(w_mm[order]).requires_grad_()
+            _loss(w, target).backward()
+            rows_t = w.detach().clone()
+            grad = torch.sparse_coo_tensor(torch.arange(len(order)).unsqueeze(0), w.grad, rows_t.shape,
+                                           check_invariants=False).coalesce()
+            m, v = torch.from_numpy(m_mm[order]), torch.from_numpy(v_mm[order])
+            _sparse_adam(rows_t, grad, m, v, step, group)
+            w_mm[order], m_mm[order], v_mm[order] = rows_t.numpy(), m.numpy(), v.numpy()
+        for mm in maps:
+            mm.flush()
+        cpu = time.thread_time() - c
+    finally:
+        del w_mm, m_mm, v_mm
+        maps.clear()
+        for name in names:
+            os.unlink(name)
+    return {"cpu_s": cpu}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=500_000)
+    p.add_argument("--cache-mb", type=float, default=64.0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="buffer,no_buffer (default both)")
+    p.add_argument("--quick", action="store_true", help="60k rows, cache 8 MiB, 12 steps, 1 round")
+    p.add_argument("--workdir", default=None, help="parent directory of the scratch data (default: the system's)")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.cache_mb, args.steps, args.rounds = 60_000, 8.0, 12, 1
+    torch.set_num_threads(1)
+    variants = [v for v in args.variants.split(",") if v]
+    target = torch.randn(args.batch, DIM, generator=torch.Generator().manual_seed(0))
+    per_round: list[dict] = []
+    with scratch_dir("big_training_", parent=args.workdir) as work:
+        for r in range(args.rounds):
+            batches = _batches(args.rows, args.steps, args.batch, seed=r)
+            rnd = {"memmap": memmap_round(work, args.rows, batches, target)}
+            for v in variants:
+                rnd[v] = store_round(work, args.rows, args.cache_mb, batches, target, v == "buffer")
+            per_round.append(rnd)
+            line = f"round {r}: memmap {rnd['memmap']['cpu_s']:.2f} CPU-s"
+            for v in variants:
+                line += (f", {v} {rnd[v]['cpu_s']:.2f} CPU-s ({rnd['memmap']['cpu_s'] / rnd[v]['cpu_s']:.3f}x memmap, "
+                         f"disk {rnd[v]['disk_x_table']:.2f}x table, RssAnon {rnd[v]['anon_mb']:.0f} MB)")
+            print(line, flush=True)
+    rows_trained = args.steps * args.batch
+    result: dict = {"rows": args.rows, "dim": DIM, "batch": args.batch, "steps": args.steps, "cache_mb": args.cache_mb,
+                    "rounds": args.rounds, "measure": "thread_time (loop + ONE commit / flush)",
+                    "memmap_rows_per_cpu_s": round(statistics.median(rows_trained / r["memmap"]["cpu_s"]
+                                                                     for r in per_round))}
+    for v in variants:
+        ratios = [r["memmap"]["cpu_s"] / r[v]["cpu_s"] for r in per_round]
+        result[v] = {"rows_per_cpu_s": round(statistics.median(rows_trained / r[v]["cpu_s"] for r in per_round)),
+                     "x_memmap_median": round(statistics.median(ratios), 4),
+                     "x_memmap_spread": [round(min(ratios), 4), round(max(ratios), 4)],
+                     "disk_x_table_max": round(max(r[v]["disk_x_table"] for r in per_round), 2),
+                     "anon_mb_max": round(max(r[v]["anon_mb"] for r in per_round)),
+                     "commit_cpu_s_median": round(statistics.median(r[v]["commit_cpu_s"] for r in per_round), 3),
+                     "merges": per_round[-1][v]["merges"], "merged_chunks": per_round[-1][v]["merged_chunks"]}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    result["commit"] = commit.strip()
+    print(json.dumps(result, indent=1))
+    if not args.no_record and not args.quick:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "big_training.jsonl"), "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
