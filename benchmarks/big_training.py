@@ -8,9 +8,11 @@ on a fresh store of ``--rows`` x ``--dim`` rows opened with ``cache_mb``. It run
 (``write_buffer=True``, the default) and without it (``write_buffer=False``: every row written beyond L1
 makes its chunk resident, later spilled whole), against the "memmap trainer": rows, ``exp_avg`` and
 ``exp_avg_sq`` in three ``np.memmap`` files, the same batches, the same Adam arithmetic in torch on the
-gathered rows (``_sparse_adam``), scattered back, flushed at the end.
+gathered rows (``_sparse_adam``), scattered back, flushed at the end; and ``nn.Embedding(sparse=True)`` +
+``torch.optim.SparseAdam`` in RAM on the same batches.
 
-Every variant is timed by the calling thread's CPU time (``time.thread_time``, user + system) of its
+Every variant is timed by wall clock (meaningful on a quiet machine only: ``*_wall`` ratios) and by the calling
+thread's CPU time (``time.thread_time``, user + system) of its
 training loop and commit (or flush), so figures stay comparable while other processes load the CPUs; the
 results are ratios of rows per CPU-second against the memmap trainer of the same round. Rounds interleave
 the variants. Also reported: the data file's allocated blocks over the table's bytes (rows + moments), and
@@ -67,7 +69,7 @@ def store_round(work: str, rows: int, cache_mb: float, batches: list, target: to
     try:
         emb = StoreEmbedding(store)
         opt = SparseAdam(emb, lr=1e-3)
-        c = time.thread_time()
+        wall, c = time.perf_counter(), time.thread_time()
         for ids in batches:
             out = emb(ids)
             opt.zero_grad()
@@ -77,13 +79,14 @@ def store_round(work: str, rows: int, cache_mb: float, batches: list, target: to
         c = time.thread_time()
         store.commit()
         commit = time.thread_time() - c
+        wall = time.perf_counter() - wall
         stats = store.stats()
         anon = _anon_mb()
     finally:
         store.close()
     allocated = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
     table_bytes = rows * DIM * 4 * 3  # rows + exp_avg + exp_avg_sq
-    return {"cpu_s": loop + commit, "loop_cpu_s": loop, "commit_cpu_s": commit,
+    return {"cpu_s": loop + commit, "wall_s": wall, "loop_cpu_s": loop, "commit_cpu_s": commit,
             "disk_x_table": allocated / table_bytes, "anon_mb": anon,
             "merges": stats.get("buffer_merges", 0), "merged_chunks": stats.get("merged_chunks", 0),
             "chunks_loaded": stats["chunks_loaded"]}
@@ -103,7 +106,7 @@ def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> d
     w_mm, m_mm, v_mm = maps
     group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
     try:
-        c = time.thread_time()
+        wall, c = time.perf_counter(), time.thread_time()
         for step, ids in enumerate(batches, 1):
             order = np.sort(ids)  # the store sees unique IDs too; sorted reads are memmap's best case
             w = torch.from_numpy(w_mm[order]).requires_grad_()
@@ -116,13 +119,28 @@ def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> d
             w_mm[order], m_mm[order], v_mm[order] = rows_t.numpy(), m.numpy(), v.numpy()
         for mm in maps:
             mm.flush()
-        cpu = time.thread_time() - c
+        cpu, wall = time.thread_time() - c, time.perf_counter() - wall
     finally:
         del w_mm, m_mm, v_mm
         maps.clear()
         for name in names:
             os.unlink(name)
-    return {"cpu_s": cpu}
+    return {"cpu_s": cpu, "wall_s": wall}
+
+
+def ram_round(rows: int, batches: list, target: torch.Tensor) -> dict:
+    """``nn.Embedding(sparse=True)`` + ``torch.optim.SparseAdam`` in RAM on the same batches (nothing persisted)."""
+    emb = torch.nn.Embedding(rows, DIM, sparse=True)
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-3)
+    wall, c = time.perf_counter(), time.thread_time()
+    for ids in batches:
+        out = emb(torch.from_numpy(ids))
+        opt.zero_grad()
+        _loss(out, target).backward()
+        opt.step()
+    cpu, wall = time.thread_time() - c, time.perf_counter() - wall
+    del emb, opt
+    return {"cpu_s": cpu, "wall_s": wall}
 
 
 def main(argv=None) -> dict:
@@ -146,7 +164,8 @@ def main(argv=None) -> dict:
     with scratch_dir("big_training_", parent=args.workdir) as work:
         for r in range(args.rounds):
             batches = _batches(args.rows, args.steps, args.batch, seed=r)
-            rnd = {"memmap": memmap_round(work, args.rows, batches, target)}
+            rnd = {"memmap": memmap_round(work, args.rows, batches, target),
+                   "ram": ram_round(args.rows, batches, target)}
             for v in variants:
                 rnd[v] = store_round(work, args.rows, args.cache_mb, batches, target, v == "buffer")
             per_round.append(rnd)
@@ -157,12 +176,18 @@ def main(argv=None) -> dict:
             print(line, flush=True)
     rows_trained = args.steps * args.batch
     result: dict = {"rows": args.rows, "dim": DIM, "batch": args.batch, "steps": args.steps, "cache_mb": args.cache_mb,
-                    "rounds": args.rounds, "measure": "thread_time (loop + ONE commit / flush)",
+                    "rounds": args.rounds, "measure": "thread_time (loop + ONE commit / flush); *_wall: perf_counter",
                     "memmap_rows_per_cpu_s": round(statistics.median(rows_trained / r["memmap"]["cpu_s"]
                                                                      for r in per_round))}
     for v in variants:
         ratios = [r["memmap"]["cpu_s"] / r[v]["cpu_s"] for r in per_round]
+        walls = [r["memmap"]["wall_s"] / r[v]["wall_s"] for r in per_round]
+        ram_walls = [r["ram"]["wall_s"] / r[v]["wall_s"] for r in per_round]
         result[v] = {"rows_per_cpu_s": round(statistics.median(rows_trained / r[v]["cpu_s"] for r in per_round)),
+                     "x_memmap_wall_median": round(statistics.median(walls), 4),
+                     "x_memmap_wall_spread": [round(min(walls), 4), round(max(walls), 4)],
+                     "x_ram_wall_median": round(statistics.median(ram_walls), 4),
+                     "x_ram_wall_spread": [round(min(ram_walls), 4), round(max(ram_walls), 4)],
                      "x_memmap_median": round(statistics.median(ratios), 4),
                      "x_memmap_spread": [round(min(ratios), 4), round(max(ratios), 4)],
                      "disk_x_table_max": round(max(r[v]["disk_x_table"] for r in per_round), 2),
