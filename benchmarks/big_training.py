@@ -16,7 +16,7 @@ thread's CPU time (``time.thread_time``, user + system) of its
 training loop and commit (or flush), so figures stay comparable while other processes load the CPUs; the
 results are ratios of rows per CPU-second against the memmap trainer of the same round. Rounds interleave
 the variants. Also reported: the data file's allocated blocks over the table's bytes (rows + moments), and
-RssAnon after the run. Results: ``benchmarks/results/big_training.{jsonl,md}`` with the commit measured.
+RssAnon after the run. Results: ``benchmarks/results/big_training.jsonl`` with the commit measured.
 ``--quick``: a small table through a small cache, one round (a smoke test, ``tests/test_bench_big_training.py``).
 """
 
