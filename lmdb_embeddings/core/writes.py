@@ -27,14 +27,14 @@ from contextlib import contextmanager
 import lmdb
 import numpy as np
 
-from ..errors import CommitError, EmbeddingStoreError, ReadOnlyError
+from ..errors import CommitError, EmbeddingStoreError, ReadOnlyError, ReservationError
 from ..format.chunks import ChunkEncoder, chunk_key
 from ..format.layout import ColumnSpec
 from ..format.records import IDS_DB, META_DB, column_db_name, pack_record
 from ..fsutil import free_bytes
 from ..options import StoreOptions
 from ..processes import environment
-from ..processes.transaction import Outcome, ReservationError, WriteTransaction
+from ..processes.transaction import Outcome, WriteTransaction
 from ..processes.writer_lock import WriterLock
 from .cache import CacheStats
 from .directory import ChunkDirectory
