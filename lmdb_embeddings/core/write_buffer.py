@@ -74,11 +74,6 @@ class RowWriteBuffer:
         if len(positions):
             out[positions] = self._log[rows]
 
-    def holds_any(self, lo: int, hi: int) -> bool:
-        """True if a key lies in ``[lo, hi)``."""
-        keys = self.keys
-        return bool(len(keys)) and np.searchsorted(keys, lo) < np.searchsorted(keys, hi)
-
     # -- writes ------------------------------------------------------------------------
     def write(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Buffer ``values`` for row slots ``slots`` (unique). The caller made room for them (``room``)."""
@@ -113,10 +108,6 @@ class RowWriteBuffer:
         self._log[:n] = self._log[self.where]
         self.where = np.arange(n, dtype=np.int64)
         self._used = n
-
-    @property
-    def garbage(self) -> int:
-        return self._used - len(self.keys)
 
     # -- taking rows out ------------------------------------------------------------------
     def take(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
