@@ -71,8 +71,7 @@ class StoreBase:
     # --------------------------------------------------------------- process safety
     def _active(self) -> Session:
         """The session for this call: reopened after fork/unpickle; refused if closed."""
-        if self._closed:
-            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
+        self._check_open()
         if self._pid != os.getpid():  # a forked child: the fork guard closed the parent's env and lock
             self._session, self._readonly, self._stats = None, True, CacheStats()
             self._pid = os.getpid()
@@ -80,6 +79,10 @@ class StoreBase:
             self._session = self._open_session()
         self._session.settle()  # a commit Python was interrupted around: the handle learns what LMDB did
         return self._session
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
 
     def _writer(self, call: str) -> WriterSession:
         session = self._active()

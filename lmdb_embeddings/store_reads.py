@@ -9,7 +9,7 @@ import numpy as np
 
 from .core.inputs import IdsLike, as_ids
 from .core.table import Column, Table
-from .errors import ClosedError, InvalidInputError
+from .errors import InvalidInputError
 from .format.records import MAIN
 from .optional import import_needing
 from .store_base import StoreBase
@@ -58,8 +58,7 @@ class RowReads(StoreBase):
     def prefetch(self, ids: IdsLike) -> None:
         """A hint that the rows of ``ids`` (all columns) will be needed soon: returns at once, changes nothing any
         call returns, ignores IDs not in the store (``core/prefetch.py``). Call it a batch ahead."""
-        if self._closed:
-            raise ClosedError(f"the handle on {self._path} is closed; open the store again")
+        self._check_open()
         self._prefetcher.hint(as_ids(ids))
 
     def _gather(self, name: str, ids: IdsLike) -> np.ndarray:
