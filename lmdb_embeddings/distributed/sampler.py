@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..core.inputs import as_positive_int
+from ..core.inputs import as_non_negative_int, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError
 from ..torch.samplers import block_shuffle_rows
 from .store import ShardedEmbeddingStore
@@ -40,11 +40,8 @@ class ShardedSampler(Sampler):
         if not isinstance(store, ShardedEmbeddingStore):
             raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
                                    "for a plain store use torch's BatchSampler")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
-        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.batch_size = as_positive_int(batch_size, "batch_size")
+        self.shuffle, self.seed = bool(shuffle), as_non_negative_int(seed, "seed")
         self.block_chunks, self.window_blocks = _block_options(block_chunks, window_blocks, self.shuffle)
         self.chunk_rows = store.local.chunk_rows
         self.rank = store.rank
@@ -56,9 +53,7 @@ class ShardedSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of epoch ``epoch`` (reproducible: the same epoch gives the same batches)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise InvalidInputError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = as_non_negative_int(epoch, "epoch")
 
     def __len__(self) -> int:
         return self.num_batches

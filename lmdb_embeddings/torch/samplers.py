@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..core.inputs import as_ids, as_positive_int
+from ..core.inputs import as_ids, as_non_negative_int, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError, UnknownIdError
 from ..handle import is_sharded, is_table_handle
 from .dataset import EmbeddingDataset
@@ -60,12 +60,6 @@ def block_shuffle_rows(rng: np.random.Generator, num_rows: int, block_rows: int,
     return block_shuffle_order(rng, blocks, -(-num_rows // block_rows), window_blocks)
 
 
-def _non_negative_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 class _BlockShuffle:
     """What both samplers share: the positions' blocks, the options, the epoch and its order."""
 
@@ -73,7 +67,7 @@ class _BlockShuffle:
                  window_blocks: int, seed: int):
         self.block_chunks = as_positive_int(block_chunks, "block_chunks")
         self.window_blocks = as_positive_int(window_blocks, "window_blocks")
-        self.seed = _non_negative_int(seed, "seed")
+        self.seed = as_non_negative_int(seed, "seed")
         self.epoch = 0
         self.num_positions, self.chunk_rows, slots = _positions(source, ids, chunk_rows)
         self.block_rows = self.chunk_rows * self.block_chunks
@@ -87,7 +81,7 @@ class _BlockShuffle:
     def set_epoch(self, epoch: int) -> None:
         """Use the order of epoch ``epoch``: call it before each epoch, as for ``DistributedSampler``
         (without it every epoch repeats the same order); the same (seed, epoch) gives the same order."""
-        self.epoch = _non_negative_int(epoch, "epoch")
+        self.epoch = as_non_negative_int(epoch, "epoch")
 
     def order(self) -> np.ndarray:
         """This epoch's positions, in the order they are yielded (int64; every position exactly once)."""
@@ -174,7 +168,7 @@ def _positions(source: object, ids: object, chunk_rows: object) -> tuple[int, in
             raise InvalidInputError("ids need a store to say where their rows are; pass the store as the source")
         if chunk_rows is None:
             raise InvalidInputError("chunk_rows is required with a count of positions (a store tells its own)")
-        return _non_negative_int(source, "the number of positions"), as_positive_int(chunk_rows, "chunk_rows"), None
+        return as_non_negative_int(source, "the number of positions"), as_positive_int(chunk_rows, "chunk_rows"), None
     if is_table_handle(source) and is_sharded(source):
         raise InvalidTypeError("a ShardedEmbeddingStore is sampled per rank: use "
                                "ShardedSampler(store, batch_size, block_chunks=...) from lmdb_embeddings.distributed")
