@@ -27,16 +27,15 @@ resident (read-modify-write). A table that fits L1 is loaded into it as it is re
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
 
+from .slab import NO_SLOT, L1Slab, TableView, grown
 from .write_buffer import BufferedWrites, RowWriteBuffer
 
-_NO_SLOT = -1
 _ALL = slice(None)  # "every position of the call"
 _BEYOND = np.iinfo(np.int64).max  # past every row slot
 
@@ -61,22 +60,6 @@ class ChunkIO(Protocol):
 
     def warm(self, slots: np.ndarray) -> None:
         """Make reading ``slots`` (clean chunks) from the map cheap soon: chunks looked up, pages read ahead."""
-
-
-class TableView(Protocol):
-    """What the cache needs to know of its table."""
-
-    rows: int  # row slots in the table now (a chunk may have grown since it was loaded)
-    validate_against: int | None  # reader: chunks must have been checked at this commit; writer: None
-
-
-def _reservable_slots(chunk_bytes: int) -> int:
-    """Slots worth reserving up front: at most half the physical memory (overcommit-safe)."""
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        physical = 1 << 30
-    return max(1, physical // 2 // max(chunk_bytes, 1))
 
 
 class CacheStats:
@@ -163,7 +146,7 @@ class ChunkSet:
 
     def add(self, chunk: int) -> None:
         if chunk >= len(self._member):
-            self._member = _grown(self._member, max(chunk + 1, 2 * len(self._member), 16), False)
+            self._member = grown(self._member, max(chunk + 1, 2 * len(self._member), 16), False)
         if not self._member[chunk]:
             self._member[chunk] = True
             self._count += 1
@@ -189,105 +172,6 @@ class ChunkSet:
         if self._count:
             self._member[:] = False
             self._count = 0
-
-
-class L1Slab:
-    """L1's slots and their bookkeeping: ``capacity`` chunk-sized slots of one 2-D array, which chunk each slot
-    holds (its rows, version, last check, last use, dirty flag), and the chunk -> slot index. What to load,
-    keep, evict or read around them is :class:`ColumnCache`'s."""
-
-    def __init__(self, width: int, dtype: np.dtype, chunk_rows: int, table: TableView):
-        self.width, self.dtype, self.chunk_rows, self.table = width, np.dtype(dtype), chunk_rows, table
-        self.chunk_bytes = chunk_rows * width * self.dtype.itemsize
-        self.capacity = 2
-        self._n_slots = 0
-        self.slab = np.empty((0, width), self.dtype)
-        self._buffer = self.slab  # backing store of ``slab`` (see _grow_slab)
-        self.slot_chunk = np.empty(0, np.int64)
-        self.slot_rows = np.empty(0, np.int64)
-        self.slot_version = np.empty(0, np.int64)
-        self.slot_validated = np.empty(0, np.int64)
-        self.last_used = np.empty(0, np.int64)
-        self.dirty = np.empty(0, bool)
-        self.chunk_slot = np.full(0, _NO_SLOT, np.int64)
-        self._free: list[int] = []  # a stack of free slots; entries taken out of turn are skipped
-        self._n_resident = 0  # chunks in L1
-        self._n_misplaced = 0  # of which not in the slot numbered like the chunk
-
-    @property
-    def resident_chunks(self) -> int:
-        return self._n_resident
-
-    @property
-    def _chunk_limit(self) -> int:
-        """Chunks in the table: the slab never needs more slots."""
-        return max(1, -(-self.table.rows // self.chunk_rows))
-
-    def _grow_index(self, n_chunks: int) -> None:
-        if n_chunks > len(self.chunk_slot):
-            self.chunk_slot = _grown(self.chunk_slot, max(n_chunks, 2 * len(self.chunk_slot), 16), _NO_SLOT)
-
-    def _grow_slab(self, want_slots: int) -> None:
-        limit = self._chunk_limit
-        new = min(self.capacity, max(want_slots, min(2 * self._n_slots, limit), 4))
-        if self.capacity >= limit:
-            new = max(new, limit)  # the whole table fits: a slot for every chunk, at its own number
-        if new <= self._n_slots:
-            return
-        if self._buffer.shape[0] < new * self.chunk_rows:
-            # Reserve every slot the slab may ever need at once: np.empty of a large array
-            # is mapped lazily by the OS (untouched slots cost no memory), so later growth
-            # is a re-slice instead of a copy of the whole slab.
-            reserve = max(new, min(self.capacity, limit, _reservable_slots(self.chunk_bytes)))
-            buffer = np.empty((reserve * self.chunk_rows, self.width), self.dtype)
-            buffer[: self.slab.shape[0]] = self.slab
-            self._buffer = buffer
-        self.slab = self._buffer[: new * self.chunk_rows]
-
-        self.slot_chunk = _grown(self.slot_chunk, new, _NO_SLOT)
-        self.slot_rows, self.slot_version = _grown(self.slot_rows, new, 0), _grown(self.slot_version, new, 0)
-        self.slot_validated, self.last_used = _grown(self.slot_validated, new, 0), _grown(self.last_used, new, 0)
-        self.dirty = _grown(self.dirty, new, False)
-        self._free.extend(range(new - 1, self._n_slots - 1, -1))
-        self._n_slots = new
-
-    def slots_of(self, chunks: np.ndarray) -> np.ndarray:
-        self._grow_index(int(chunks.max()) + 1 if len(chunks) else 0)
-        return self.chunk_slot[chunks]
-
-    def _take_slot(self, chunk: int) -> int:
-        """A free slot for ``chunk``: its own number when free (see the module doc), else any."""
-        if chunk < self._n_slots and self.slot_chunk[chunk] == _NO_SLOT:
-            return chunk
-        while True:
-            slot = self._free.pop()
-            if self.slot_chunk[slot] == _NO_SLOT:
-                return slot
-
-    def _release_slot(self, slot: int) -> None:
-        chunk = int(self.slot_chunk[slot])
-        self.chunk_slot[chunk] = _NO_SLOT
-        self.slot_chunk[slot] = _NO_SLOT
-        self.dirty[slot] = False
-        self._free.append(slot)
-        self._n_resident -= 1
-        self._n_misplaced -= slot != chunk
-
-    def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
-        slot = self._take_slot(chunk)
-        self._n_resident += 1
-        self._n_misplaced += slot != chunk
-        n = len(rows)
-        base = slot * self.chunk_rows
-        self.slab[base : base + n] = rows
-        self.slot_chunk[slot], self.slot_rows[slot] = chunk, n
-        self.slot_version[slot] = self.slot_validated[slot] = version
-        self.dirty[slot] = False
-        self.chunk_slot[chunk] = slot
-
-    def rows_in_slot(self, slot: int) -> np.ndarray:
-        base = slot * self.chunk_rows
-        return self.slab[base : base + int(self.slot_rows[slot])]
 
 
 class ColumnCache(BufferedWrites, L1Slab):
@@ -371,7 +255,7 @@ class ColumnCache(BufferedWrites, L1Slab):
             return self.io.read_rows(slots)
         chunks = slots // self.chunk_rows
         self._grow_index(int(chunks.max()) + 1)
-        resident = self.chunk_slot[chunks] != _NO_SLOT
+        resident = self.chunk_slot[chunks] != NO_SLOT
         spilled = self.spilled.contains(chunks) & ~resident
         if not self._buffering:  # (a writer whose chunks fit L1 again, rows added) spilled chunks come through L1
             resident |= spilled
@@ -421,7 +305,7 @@ class ColumnCache(BufferedWrites, L1Slab):
                 self._resident(unique)
             return
         self._grow_index(int(chunks.max()) + 1)
-        clean = (self.chunk_slot[chunks] == _NO_SLOT) & ~self.spilled.contains(chunks)
+        clean = (self.chunk_slot[chunks] == NO_SLOT) & ~self.spilled.contains(chunks)
         if clean.any():
             self.io.warm(slots[clean])
 
@@ -556,7 +440,7 @@ class ColumnCache(BufferedWrites, L1Slab):
     def _ensure(self, chunks: np.ndarray) -> np.ndarray:
         """Make every chunk in ``chunks`` (unique, <= capacity) resident; return their slots."""
         slots = self.slots_of(chunks)
-        present = slots != _NO_SLOT
+        present = slots != NO_SLOT
         n_hit = int(np.count_nonzero(present))
         self.stats.l1_hits += n_hit
         self.stats.l1_misses += len(chunks) - n_hit
@@ -589,7 +473,7 @@ class ColumnCache(BufferedWrites, L1Slab):
         short = n - (self._n_slots - self._n_resident)
         if short <= 0:
             return
-        used = np.flatnonzero(self.slot_chunk != _NO_SLOT)
+        used = np.flatnonzero(self.slot_chunk != NO_SLOT)
         used = used[~np.isin(used, pinned)]
         victims = used[np.argsort(self.last_used[used], kind="stable")[:short]]
         for slot in victims.tolist():
@@ -634,7 +518,7 @@ class ColumnCache(BufferedWrites, L1Slab):
         cr = self.chunk_rows
         for chunk in chunks:
             self.l2.take(chunk)
-            if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != _NO_SLOT:
+            if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] != NO_SLOT:
                 self._release_slot(int(self.chunk_slot[chunk]))
             self.spilled.discard(chunk)
             if len(self.buffer):
@@ -656,22 +540,15 @@ class ColumnCache(BufferedWrites, L1Slab):
         cut, keep = divmod(first_row, self.chunk_rows)
         self.drop_from(cut + 1 if keep else cut)
         self.buffer.drop_range(first_row, _BEYOND)
-        if keep and cut < len(self.chunk_slot) and self.chunk_slot[cut] != _NO_SLOT:
+        if keep and cut < len(self.chunk_slot) and self.chunk_slot[cut] != NO_SLOT:
             slot = int(self.chunk_slot[cut])
             self.slot_rows[slot] = min(int(self.slot_rows[slot]), keep)
 
     def clear(self) -> None:
-        self.drop(self.slot_chunk[self.slot_chunk != _NO_SLOT].tolist())
+        self.drop(self.slot_chunk[self.slot_chunk != NO_SLOT].tolist())
         self.drop(list(self.l2))
         self.spilled.clear()
         self.buffer.clear()
-
-
-def _grown(arr: np.ndarray, size: int, fill) -> np.ndarray:
-    """``arr`` extended to ``size`` entries with ``fill``."""
-    out = np.full(size, fill, arr.dtype)
-    out[: len(arr)] = arr
-    return out
 
 
 def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import lmdb
 import numpy as np
 
-from ..errors import CommitError, EmbeddingStoreError, ReadOnlyError, ReservationError
+from ..errors import CommitError, EmbeddingStoreError, ReadOnlyError, ReservationError, one_line
 from ..format.chunks import ChunkEncoder, chunk_key
 from ..format.layout import ColumnSpec
 from ..format.records import IDS_DB, META_DB, column_db_name, pack_record
@@ -175,7 +175,7 @@ class WriterSession(Session):
         """The failed call cannot be undone alone (its rows reached the pending transaction): roll back."""
         commit = self.table.commit
         self.rollback()
-        reason = getattr(exc, "reason", None) or " ".join((str(exc) or type(exc).__name__).split())
+        reason = getattr(exc, "reason", None) or one_line(exc)
         return CommitError(f"{call} failed ({reason}) after changed chunks had been spilled from the cache into the "
                            f"pending transaction, so this handle was rolled back to the last commit ({commit})",
                            reason=reason, rolled_back=True)
