@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import lmdb_embeddings as le
-from lmdb_embeddings.core.inputs import as_ids, as_values, check_unique
+from lmdb_embeddings.inputs import as_ids, as_values, check_unique
 
 from .scratch import scratch_dir
 

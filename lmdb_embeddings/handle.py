@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard, TypeVar
 
 import numpy as np
 
-from .core.inputs import IdsLike, ValuesLike
+from .inputs import IdsLike, ValuesLike
 
 if TYPE_CHECKING:  # types only: this module imports neither torch nor the stores
     import torch

@@ -22,12 +22,12 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
-from .core.inputs import IdsLike, ValuesLike
 from .core.table_spec import TableSpec
 from .errors import InvalidInputError, InvalidTypeError
-from .format.builder import build_new_table
 from .handle import implements_table_handle
+from .inputs import IdsLike, ValuesLike
 from .options import StoreOptions
+from .processes.builder import build_new_table
 from .processes.memory import rss_anon_bytes
 from .processes.staging import StagedStore, check_replace_target
 from .progress import bar

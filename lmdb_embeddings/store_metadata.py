@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core.inputs import IdsLike, as_ids
 from .errors import EmbeddingStoreError
 from .format.records import MAIN
+from .inputs import IdsLike, as_ids
 from .store_base import StoreBase
 
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .core.inputs import IdsLike, as_ids
 from .core.table import Column, Table
 from .errors import InvalidInputError
 from .format.records import MAIN
+from .inputs import IdsLike, as_ids
 from .optional import import_needing
 from .store_base import StoreBase
 

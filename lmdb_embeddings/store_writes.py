@@ -9,11 +9,11 @@ from collections.abc import Mapping
 import msgpack
 import numpy as np
 
-from .core.inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .core.writes import WriterSession
 from .errors import InvalidInputError
 from .format.layout import ColumnSpec
 from .format.records import MAIN
+from .inputs import IdsLike, ValuesLike, as_dtype, as_ids, as_positive_int, as_values, check_unique
 from .store_base import StoreBase
 from .store_reads import column_of
 

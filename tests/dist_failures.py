@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 import lmdb_embeddings as le
 from lmdb_embeddings.distributed import ShardedEmbeddingStore
-from lmdb_embeddings.distributed.manifest import read_manifest, write_manifest
 from lmdb_embeddings.processes.writer_lock import holder_pid
+from lmdb_embeddings.sharding.manifest import read_manifest, write_manifest
 
 DIM, ROWS = 4, 200
 HANG_TIMEOUT_S = 4  # the process-group timeout of the group whose peer hangs

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 import lmdb_embeddings as le
 from lmdb_embeddings.distributed import ShardedEmbeddingStore, ShardedSampler, owner_of
-from lmdb_embeddings.distributed import manifest as manifest_module
-from lmdb_embeddings.distributed.manifest import read_manifest
 from lmdb_embeddings.fsutil import fsync_dir
+from lmdb_embeddings.sharding import manifest as manifest_module
+from lmdb_embeddings.sharding.manifest import read_manifest
 from lmdb_embeddings.torch import SparseAdagrad, SparseAdam, SparseAdamW, SparseSGD, StoreEmbedding
 
 HERE = os.path.dirname(os.path.abspath(__file__))

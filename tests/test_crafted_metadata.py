@@ -266,8 +266,8 @@ def test_a_header_claiming_2_to_the_62_rows_is_truncated_from_a_file_and_from_st
 
 def test_the_restored_store_grows_its_map_with_the_data(tmp_path, monkeypatch):
     """The builder's map starts small and grows: a table larger than the first map restores bit-exact."""
-    from lmdb_embeddings.format import builder
     from lmdb_embeddings.ops import dump_store, restore_store
+    from lmdb_embeddings.processes import builder
     from lmdb_embeddings.processes.space import SpaceBudget
 
     monkeypatch.setattr(builder, "_FIRST_MAP_MAX", 4 << 20)

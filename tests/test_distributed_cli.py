@@ -12,8 +12,9 @@ from cli_helpers import assert_one_line_error, assert_same_store, make_rich_stor
 from conftest import run_cli, run_python
 
 import lmdb_embeddings as le
-from lmdb_embeddings.distributed import offline, owner_of
-from lmdb_embeddings.distributed.manifest import read_manifest
+from lmdb_embeddings.distributed import owner_of
+from lmdb_embeddings.sharding import table_sink
+from lmdb_embeddings.sharding.manifest import read_manifest
 
 
 @pytest.fixture
@@ -129,19 +130,19 @@ def test_restore_with_shards_streams_into_the_shards_without_an_intermediate_sto
     else (no plain copy of the table); the IDs file is gone once the shards are finished."""
     original, dump, _ = plain
     seen = {}
-    real_finish = offline.ShardedTableSink.finish
+    real_finish = table_sink.ShardedTableSink.finish
 
     def finish(sink):
         seen["during"] = sorted(os.listdir(sink.directory))
-        seen["ids_bytes"] = os.path.getsize(os.path.join(sink.directory, offline._IDS_FILE))
+        seen["ids_bytes"] = os.path.getsize(os.path.join(sink.directory, table_sink.IDS_FILE))
         real_finish(sink)
         seen["after"] = sorted(os.listdir(sink.directory))
 
-    monkeypatch.setattr(offline.ShardedTableSink, "finish", finish)
+    monkeypatch.setattr(table_sink.ShardedTableSink, "finish", finish)
     target = str(tmp_path / "s2")
-    offline.restore_sharded(dump, target, shards=2)
+    le.restore_store(dump, target, shards=2)
     manifest = read_manifest(target)
-    assert seen["during"] == sorted([offline._IDS_FILE, *manifest.shards])
+    assert seen["during"] == sorted([table_sink.IDS_FILE, *manifest.shards])
     assert seen["ids_bytes"] == 8 * len(original["ids"])
     assert seen["after"] == sorted(["manifest.json", *manifest.shards])
     assert sorted(os.listdir(target)) == seen["after"]

@@ -16,8 +16,8 @@ from conftest import run_cli
 from dist_harness import launch, start
 
 import lmdb_embeddings as le
-from lmdb_embeddings.distributed.manifest import read_manifest, write_manifest
-from lmdb_embeddings.distributed.offline import recover_sharded
+from lmdb_embeddings.distributed.shard import recover_sharded
+from lmdb_embeddings.sharding.manifest import read_manifest, write_manifest
 
 CALLS = ["get", "put", "add", "rollback", "commit", "commit_prepared", "commit_decided", "close", "open", "create",
          "commit_hang"]

@@ -12,7 +12,7 @@ import sys
 from conftest import DIST_TRAINING
 from dist_harness import ROOT, worker_env
 
-from lmdb_embeddings.distributed.manifest import read_manifest
+from lmdb_embeddings.sharding.manifest import read_manifest
 
 EXAMPLE = os.path.join(ROOT, "examples", "train_sharded.py")
 

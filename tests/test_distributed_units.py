@@ -13,12 +13,12 @@ import pytest
 from conftest import rows_like, run_python
 
 import lmdb_embeddings as le
-from lmdb_embeddings.core.init import init_spec
 from lmdb_embeddings.distributed import owner_of
-from lmdb_embeddings.distributed.creation import initial_rows
-from lmdb_embeddings.distributed.manifest import Manifest, read_manifest, write_manifest
-from lmdb_embeddings.distributed.ownership import DEFAULT_BUCKETS, bucket_of, splitmix64
 from lmdb_embeddings.distributed.shard import Shard, global_commit_of
+from lmdb_embeddings.format.init import init_spec
+from lmdb_embeddings.sharding.creation import initial_rows
+from lmdb_embeddings.sharding.manifest import Manifest, read_manifest, write_manifest
+from lmdb_embeddings.sharding.ownership import DEFAULT_BUCKETS, bucket_of, splitmix64
 
 
 # ------------------------------------------------------------------------------ ownership
@@ -55,7 +55,8 @@ def test_owner_depends_on_the_id_only_and_buckets_map_to_contiguous_ranks():
 
 def test_importing_the_package_and_the_cli_side_does_not_import_torch():
     run_python("import sys\nimport lmdb_embeddings.distributed as d\n"
-               "from lmdb_embeddings.distributed import manifest, offline, owner_of\n"
+               "from lmdb_embeddings.distributed import owner_of\n"
+               "from lmdb_embeddings.sharding import manifest, snapshot, table_sink\n"
                "owner_of([1, 2], 2)\nassert 'torch' not in sys.modules")
 
 

@@ -43,7 +43,7 @@ def commit_in_another_process(path: str, value: float) -> None:
 _DUMP_WHILE_OPENING_WRITABLE = """
 import json, sys, threading
 import lmdb_embeddings as le
-from lmdb_embeddings.format.snapshot import Snapshot
+from lmdb_embeddings.processes.snapshot import Snapshot
 
 path, out = sys.argv[1:3]
 reader = le.EmbeddingStore.open(path, readonly=True)

@@ -1,7 +1,7 @@
 """What a forked child must leave alone (issue 12, item 4): a snapshot its parent is reading.
 
 Closing an inherited environment in a child aborts, in LMDB's shared reader table, every read
-transaction the parent had open on it. For a dump in progress (``format.snapshot``) that would
+transaction the parent had open on it. For a dump in progress (``processes.snapshot``) that would
 let the writer reuse the pages the dump is still reading. The child leaves that environment
 alone and refuses, in one line, to open the store; the parent's snapshot stays whole.
 """
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import lmdb_embeddings as le
-from lmdb_embeddings.format.snapshot import Snapshot
+from lmdb_embeddings.processes.snapshot import Snapshot
 
 
 def _fork_and_read(store: le.EmbeddingStore) -> tuple[int, str]:

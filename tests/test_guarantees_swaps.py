@@ -17,8 +17,8 @@ import pytest
 from guarantees_lib import cli_ok, committed_table, hidden_entries, one_line, py
 
 import lmdb_embeddings as le
-from lmdb_embeddings.format.snapshot import Snapshot
 from lmdb_embeddings.processes import environment, shared_env
+from lmdb_embeddings.processes.snapshot import Snapshot
 
 ROWS, DIM = 2000, 16
 

@@ -20,31 +20,23 @@ import pytest
 PACKAGE = "lmdb_embeddings"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 MAX_CLASS_LINES, MAX_MODULE_LINES = 400, 700
-TORCH_FREE = ("core", "format", "processes", "ops", "cli")
+TORCH_FREE = ("inputs", "core", "format", "processes", "sharding", "ops", "cli")
 
 # The folders (and top-level modules) from the bottom up: a module imports only from its own layer or
-# the ones below it. ``torch``, ``compat``, ``distributed`` and ``testing`` extend the store above ops;
-# the CLI, on top, reads sharded stores through distributed's torch-free modules.
+# the ones below it. ``sharding`` (a sharded store's directory, no torch) lies under the store and ops, so
+# one ops function per verb serves plain and sharded stores; ``torch``, ``compat``, ``distributed`` and
+# ``testing`` extend the store above ops.
 LAYERS = (
-    ("errors, options", ("errors", "options", "results", "optional", "fsutil", "progress", "version")),
+    ("errors, options", ("errors", "options", "inputs", "results", "optional", "fsutil", "progress", "version")),
     ("format", ("format",)),
     ("processes", ("processes",)),
     ("core", ("core",)),
+    ("sharding", ("sharding",)),
     ("store", ("store", "store_base", "store_metadata", "store_reads", "store_writes", "handle")),
     ("ops", ("ops",)),
     ("extensions", ("torch", "compat", "distributed", "testing")),
     ("cli", ("cli", "__main__")),
 )
-# Today's imports against that order, each a known debt (issue 22: builder and snapshot belong with the
-# storage modules, the argument checks and the init values below format). Remove an entry when its import
-# goes; the test fails on a new one, and on an entry no longer used.
-LAYER_EXCEPTIONS = {
-    ("format.builder", "processes.environment"), ("format.builder", "processes.memory"),
-    ("format.builder", "processes.space"), ("format.builder", "processes.transaction"),
-    ("format.builder", "core.init"), ("format.snapshot", "processes.environment"),
-    ("format.layout", "core.init"), ("format.layout", "core.inputs"),
-    ("format.memmap_dir", "core.inputs"), ("format.npy_dir", "core.inputs"),
-}
 
 
 def _modules() -> dict[str, str]:
@@ -220,7 +212,7 @@ def _layer(module: str) -> int | None:
 
 def test_folders_import_only_downwards():
     graph = _graph()
-    upwards, used = [], set()
+    upwards = []
     for module, deps in sorted(graph.items()):
         rank = _layer(module)
         if rank is None:
@@ -231,11 +223,6 @@ def test_folders_import_only_downwards():
             dep_rank = _layer(dep)
             if dep_rank is None or dep_rank <= rank:
                 continue
-            pair = (module.split(".", 1)[1], dep.split(".", 1)[1])
-            if pair in LAYER_EXCEPTIONS:
-                used.add(pair)
-            else:
-                upwards.append(f"{module} ({LAYERS[rank][0]}) imports {dep} ({LAYERS[dep_rank][0]})")
+            upwards.append(f"{module} ({LAYERS[rank][0]}) imports {dep} ({LAYERS[dep_rank][0]})")
     assert not upwards, ("imports against the folder order (errors/options -> format -> processes -> core -> "
-                         "store -> ops -> extensions -> cli):\n" + "\n".join(upwards))
-    assert used == LAYER_EXCEPTIONS, f"allowed exceptions no longer used (remove them): {LAYER_EXCEPTIONS - used}"
+                         "sharding -> store -> ops -> extensions -> cli):\n" + "\n".join(upwards))

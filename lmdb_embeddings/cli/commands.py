@@ -18,12 +18,9 @@ import sys
 
 import numpy as np
 
-from ..core.init import INIT_KINDS
-from ..core.inputs import SUPPORTED_DTYPES
-from ..distributed.manifest import is_sharded
-from ..distributed.offline import restore_sharded, sharded_info, verify_sharded
-from ..distributed.snapshot import ShardedSnapshot
 from ..errors import EmbeddingStoreError, InvalidInputError, StoreExistsError, one_line
+from ..format.init import INIT_KINDS
+from ..inputs import SUPPORTED_DTYPES
 from ..ops import compact_store, dump_store, restore_store, store_info, verify_store
 from ..optional import import_needing
 from ..processes.staging import check_replace_target
@@ -105,7 +102,7 @@ def _load_npy(path: str, flag: str) -> np.ndarray:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = (sharded_info if is_sharded(args.path) else store_info)(args.path)
+    info = store_info(args.path)
     if args.json:
         _print_json(info)
         return EXIT_OK
@@ -136,9 +133,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     _refuse_existing_out(args.out, args.format, args.force)
-    source = ShardedSnapshot if is_sharded(args.path) else None
-    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet),
-                        open_source=source)
+    result = dump_store(args.path, args.out, fmt=args.format, progress=progress_wanted(args.quiet))
     if args.json and args.out != "-":
         _print_json(result)
     elif not args.quiet:  # with OUT '-' the dump itself is on stdout: the summary goes to stderr
@@ -159,9 +154,8 @@ def _refuse_existing_out(out: str, fmt: str, force: bool) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     fmt = None if args.format == "auto" else args.format
-    restore, extra = (restore_sharded, {"shards": args.shards}) if args.shards else (restore_store, {})
-    result = restore(args.input, args.path, force=args.force, fmt=fmt, chunk_rows=args.chunk_rows,
-                     progress=progress_wanted(args.quiet), **extra)
+    result = restore_store(args.input, args.path, shards=args.shards, force=args.force, fmt=fmt,
+                           chunk_rows=args.chunk_rows, progress=progress_wanted(args.quiet))
     if args.json:
         _print_json(result)
     elif not args.quiet:
@@ -173,8 +167,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    verify = verify_sharded if is_sharded(args.path) else verify_store
-    report = verify(args.path, progress=progress_wanted(args.quiet))
+    report = verify_store(args.path, progress=progress_wanted(args.quiet))
     if args.json:
         _print_json(report.as_dict())
     elif report.ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CorruptionError, InvalidInputError, UnknownIdError
-from .inputs import check_unique, shown_ids
+from ..inputs import check_unique, shown_ids
 
 _SHOWN_MISSING = 10
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError
+from ..format import init
 from ..format.layout import ColumnSpec, TableLayout, parse_state
 from ..format.records import MAIN, column_db_name, state_record
+from ..inputs import as_dtype
 from ..options import MIN_WRITER_CHUNKS, StoreOptions
-from . import init
 from .cache import CacheStats, ChunkIO, ColumnCache
 from .ids import IdIndex
-from .inputs import as_dtype
 from .undo import rows_kept_after
 
 

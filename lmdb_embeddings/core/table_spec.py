@@ -8,10 +8,10 @@ import numpy as np
 import xxhash
 
 from ..errors import InvalidInputError
+from ..format.init import NORMAL_STD, init_spec
 from ..format.layout import ColumnSpec, TableLayout, choose_chunk_rows, chunk_size_problem
 from ..format.records import MAIN
-from .init import NORMAL_STD, init_spec
-from .inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
+from ..inputs import as_dtype, as_ids, as_positive_int, as_values, check_unique
 
 _FINGERPRINT_BLOCK = 1 << 20
 
@@ -24,7 +24,7 @@ class TableSpec:
     dim: int
     dtype: np.dtype
     chunk_rows: int
-    init: dict  # the init spec a single store records (core.init.init_spec)
+    init: dict  # the init spec a single store records (format.init.init_spec)
     seed: int
     values: np.ndarray | None  # init given as an array: row i belongs to ids[i]
 

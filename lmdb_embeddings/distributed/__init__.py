@@ -7,16 +7,17 @@
     dist.init_process_group("gloo")
     store = ShardedEmbeddingStore.create(path, ids, dim)
 
-``owner_of`` (which rank owns an ID) and the sharded directory's manifest need no torch;
-``ShardedEmbeddingStore`` and ``ShardedSampler`` import torch when first used, so the CLI
-reads sharded directories without it. docs/ARCHITECTURE.md ("Scale-out") has the design.
+``owner_of`` (which rank owns an ID) needs no torch: it comes, with the sharded directory's
+manifest, snapshot and shard builders, from ``lmdb_embeddings.sharding``, which ``ops`` and the
+CLI use to read sharded directories without torch. ``ShardedEmbeddingStore`` and
+``ShardedSampler`` import torch when first used. docs/ARCHITECTURE.md ("Scale-out") has the design.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .ownership import DEFAULT_BUCKETS, owner_of
+from ..sharding.ownership import DEFAULT_BUCKETS, owner_of
 
 _LAZY = {"ShardedEmbeddingStore": ".store", "ShardedSampler": ".sampler"}
 

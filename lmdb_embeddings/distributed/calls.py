@@ -25,15 +25,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..core.inputs import IdsLike, as_dtype
 from ..errors import ClosedError, CorruptionError, InvalidInputError, ReadOnlyError
 from ..format.records import MAIN
+from ..inputs import IdsLike, as_dtype
 from ..options import StoreOptions
+from ..sharding.manifest import RESERVED_PREFIX, Manifest
+from ..sharding.ownership import owner_of
 from . import failures
 from .collective import Collective, attempt
 from .exchange import Exchange, Route
-from .manifest import RESERVED_PREFIX, Manifest
-from .ownership import owner_of
 from .shard import Shard
 from .twophase import TwoPhaseCommit
 

@@ -16,12 +16,13 @@ import os
 
 import numpy as np
 
+from ..core.table_spec import TableSpec
 from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError
 from ..options import StoreOptions
+from ..sharding.creation import build_shard, plan_create
+from ..sharding.manifest import Manifest, remove_entries, shard_name, stale_entries, write_manifest
+from ..sharding.ownership import DEFAULT_BUCKETS
 from .collective import Collective, attempt, error_code
-from .creation import TableSpec, build_shard, plan_create
-from .manifest import Manifest, remove_entries, shard_name, stale_entries, write_manifest
-from .ownership import DEFAULT_BUCKETS
 from .shard import Shard
 from .twophase import read_manifest_on_rank0, recover
 

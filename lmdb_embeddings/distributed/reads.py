@@ -13,8 +13,8 @@ import functools
 import numpy as np
 import torch
 
-from ..core.inputs import IdsLike, as_ids
 from ..format.records import MAIN
+from ..inputs import IdsLike, as_ids
 from ..store_reads import as_tensor
 from .calls import CollectiveCalls
 from .twophase import read_decided

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..core.inputs import as_non_negative_int, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError
+from ..inputs import as_non_negative_int, as_positive_int
 from ..torch.samplers import block_shuffle_rows
 from .store import ShardedEmbeddingStore
 

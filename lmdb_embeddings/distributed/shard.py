@@ -12,8 +12,8 @@ overwrote (``core.undo``). So
 The coordinator (``twophase``) only ever calls these two, so the way a shard keeps its
 pre-images can change without touching it. The handle users get as ``store.local`` is a
 :class:`ShardStore`: it reads like any store, but refuses writes (they would bypass the
-protocol); the sharded store writes inside :meth:`Shard.writing`. No torch here: offline
-recovery and the CLI use it too.
+protocol); the sharded store writes inside :meth:`Shard.writing`. No torch here:
+:func:`recover_sharded` brings a whole directory to its manifest's commit in one process.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 from ..core.undo import revert_last_commit
 from ..errors import CorruptionError, ReadOnlyError
 from ..options import StoreOptions
+from ..sharding.manifest import COMMIT_ATTR, Manifest, read_manifest
 from ..store import EmbeddingStore
-from .manifest import COMMIT_ATTR, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +177,16 @@ def recover_shard(path: str, commit: int) -> bool:
     finally:
         shard.close()
     return True
+
+
+def recover_sharded(path: str) -> dict:
+    """Bring every shard to the manifest's commit (undo undecided prepared commits), without a process group.
+
+    What ``ShardedEmbeddingStore.open`` does collectively, for a whole directory in one
+    process (no rank may have the store open). Returns the commit and the ranks reverted.
+    """
+    path = os.path.abspath(path)
+    manifest = read_manifest(path)
+    reverted = [r for r in range(manifest.world_size)
+                if recover_shard(manifest.shard_path(path, r), manifest.commit)]
+    return {"path": path, "commit": manifest.commit, "reverted": reverted}

@@ -25,10 +25,10 @@ import numpy as np
 from ..errors import InvalidTypeError
 from ..handle import implements_table_handle
 from ..options import StoreOptions
+from ..sharding.manifest import RESERVED_PREFIX, Manifest
 from ..store import EmbeddingStore
 from . import failures, opening
 from .collective import Collective
-from .manifest import RESERVED_PREFIX, Manifest
 from .reads import ShardedReads
 from .writes import ShardedWrites
 

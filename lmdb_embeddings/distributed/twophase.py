@@ -31,9 +31,9 @@ import time
 import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError, ManifestSyncError, ProcessGroupError
+from ..sharding.manifest import COMMIT_ATTR, Manifest, read_manifest, write_manifest
 from .collective import Collective, attempt, error_code
 from .failures import commit_failed
-from .manifest import COMMIT_ATTR, Manifest, read_manifest, write_manifest
 from .shard import Shard
 
 log = logging.getLogger(__name__)

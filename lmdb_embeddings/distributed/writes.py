@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.inputs import IdsLike, ValuesLike, as_ids, as_values, check_unique
 from ..errors import InvalidInputError, UnknownIdError
 from ..format.records import MAIN
+from ..inputs import IdsLike, ValuesLike, as_ids, as_values, check_unique
+from ..sharding.creation import initial_rows
+from ..sharding.manifest import RESERVED_PREFIX, ROW_COLUMN
 from ..store import EmbeddingStore
 from ..store_writes import checked_attr, column_to_declare
 from . import training
 from .calls import CollectiveCalls
-from .creation import initial_rows
 from .exchange import Route
-from .manifest import RESERVED_PREFIX, ROW_COLUMN
 
 _SHOWN = 10
 

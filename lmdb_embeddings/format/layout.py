@@ -16,9 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..core import init
-from ..core.inputs import as_dtype
 from ..errors import CorruptionError, EmbeddingStoreError
+from ..inputs import as_dtype
+from . import init
 from .chunks import ID_DTYPE, MAX_HEADER_BYTES
 from .records import MAIN, MAX_COMMIT
 

@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from ..core.inputs import as_ids, as_values, repeated_ids
 from ..errors import NpyInputError
+from ..inputs import as_ids, as_values, repeated_ids
 from .layout import ID_DTYPE, ColumnSpec, TableLayout
 from .npy_dir import NpyStreamReader, NpyStreamWriter
 from .records import MAIN

@@ -22,9 +22,9 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..core.inputs import as_dtype
 from ..errors import EmbeddingStoreError, NpyInputError
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
+from ..inputs import as_dtype
 from .layout import ID_DTYPE, ColumnSpec, TableLayout, choose_chunk_rows
 from .records import MAIN
 

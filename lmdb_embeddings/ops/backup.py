@@ -19,16 +19,21 @@ from typing import Any
 
 import lmdb
 
-from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, WriterLockedError
+from ..errors import CorruptionError, EmbeddingStoreError, InvalidInputError, StoreExistsError, WriterLockedError
 from ..format import dump_file, npy_dir
-from ..format.builder import StoreBuilder
 from ..format.layout import TableSink, TableSource, copy_table
-from ..format.records import check_store_dir
-from ..format.snapshot import Snapshot
+from ..format.records import check_store_dir, is_store
 from ..fsutil import fsync_dir, remove_stale_temps, sibling_temp
-from ..processes.staging import StagedStore, check_replace_target
+from ..processes.builder import StoreBuilder
+from ..processes.snapshot import Snapshot
+from ..processes.staging import StagedStore, check_replace_target, refuse_if_open
+from ..processes.writer_lock import holding_writer_locks
 from ..progress import bar
 from ..results import DumpResult, RestoreResult
+from ..sharding.manifest import is_sharded, shard_dirs
+from ..sharding.ownership import DEFAULT_BUCKETS
+from ..sharding.snapshot import ShardedSnapshot
+from ..sharding.table_sink import ShardedTableSink
 from ..version import __version__
 from .verify import verify_store
 
@@ -57,10 +62,13 @@ def dump_store(path: str, out: str, *, fmt: str = "native", progress: bool = Fal
     A path must be a new or regular file (a directory for npy) outside the store: a
     symbolic link, FIFO or device there is refused, never replaced. ``open_source(path)``:
     the consistent view to dump, a context-managed ``TableSource`` (default: a plain store's
-    ``Snapshot``; a sharded directory: ``distributed.offline.ShardedSnapshot``).
+    ``Snapshot``; a sharded store's directory: ``sharding.snapshot.ShardedSnapshot``, all its
+    shards merged into one table, so the dump is the same whatever the world size).
     """
     path = os.path.abspath(path)
-    if open_source is None:
+    if open_source is None and is_sharded(path):
+        open_source = ShardedSnapshot
+    elif open_source is None:
         check_store_dir(path)
         open_source = Snapshot
     if out == STDIO:
@@ -172,10 +180,14 @@ def check_restore_target(path: str, force: bool) -> bool:
     return check_replace_target(path, force, "pass --force")
 
 
-def restore_store(src: str, path: str, *, force: bool = False, fmt: str | None = None,
+def restore_store(src: str, path: str, *, shards: int | None = None, force: bool = False, fmt: str | None = None,
                   chunk_rows: int | None = None, progress: bool = False) -> RestoreResult:
     """Build the store at ``path`` from the dump ``src`` (native file or npy directory; ``"-"``: a
-    native dump streamed on the standard input)."""
+    native dump streamed on the standard input). ``shards=W``: a store sharded for W ranks
+    (``ShardedEmbeddingStore``) instead of a plain one, from a dump file or directory."""
+    if shards is not None:
+        return _restore_sharded(src, path, shards=shards, force=force, fmt=fmt, chunk_rows=chunk_rows,
+                                progress=progress)
     path = os.path.abspath(path)
     if src == STDIO:
         if fmt not in (None, "native"):
@@ -225,3 +237,56 @@ def _build_from(source: TableSource, tmp: str, path: str, progress: bool) -> Non
     except lmdb.Error as exc:  # e.g. the disk filled up: nothing is swapped in
         raise EmbeddingStoreError(f"writing the new store next to {path} failed ({exc}); nothing was "
                                   "changed at the target") from None
+
+
+# ------------------------------------------------------------ restore --shards W
+def _restore_sharded(src: str, path: str, *, shards: int, force: bool, fmt: str | None, chunk_rows: int | None,
+                     progress: bool) -> RestoreResult:
+    """Build at ``path`` a store sharded for ``shards`` ranks from the dump ``src``, bit-exact, in one pass
+    (``copy_table`` into a ``ShardedTableSink``: no intermediate plain store).
+
+    Like a plain restore: a bad dump fails with nothing left at ``path``; an existing
+    store (plain or sharded) is replaced, atomically, only with ``force``.
+    """
+    src, path = os.path.abspath(src), os.path.abspath(path)
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= DEFAULT_BUCKETS:
+        raise InvalidInputError(f"--shards must be between 1 and {DEFAULT_BUCKETS}, got {shards!r}")
+    fmt = fmt or detect_format(src)
+    replacing = _check_sharded_target(path, force)
+    started = time.perf_counter()
+    reader = open_dump(src, fmt, chunk_rows)
+    layout = reader.layout
+    try:
+        with StagedStore(path, "resharding") as stage:
+            _copy(reader, ShardedTableSink(stage.tmp, layout, shards), "restore", progress)
+            report = verify_store(stage.tmp)
+            if not report["ok"]:
+                first = report["problems"][0]
+                raise CorruptionError(f"{src} cannot be restored: the rebuilt sharded store fails verification "
+                                      f"({first['part']}: {first['error']})")
+            if not replacing and os.path.exists(path) and os.listdir(path):
+                raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
+            with holding_writer_locks(shard_dirs(path) if replacing else []):  # a sharded store: its shards' locks
+                stage.swap_in(replace=replacing, only_stores=False)
+    finally:
+        reader.close()
+    return {"path": path, "source": src, "format": fmt, "rows": layout.rows, "dim": layout.dim,
+            "dtype": layout.dtype.name, "columns": [c.name for c in layout.columns], "replaced": replacing,
+            "shards": shards, "seconds": time.perf_counter() - started}
+
+
+def _check_sharded_target(path: str, force: bool) -> bool:
+    """Raise unless a sharded store may be written at ``path``; True if an old store will be replaced."""
+    _check_parent(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreExistsError(f"{path} exists and is not a directory")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return False
+    if not (is_sharded(path) or is_store(path)):
+        raise StoreExistsError(f"{path} is a non-empty directory that is not a store; refusing to write there "
+                               "(choose another path or empty it)")
+    if not force:
+        raise StoreExistsError(f"a store already exists at {path}; pass --force to replace it")
+    for lock_dir in [path, *shard_dirs(path)]:
+        refuse_if_open(lock_dir)
+    return True

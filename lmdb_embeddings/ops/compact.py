@@ -20,9 +20,9 @@ import lmdb
 
 from ..errors import CorruptionError, EmbeddingStoreError, WriterLockedError
 from ..format.records import DATA_FILE
-from ..format.snapshot import Snapshot
 from ..fsutil import allocated_bytes
 from ..processes import environment
+from ..processes.snapshot import Snapshot
 from ..processes.staging import StagedStore
 from ..progress import bar
 from ..results import CompactResult

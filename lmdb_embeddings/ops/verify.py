@@ -8,6 +8,10 @@ it keeps going after a bad chunk so the report lists all of them (the first
 metadata claims: it walks the chunks that are there (a run of missing chunks is one
 problem), and holds one chunk at a time plus the IDs found (8 bytes per row) for the
 uniqueness check.
+
+A sharded store's directory: every shard is verified so, then what ties them together (the
+manifest, the commit each shard holds, the same columns everywhere, every ID on its owner, the
+global row positions a permutation); a bad chunk is named "shard R chunk C".
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..core.inputs import repeated_ids, shown_ids
-from ..errors import CorruptionError
+from ..errors import CorruptionError, EmbeddingStoreError
 from ..format.chunks import ID_DTYPE, chunk_key, key_index
-from ..format.records import MAIN, check_store_dir
-from ..format.snapshot import Snapshot
+from ..format.records import MAIN, check_store_dir, is_store
+from ..inputs import repeated_ids, shown_ids
+from ..processes.snapshot import Snapshot
 from ..progress import bar
 from ..results import Problem, VerifyReport
+from ..sharding.manifest import RESERVED_PREFIX, Manifest, is_sharded, read_manifest
+from ..sharding.ownership import owner_of
+from ..sharding.snapshot import ShardedSnapshot, row_column, shard_mismatch_at
 
 MAX_LISTED = 100  # problems listed in a report; the rest are counted in ``problems_not_listed``
 
@@ -48,7 +55,11 @@ def new_report(path: str, **fields) -> tuple[VerifyReport, Callable[[str, int | 
 
 
 def verify_store(path: str, *, progress: bool = False) -> VerifyReport:
-    """Check the whole store; returns a report with ``ok`` and the list of ``problems``."""
+    """Check the whole store, plain or sharded; returns a report with ``ok`` and the list of ``problems``."""
+    return _verify_sharded(path, progress) if is_sharded(path) else _verify_plain(path, progress)
+
+
+def _verify_plain(path: str, progress: bool) -> VerifyReport:
     path = os.path.abspath(path)
     check_store_dir(path)
     report, problem = new_report(path)
@@ -182,3 +193,65 @@ def _check_unique(ids: np.ndarray, problem) -> None:
     dup = repeated_ids(ids)
     if len(dup):
         problem("ids", None, f"{len(dup)} id(s) appear more than once: {shown_ids(dup)}")
+
+
+# ------------------------------------------------------------------ a sharded store
+def _verify_sharded(path: str, progress: bool) -> VerifyReport:
+    """``verify`` every shard, then what ties them together: the manifest, the commit each shard holds,
+    the same columns everywhere, every ID on its owner, the global row positions a permutation."""
+    path = os.path.abspath(path)
+    report, problem = new_report(path, sharded=True)
+    try:
+        manifest = read_manifest(path)
+    except CorruptionError as exc:
+        problem("manifest", None, str(exc))
+        return report
+    report.rows, report.dim, report.dtype = manifest.rows, manifest.dim, manifest.dtype
+    report.chunk_rows, report.commit, report.world_size = manifest.chunk_rows, manifest.commit, manifest.world_size
+    report.columns = []
+    for rank in range(manifest.world_size):
+        shard_path = manifest.shard_path(path, rank)
+        if not is_store(shard_path):
+            problem(f"shard {rank}", None, f"{shard_path} is missing or not a store")
+            continue
+        shard = _verify_plain(shard_path, progress)
+        report.chunks_checked += shard.chunks_checked
+        report.columns = report.columns or [c for c in shard.columns or [] if not c.startswith(RESERVED_PREFIX)]
+        for p in shard.problems:
+            problem(f"shard {rank} {p.part}", p.chunk, p.error)
+        report.problems_not_listed += shard.problems_not_listed
+        if shard.ok and (mismatch := shard_mismatch_at(path, manifest, rank)) is not None:
+            problem(f"shard {rank}", None, mismatch)
+    if not report.problems:
+        _check_shards_together(path, manifest, problem)
+    return finish_report(report, lambda p: f"shard {p.part.split()[1]} chunk {p.chunk}"
+                         if p.part.startswith("shard ") else None)
+
+
+def _check_shards_together(path: str, manifest: Manifest, problem) -> None:
+    try:
+        snap = ShardedSnapshot(path, wait_s=0.0)
+    except EmbeddingStoreError as exc:
+        problem("shards", None, str(exc))
+        return
+    with snap:
+        positions = np.zeros(manifest.rows, bool)
+        for rank, shard in enumerate(snap.shards):
+            layout = shard.layout
+            rows_spec = row_column(layout)
+            for chunk in range(layout.n_chunks):
+                ids = shard.ids_chunk(chunk)
+                wrong = ids[owner_of(ids, manifest.world_size, manifest.buckets) != rank]
+                if len(wrong):
+                    problem(f"shard {rank} ids", chunk, f"{len(wrong)} id(s) of other ranks: {wrong[:5].tolist()}")
+                rows = shard.column_chunk(chunk, rows_spec)[:, 0]
+                pos = rows.astype(np.int64)
+                if ((pos != rows).any() or (pos < 0).any() or (pos >= manifest.rows).any()
+                        or len(np.unique(pos)) != len(pos) or positions[pos].any()):
+                    problem(f"shard {rank} column {rows_spec.name!r}", chunk, "global row positions out of range or "
+                                                                              "given twice")
+                    continue
+                positions[pos] = True
+                shard.release_pages()
+        if not positions.all():
+            problem("shards", None, f"{int((~positions).sum())} global row position(s) held by no shard")

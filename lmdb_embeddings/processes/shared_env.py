@@ -64,7 +64,7 @@ class SharedEnv:
         self.writemap = writemap and writable
         self.identity = identity  # (st_dev, st_ino) of the data file this environment opened
         self.write_owner: int | None = None  # thread holding the write lease (an open write transaction)
-        self.snapshots = 0  # snapshot leases held (format.snapshot: dump, verify, compact)
+        self.snapshots = 0  # snapshot leases held (processes.snapshot: dump, verify, compact)
         self.map_epoch = 0  # changes whenever the map may move (resize, close): addresses into it are stale then
         self.pid = os.getpid()
         self.lock = threading.RLock()

@@ -21,12 +21,14 @@ file it locked is still the one at the path, and starts again if not.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
 import time
 import weakref
+from collections.abc import Iterator
 
 import psutil
 
@@ -157,6 +159,21 @@ def _same_file(fd: int, path: str) -> bool:
         return False
     held = os.fstat(fd)
     return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+@contextlib.contextmanager
+def holding_writer_locks(directories: list[str]) -> Iterator[None]:
+    """Hold the writer locks of ``directories`` (say, an old sharded store's shards, while it is replaced)."""
+    locks = []
+    try:
+        for directory in directories:
+            lock = WriterLock(directory)
+            lock.acquire()
+            locks.append(lock)
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def holder_pid(directory: str) -> int | None:

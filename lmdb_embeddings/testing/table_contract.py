@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from ..format import dump_file, memmap_dir, npy_dir
-from ..format.builder import StoreBuilder
 from ..format.layout import ColumnSpec, TableLayout
 from ..format.records import MAIN
-from ..format.snapshot import Snapshot
+from ..processes.builder import StoreBuilder
+from ..processes.snapshot import Snapshot
 
 
 def _layout(rows: int, chunk_rows: int, dtype: str, aux: bool) -> TableLayout:

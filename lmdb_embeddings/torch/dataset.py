@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..core.inputs import IdsLike, as_ids, to_numpy
 from ..errors import PositionError, UnknownIdError
+from ..inputs import IdsLike, as_ids, to_numpy
 from ..store import EmbeddingStore
 
 #: positions in the dataset: an int, a slice, or a sequence / numpy array / tensor of ints (or a bool mask)

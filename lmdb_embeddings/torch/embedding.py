@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.inputs import as_ids, to_numpy
 from ..errors import InvalidInputError, InvalidTypeError, ReadOnlyError, UnknownIdError
 from ..handle import TableHandle, is_table_handle
+from ..inputs import as_ids, to_numpy
 from ..store import EmbeddingStore
 from .checkpoint import check_model_checkpoint, table_identity
 from .gradients import GradientBuffer, RowGradients

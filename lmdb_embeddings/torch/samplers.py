@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..core.inputs import as_ids, as_non_negative_int, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError, UnknownIdError
 from ..handle import is_sharded, is_table_handle
+from ..inputs import as_ids, as_non_negative_int, as_positive_int
 from .dataset import EmbeddingDataset
 
 #: positions handed to Python per ``tolist`` call when yielding one position at a time (bounded memory)

@@ -18,8 +18,8 @@ import torture_lib as tl
 from dist_harness import start
 
 import lmdb_embeddings as le
-from lmdb_embeddings.distributed.manifest import read_manifest
-from lmdb_embeddings.distributed.offline import recover_sharded
+from lmdb_embeddings.distributed.shard import recover_sharded
+from lmdb_embeddings.sharding.manifest import read_manifest
 
 pytestmark = pytest.mark.torture
 

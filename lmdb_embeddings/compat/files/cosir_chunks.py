@@ -17,10 +17,10 @@ import tempfile
 import numpy as np
 import torch
 
-from ...core.inputs import as_dtype, as_values, repeated_ids
 from ...errors import CosirImportError, CosirSourceNotFoundError, EmbeddingStoreError, InvalidInputError, StorageError
 from ...format.layout import ID_DTYPE, ColumnSpec, TableLayout
 from ...format.records import MAIN
+from ...inputs import as_dtype, as_values, repeated_ids
 
 CHUNK_GLOB = "embeddings_chunk_*.pt"
 _CHUNK_NAME = re.compile(r"^embeddings_chunk_(\d+)\.pt$")

@@ -16,13 +16,13 @@ import os
 import re
 from collections.abc import Callable
 
-from ...core.inputs import as_positive_int
 from ...errors import CosirExportError, EmbeddingStoreError, StorageError, StoreExistsError
 from ...format.layout import TableSink, TableSource, copy_table
 from ...format.memmap_dir import MemmapDirReader
-from ...format.snapshot import Snapshot
 from ...fsutil import fsync_dir
+from ...inputs import as_positive_int
 from ...ops.backup import build_verified
+from ...processes.snapshot import Snapshot
 from ...processes.staging import StagedStore, check_replace_target
 from ...progress import bar
 from .cosir_chunks import CosirChunkReader, CosirChunkWriter, find_chunk_files

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...core.init import INIT_KINDS, chunk_values, init_spec
-from ...core.inputs import as_ids
 from ...errors import InvalidInputError
+from ...format.init import INIT_KINDS, chunk_values, init_spec
+from ...inputs import as_ids
 from .pca import PrincipalAxes, StreamingMoments
 
 FEATURE_STRATEGIES = ("imgtxt", "txt", "img")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.inputs import is_tensor, to_numpy
 from ...errors import InvalidInputError, ReadOnlyAttributeError
+from ...inputs import is_tensor, to_numpy
 from .backing import ManagedTable
 from .manager_args import ManagerArgs, check_sync_batch_size
 from .reports import CacheView, performance_stats

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ...core.ids import IdIndex
-from ...core.inputs import as_ids, as_values, is_tensor
 from ...errors import ClosedError, InvalidInputError, UnknownIdError, UnknownSampleError
+from ...inputs import as_ids, as_values, is_tensor
 from ...store import EmbeddingStore
 from . import sharing
 

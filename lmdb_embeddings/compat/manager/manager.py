@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.init import INIT_KINDS
-from ...core.inputs import IdsLike, ValuesLike, as_ids, as_positive_int
 from ...errors import InvalidInputError, UnknownChunkError
+from ...format.init import INIT_KINDS
+from ...inputs import IdsLike, ValuesLike, as_ids, as_positive_int
 from ...store import EmbeddingStore
 from ..files import export_cosir
 from ..init import cosir_init

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.inputs import as_ids, as_positive_int, check_unique
 from ...errors import InvalidInputError, InvalidTypeError
+from ...inputs import as_ids, as_positive_int, check_unique
 
 STORAGE_MODES = ("memory", "disk")
 MODES = ("ram", "mmap")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.init import INIT_KINDS
 from ...errors import InvalidInputError, WriterLockedError
+from ...format.init import INIT_KINDS
 from ...format.memmap_dir import has_memmap_files
 from ...format.records import DATA_FILE, is_store
 from ...fsutil import fsync_dir, fsync_file

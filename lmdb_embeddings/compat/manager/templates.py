@@ -29,7 +29,7 @@ from ...errors import InvalidInputError, TemplateIncompatibleError, TemplateNotF
 from ...format.layout import ColumnSpec, TableLayout
 from ...format.memmap_dir import MemmapDirReader, MemmapDirWriter, has_memmap_files
 from ...format.records import MAIN, is_store
-from ...format.snapshot import Snapshot
+from ...processes.snapshot import Snapshot
 from ..files.cosir_chunks import CosirChunkReader, CosirChunkWriter, find_chunk_files
 from ..files.transfer import MainColumn, write_file_dir, write_table
 from .table_dir import store_path_in

@@ -18,10 +18,10 @@ import lmdb
 import numpy as np
 
 from ..errors import CorruptionError, NotAStoreError
-from ..processes import environment
-from .chunks import read_chunk, read_id_chunk
-from .layout import ColumnSpec, TableLayout
-from .records import DATA_FILE, IDS_DB, MAIN, META_DB, check_store_dir, column_db_name, read_metadata
+from ..format.chunks import read_chunk, read_id_chunk
+from ..format.layout import ColumnSpec, TableLayout
+from ..format.records import DATA_FILE, IDS_DB, MAIN, META_DB, check_store_dir, column_db_name, read_metadata
+from . import environment
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE

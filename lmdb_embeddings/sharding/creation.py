@@ -8,7 +8,7 @@ for any set of global positions, chunk by chunk, so each rank can build its shar
 ``add`` its defaults) without the rest of the table.
 
 A shard is written by a :class:`ShardBuilder` (rows arriving in global order, written in
-full chunks of the shard through ``format.builder.StoreBuilder``): ``create`` (each rank
+full chunks of the shard through ``processes.builder.StoreBuilder``): ``create`` (each rank
 its own) and ``restore --shards`` (all of them) both build shards this way, under a new
 token that no manifest names yet, so a half-built shard is never part of a store. No torch.
 """
@@ -19,12 +19,12 @@ import os
 
 import numpy as np
 
-from ..core import init as initializers
 from ..core.table_spec import TableSpec
 from ..errors import EmbeddingStoreError, StoreExistsError, WriterLockedError
-from ..format.builder import StoreBuilder
+from ..format import init as initializers
 from ..format.layout import ID_DTYPE, ColumnSpec, TableLayout
 from ..format.records import is_store
+from ..processes.builder import StoreBuilder
 from ..processes.writer_lock import holder_pid
 from .manifest import (
     COMMIT_ATTR,

@@ -37,6 +37,7 @@ import xxhash
 from ..errors import (
     CommitError,
     CorruptionError,
+    EmbeddingStoreError,
     FormatVersionError,
     ManifestSyncError,
     NotAStoreError,
@@ -180,6 +181,15 @@ def manifest_path(root: str) -> str:
 def is_sharded(path: str) -> bool:
     """True if ``path`` is a directory holding a sharded store's manifest."""
     return os.path.isfile(manifest_path(path))
+
+
+def shard_dirs(path: str) -> list[str]:
+    """The shard directories of the sharded store at ``path`` (none for a plain store or a damaged manifest)."""
+    if is_sharded(path):
+        with contextlib.suppress(EmbeddingStoreError):
+            manifest = read_manifest(path)
+            return [manifest.shard_path(path, r) for r in range(manifest.world_size)]
+    return []
 
 
 def read_manifest(root: str) -> Manifest:

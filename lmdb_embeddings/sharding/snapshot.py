@@ -1,6 +1,6 @@
 """ShardedSnapshot: one decided global commit of a sharded store, read as ONE table in single-store row order.
 
-Each shard is read in one read transaction (``format.snapshot.Snapshot``); the shards are
+Each shard is read in one read transaction (``processes.snapshot.Snapshot``); the shards are
 checked to hold the same global commit as the manifest read after them (a writer job
 between its two phases is waited for, briefly). The rows come out in the order a plain
 store with the same history would hold them: every shard keeps its rows in ascending
@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import CorruptionError, EmbeddingStoreError
 from ..format.layout import ColumnSpec, TableLayout
-from ..format.snapshot import Snapshot
+from ..format.records import check_store_dir
+from ..processes.snapshot import Snapshot
 from ..processes.writer_lock import holder_pid
 from .manifest import COMMIT_ATTR, RESERVED_PREFIX, ROW_COLUMN, Manifest, read_manifest
 from .ownership import owner_of
@@ -111,6 +112,14 @@ def shard_mismatch(snap: Snapshot, manifest: Manifest, root: str, rank: int) -> 
     sample = [snap.ids_chunk(c) for c in sorted({0, layout.n_chunks - 1})] if layout.n_chunks else []
     return manifest.shard_problem(root, rank, layout.dim, layout.dtype.name, layout.chunk_rows,
                                   [c.name for c in layout.columns], layout.attrs, sample)
+
+
+def shard_mismatch_at(root: str, manifest: Manifest, rank: int) -> str | None:
+    """:func:`shard_mismatch` of rank ``rank``'s shard directory, read in a snapshot of its own."""
+    shard_path = manifest.shard_path(root, rank)
+    check_store_dir(shard_path)
+    with Snapshot(shard_path) as snap:
+        return shard_mismatch(snap, manifest, root, rank)
 
 
 def held_commit(snap: Snapshot) -> int:

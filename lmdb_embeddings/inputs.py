@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, InvalidTypeError
+from .errors import InvalidInputError, InvalidTypeError
 
 #: sample IDs: an int, a sequence of ints, a 1-D integer numpy array or torch tensor (any device)
 IdsLike = int | Sequence[int] | np.ndarray | Any

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.inputs import as_ids
 from ..errors import InvalidInputError
+from ..inputs import as_ids
 
 DEFAULT_BUCKETS = 1 << 16
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -16,17 +16,17 @@ from collections.abc import Callable
 import lmdb
 import numpy as np
 
-from ..core import init
 from ..errors import EmbeddingStoreError, StorageError
+from ..format import init
+from ..format.chunks import ID_DTYPE, ChunkEncoder, chunk_key
+from ..format.layout import ColumnSpec, TableLayout
+from ..format.records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
 from ..fsutil import fsync_dir
-from ..processes import environment
-from ..processes.memory import return_free_heap
-from ..processes.space import SpaceBudget
-from ..processes.transaction import WriteTransaction
 from ..version import __version__
-from .chunks import ID_DTYPE, ChunkEncoder, chunk_key
-from .layout import ColumnSpec, TableLayout
-from .records import IDS_DB, MAIN, META_DB, column_db_name, format_record, pack_record
+from . import environment
+from .memory import return_free_heap
+from .space import SpaceBudget
+from .transaction import WriteTransaction
 
 _TXN_BYTES = 64 << 20
 _FIRST_MAP_MAX = 1 << 30  # the map starts at most this large and grows with what is written
@@ -139,7 +139,7 @@ def build_new_table(directory: str, ids: np.ndarray | int, dim: int, dtype: np.d
     """Write ``create``'s new store into the (empty) ``directory``, one chunk at a time.
 
     ``ids``: the IDs in row order, or an int N for 0..N-1 (made a chunk at a time). The
-    initial values come from ``spec``/``seed`` chunk by chunk (``core.init``), or from
+    initial values come from ``spec``/``seed`` chunk by chunk (``format.init``), or from
     ``values`` (row i of ``ids[i]``), so memory stays bounded whatever the table size.
     ``on_chunk(rows)`` is called after each chunk of rows is written (progress bars).
     """
