@@ -19,7 +19,9 @@ The public surface, all importable from here (``import lmdb_embeddings as le``):
 
 Folders name concepts (docs/ARCHITECTURE.md): ``core`` (the in-process table and its
 sessions), ``format`` (bytes on disk and in dump files), ``processes`` (environments,
-the writer lock, fork), ``ops`` (dump/restore/verify/info/compact), ``cli``, ``compat``
+transactions, the writer lock, fork, snapshots, the store builder), ``sharding`` (a sharded
+store's directory, no torch), ``ops`` (dump/restore/verify/info/compact, of plain and sharded
+stores alike), ``cli``, ``compat``
 (the CoSiR drop-in), ``torch``, ``distributed``, ``testing`` (reusable contract suites).
 """
 

@@ -135,8 +135,8 @@ class Problem(ResultMapping):
 
 @dataclass(eq=False)
 class VerifyReport(ResultMapping):
-    """``verify_store(path)`` (and ``verify_sharded``): ``ok``, the first ``MAX_LISTED`` problems and how many
-    more, the bad chunks; the table's figures when its metadata could be read (absent keys otherwise)."""
+    """``verify_store(path)`` of a plain or sharded store: ``ok``, the first ``MAX_LISTED`` problems and how
+    many more, the bad chunks; the table's figures when its metadata could be read (absent keys otherwise)."""
 
     path: str
     ok: bool = True

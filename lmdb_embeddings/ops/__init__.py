@@ -2,6 +2,9 @@
 
 Each reads one consistent snapshot or builds beside the store and swaps in, so all are safe
 while a writer trains (``compact`` and a replacing ``restore`` wait for no writer: they refuse).
+One function per verb serves a plain store and a sharded store's directory alike (``info``,
+``verify``, ``dump``; ``restore_store(..., shards=W)`` builds a sharded store); ``compact``
+takes plain stores.
 """
 
 from .backup import dump_store, restore_store
