@@ -161,7 +161,6 @@ class BufferedWrites:
     buffer: RowWriteBuffer
     chunk_rows: int
     capacity: int
-    _scratch: np.ndarray | None = None  # one chunk of rows, where merges assemble chunks
 
     @property
     def _buffering(self) -> bool:
@@ -214,11 +213,12 @@ class BufferedWrites:
                 if len(offsets) == expected:  # every row of the chunk is buffered (keys sorted: offsets 0..n-1)
                     whole = rows
                 else:
-                    whole = self._merge_scratch()[:expected]  # reused: spill copies it at once
-                    whole.fill(self.fill)
+                    whole = self.io.staging(expected)  # assembled where the spill encodes it: no copy there
+                    held = 0
                     for _, current, _ in self.io.load([chunk]):
                         held = min(len(current), expected)
                         whole[:held] = current[:held]
+                    whole[held:] = self.fill  # rows added since the chunk was stored (or a chunk never stored)
                     whole[offsets] = rows
                 self.io.spill(chunk, whole)
                 self.spilled.add(chunk)
@@ -227,13 +227,6 @@ class BufferedWrites:
                 done = (chunk + 1) * cr
         finally:
             buffer.drop_range(0, done)
-
-    def _merge_scratch(self) -> np.ndarray:
-        """One chunk of rows a merge assembles chunks in (a fresh 256 KiB array per chunk costs its page faults)."""
-        scratch = self._scratch
-        if scratch is None or scratch.shape != (self.chunk_rows, self.width):
-            scratch = self._scratch = np.empty((self.chunk_rows, self.width), self.dtype)
-        return scratch
 
     def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
         """Install a chunk in L1 with its buffered rows (taken out of the buffer: the chunk is dirty then)."""

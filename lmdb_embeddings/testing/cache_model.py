@@ -72,6 +72,10 @@ class FakeChunkIO:
         assert self.writer, "a reader spilled a chunk"
         self.pending[chunk] = np.array(rows, copy=True)
 
+    def staging(self, n_rows):
+        assert self.writer, "a reader assembled a chunk to spill"
+        return np.empty((n_rows, self.width), np.float32)
+
     def _clean_only(self, slots):
         chunks = set((np.asarray(slots) // self.chunk_rows).tolist())
         spilled = chunks & set(self.pending)
