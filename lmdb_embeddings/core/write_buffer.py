@@ -9,7 +9,8 @@ its buffered rows, in chunk order (``ColumnCache.merge_buffer``).
 The layout is two parallel int64 arrays, ``keys`` (row slots, sorted, unique) and ``where``
 (each key's row in ``log``), and ``log``, an append-only array of rows. A write of a key already
 held overwrites its log row in place; a new key appends a log row and is inserted into the
-sorted keys (``np.searchsorted`` + ``np.insert`` on the int64 arrays only, never on the rows).
+sorted keys (``np.searchsorted`` + ``np.insert`` on the int64 arrays only, never on the rows; keys past
+every held one, as a pass in row order writes them, are appended).
 Rows taken out (a chunk brought into L1 takes its rows with it, a rollback drops them) leave
 garbage in the log; the log is compacted or merged when it is full. Every call is a handful of
 numpy calls over the whole batch: no Python loop per row.
@@ -38,6 +39,7 @@ class RowWriteBuffer:
         self.where = np.empty(0, np.int64)
         self._log = np.empty((0, width), self.dtype)
         self._used = 0  # log rows written since the last merge or compaction
+        self._key_room: np.ndarray | None = None  # (2, limit): keys and where, appended in place (a pass in order)
 
     def set_budget(self, nbytes: int) -> None:
         """Hold at most ``nbytes`` (rows, keys, positions); rows held beyond a smaller budget go at the next merge."""
@@ -50,7 +52,11 @@ class RowWriteBuffer:
 
     @property
     def bytes(self) -> int:
-        return self._log.nbytes + self.keys.nbytes + self.where.nbytes
+        room = self._key_room
+        if room is None:
+            return self._log.nbytes + self.keys.nbytes + self.where.nbytes
+        apart = [a.nbytes for a in (self.keys, self.where) if a.base is not room]
+        return self._log.nbytes + room.nbytes + sum(apart)
 
     @property
     def room(self) -> int:
@@ -92,13 +98,32 @@ class RowWriteBuffer:
             log = np.empty((self.limit, self.width), self.dtype)
             log[: self._used] = self._log[: self._used]
             self._log = log
-        order = np.argsort(slots, kind="stable")
-        new_keys = slots[order]
-        self._log[self._used : self._used + n] = values[order]
-        at = np.searchsorted(self.keys, new_keys)
-        self.keys = np.insert(self.keys, at, new_keys)
-        self.where = np.insert(self.where, at, np.arange(self._used, self._used + n, dtype=np.int64))
+        if n > 1 and not (slots[1:] > slots[:-1]).all():  # in key order: the rows go to the log in that order
+            order = np.argsort(slots, kind="stable")
+            slots, values = slots[order], values[order]
+        new_keys = slots
+        self._log[self._used : self._used + n] = values
+        new_where = np.arange(self._used, self._used + n, dtype=np.int64)
+        if not len(self.keys) or new_keys[0] > self.keys[-1]:  # all past the held keys (a pass in row order)
+            self._append_keys(new_keys, new_where)
+        else:
+            at = np.searchsorted(self.keys, new_keys)
+            self.keys = np.insert(self.keys, at, new_keys)
+            self.where = np.insert(self.where, at, new_where)
         self._used += n
+
+    def _append_keys(self, new_keys: np.ndarray, new_where: np.ndarray) -> None:
+        """Append keys past every held one in place, in a room of ``limit`` keys: no copy of the held keys per call
+        (they move into the room once after an insert or a cut replaced them)."""
+        held, n = len(self.keys), len(new_keys)
+        room = self._key_room
+        if room is None or room.shape[1] < held + n:
+            room = self._key_room = np.empty((2, max(self.limit, held + n)), np.int64)
+            room[0, :held], room[1, :held] = self.keys, self.where
+        elif self.keys.base is not room or self.where.base is not room:  # replaced by an insert, a cut, a compaction
+            room[0, :held], room[1, :held] = self.keys, self.where
+        room[0, held : held + n], room[1, held : held + n] = new_keys, new_where
+        self.keys, self.where = room[0, : held + n], room[1, : held + n]
 
     def compact(self) -> None:
         """Drop the garbage of rows taken out: the log holds exactly the keys' rows, in key order."""
@@ -136,6 +161,8 @@ class RowWriteBuffer:
         self._used = 0
         if len(self._log) > self.limit:  # the budget shrank while rows were held
             self._log = np.empty((0, self.width), self.dtype)
+        if self._key_room is not None and self._key_room.shape[1] > self.limit:
+            self._key_room = None
 
     def by_chunk(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(chunk, offsets in it, rows) of every chunk with buffered rows, in chunk order (keys in order).

@@ -183,6 +183,17 @@ class CacheMachine(RuleBasedStateMachine):
         self.model[slots] = values
         self._note_dirty()
 
+    @precondition(lambda self: self.cache is not None and self.writer and self.table.rows > 0)
+    @rule(data=st.data())
+    def put_a_run(self, data):
+        """A put of consecutive slots, as a pass in row order makes: the write buffer appends its keys."""
+        lo = data.draw(st.integers(0, self.table.rows - 1))
+        slots = np.arange(lo, data.draw(st.integers(lo + 1, self.table.rows)), dtype=np.int64)
+        values = self.rng.standard_normal((len(slots), self.width)).astype(np.float32)
+        self.cache.scatter(slots, values)
+        self.model[slots] = values
+        self._note_dirty()
+
     @precondition(lambda self: self.cache is not None)
     @rule(data=st.data())
     def prefetch(self, data):
