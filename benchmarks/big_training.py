@@ -19,6 +19,10 @@ memmap trainer of the same round. The prefetch thread's CPU is not the calling t
 (every thread of the process) shows it, and for that variant the wall ratio is the one that counts. Rounds
 interleave the variants. Also reported: the data file's allocated blocks over the table's bytes (rows +
 moments), and RssAnon after the run. Results: ``benchmarks/results/big_training.jsonl`` with the commit measured.
+``--warm-commits N`` (default 0) first trains N untimed runs of ``--steps`` steps on other batches, each
+ended by a commit (memmap: a flush), so the timed run meets a store in its steady state, where LMDB reuses
+the pages that commits before the last one freed (a fresh store's first commits take new pages of the file,
+which the kernel zero-fills when they are first written through the map).
 ``--quick``: a small table through a small cache, one round (a smoke test, ``tests/test_bench_big_training.py``).
 """
 
@@ -65,7 +69,7 @@ def _batches(rows: int, steps: int, batch: int, seed: int) -> list[np.ndarray]:
 
 
 def store_round(work: str, rows: int, cache_mb: float, batches: list, target: torch.Tensor, write_buffer: bool,
-                prefetch: bool = False) -> dict:
+                prefetch: bool = False, warm: tuple = ()) -> dict:
     """One training run + ONE commit on a fresh store; CPU seconds of the loop and the commit. With ``prefetch``
     each step first hints the next batch (``store.prefetch``), as ``BlockShuffleBatchSampler(prefetch=1)`` does."""
     path = os.path.join(work, "store")
@@ -74,6 +78,13 @@ def store_round(work: str, rows: int, cache_mb: float, batches: list, target: to
     try:
         emb = StoreEmbedding(store)
         opt = SparseAdam(emb, lr=1e-3)
+        for earlier in warm:  # untimed runs, each committed: the store's steady state
+            for ids in earlier:
+                out = emb(ids)
+                opt.zero_grad()
+                _loss(out, target).backward()
+                opt.step()
+            store.commit()
         wall, c, every_thread = time.perf_counter(), time.thread_time(), time.process_time()
         for step, ids in enumerate(batches):
             if prefetch and step + 1 < len(batches):
@@ -100,7 +111,7 @@ def store_round(work: str, rows: int, cache_mb: float, batches: list, target: to
             "chunks_loaded": stats["chunks_loaded"]}
 
 
-def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> dict:
+def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor, warm: tuple = ()) -> dict:
     """The memmap trainer: the same batches and Adam arithmetic over three np.memmaps, flushed at the end."""
     names = [os.path.join(work, f"{n}.f32") for n in ("rows", "exp_avg", "exp_avg_sq")]
     maps = []
@@ -111,11 +122,11 @@ def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> d
                 mm[start : start + 65536] = np.random.default_rng(start).standard_normal(
                     (min(65536, rows - start), DIM), np.float32)
         maps.append(mm)
-    w_mm, m_mm, v_mm = maps
     group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
-    try:
-        wall, c = time.perf_counter(), time.thread_time()
-        for step, ids in enumerate(batches, 1):
+
+    def train(run: list, first_step: int) -> None:
+        w_mm, m_mm, v_mm = maps
+        for step, ids in enumerate(run, first_step):
             order = np.sort(ids)  # the store sees unique IDs too; sorted reads are memmap's best case
             w = torch.from_numpy(w_mm[order]).requires_grad_()
             _loss(w, target).backward()
@@ -127,9 +138,16 @@ def memmap_round(work: str, rows: int, batches: list, target: torch.Tensor) -> d
             w_mm[order], m_mm[order], v_mm[order] = rows_t.numpy(), m.numpy(), v.numpy()
         for mm in maps:
             mm.flush()
+
+    try:
+        step = 1
+        for earlier in warm:  # untimed runs, each flushed (as the store's are committed)
+            train(earlier, step)
+            step += len(earlier)
+        wall, c = time.perf_counter(), time.thread_time()
+        train(batches, step)
         cpu, wall = time.thread_time() - c, time.perf_counter() - wall
     finally:
-        del w_mm, m_mm, v_mm
         maps.clear()
         for name in names:
             os.unlink(name)
@@ -160,6 +178,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"a comma-separated subset of {','.join(KNOWN_VARIANTS)} (default: {','.join(VARIANTS)})")
+    p.add_argument("--warm-commits", type=int, default=0,
+                   help="untimed runs, each committed (flushed), before the timed one: the store's steady state")
     p.add_argument("--quick", action="store_true", help="60k rows, cache 8 MiB, 12 steps, 1 round")
     p.add_argument("--workdir", default=None, help="parent directory of the scratch data (default: the system's)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
@@ -176,10 +196,13 @@ def main(argv=None) -> dict:
     with scratch_dir("big_training_", parent=args.workdir) as work:
         for r in range(args.rounds):
             batches = _batches(args.rows, args.steps, args.batch, seed=r)
-            rnd = {"memmap": memmap_round(work, args.rows, batches, target),
+            warm = tuple(_batches(args.rows, args.steps, args.batch, seed=10_000 + 100 * r + w)
+                         for w in range(args.warm_commits))
+            rnd = {"memmap": memmap_round(work, args.rows, batches, target, warm),
                    "ram": ram_round(args.rows, batches, target)}
             for v in variants:
-                rnd[v] = store_round(work, args.rows, args.cache_mb, batches, target, v != "no_buffer", v == "prefetch")
+                rnd[v] = store_round(work, args.rows, args.cache_mb, batches, target, v != "no_buffer", v == "prefetch",
+                                     warm)
             per_round.append(rnd)
             line = f"round {r}: memmap {rnd['memmap']['cpu_s']:.2f} CPU-s"
             for v in variants:
@@ -188,7 +211,8 @@ def main(argv=None) -> dict:
             print(line, flush=True)
     rows_trained = args.steps * args.batch
     result: dict = {"rows": args.rows, "dim": DIM, "batch": args.batch, "steps": args.steps, "cache_mb": args.cache_mb,
-                    "rounds": args.rounds, "measure": "thread_time (loop + ONE commit / flush); *_wall: perf_counter",
+                    "rounds": args.rounds, "warm_commits": args.warm_commits,
+                    "measure": "thread_time (loop + ONE commit / flush); *_wall: perf_counter",
                     "memmap_rows_per_cpu_s": round(statistics.median(rows_trained / r["memmap"]["cpu_s"]
                                                                      for r in per_round))}
     for v in variants:
