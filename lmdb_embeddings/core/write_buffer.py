@@ -165,7 +165,8 @@ class RowWriteBuffer:
             self._key_room = None
 
     def by_chunk(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(chunk, offsets in it, rows) of every chunk with buffered rows, in chunk order (keys in order).
+        """(chunk, offsets in it, their log rows) of every chunk with buffered rows, in chunk order (keys in
+        order); :meth:`rows` reads the log rows.
 
         Nothing is removed: the merge drops a chunk's keys (``drop_range``) once it is written.
         """
@@ -177,7 +178,12 @@ class RowWriteBuffer:
         bounds = [0, *starts.tolist(), len(keys)]
         for a, b in zip(bounds[:-1], bounds[1:], strict=False):
             chunk = int(chunks[a])
-            yield chunk, keys[a:b] - chunk * chunk_rows, self._log[where[a:b]]
+            yield chunk, keys[a:b] - chunk * chunk_rows, where[a:b]
+
+    def rows(self, logged: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows at log positions ``logged`` (from :meth:`by_chunk`), gathered into ``out`` if given
+        (``mode="clip"``: the positions are valid, and numpy buffers ``out`` in its default mode)."""
+        return np.take(self._log, logged, axis=0, out=out, mode="clip")
 
 
 class BufferedWrites:
@@ -233,20 +239,20 @@ class BufferedWrites:
         self.stats.buffer_merges += 1
         done = 0  # row slots below this are merged
         try:
-            for chunk, offsets, rows in buffer.by_chunk(cr):
+            for chunk, offsets, logged in buffer.by_chunk(cr):
                 expected = min(self.table.rows - chunk * cr, cr)
                 if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] >= 0:  # never: install takes them
                     raise AssertionError(f"chunk {chunk} both buffered and resident")
+                whole = self.io.staging(expected)  # assembled where the spill encodes it: no copy there
                 if len(offsets) == expected:  # every row of the chunk is buffered (keys sorted: offsets 0..n-1)
-                    whole = rows
+                    buffer.rows(logged, out=whole)
                 else:
-                    whole = self.io.staging(expected)  # assembled where the spill encodes it: no copy there
                     held = 0
                     for _, current, _ in self.io.load([chunk]):
                         held = min(len(current), expected)
                         whole[:held] = current[:held]
                     whole[held:] = self.fill  # rows added since the chunk was stored (or a chunk never stored)
-                    whole[offsets] = rows
+                    whole[offsets] = buffer.rows(logged)
                 self.io.spill(chunk, whole)
                 self.spilled.add(chunk)
                 self.l2.take(chunk)  # a clean copy kept before the merge is stale now
