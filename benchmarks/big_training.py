@@ -17,7 +17,8 @@ training loop and commit (or flush), so figures stay comparable while other proc
 results are ratios of rows per CPU-second against the memmap trainer of the same round. Rounds interleave
 the variants. Also reported: the data file's allocated blocks over the table's bytes (rows + moments), and
 RssAnon after the run. Results: ``benchmarks/results/big_training.jsonl`` with the commit measured.
-``--quick``: a small table through a small cache, one round (a smoke test, ``tests/test_bench_big_training.py``).
+``--quick``: a small table through a small cache, one round (a smoke test,
+``tests/project/test_bench_big_training.py``).
 """
 
 from __future__ import annotations
