@@ -53,6 +53,9 @@ class ChunkIO(Protocol):
     def spill(self, chunk: int, rows: np.ndarray) -> None:
         """Keep a dirty chunk that leaves L1 (written into the pending transaction)."""
 
+    def staging(self, n_rows: int) -> np.ndarray:
+        """Room for one chunk's rows that :meth:`spill` writes without copying them first (valid until a spill)."""
+
     def read_rows(self, slots: np.ndarray) -> np.ndarray:
         """The committed rows of row slots ``slots`` (clean chunks only), copied out of LMDB's map: a fresh array."""
 

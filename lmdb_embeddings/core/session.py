@@ -246,6 +246,9 @@ class _ColumnIO:
         self.session.spill(self.spec, chunk, rows)
         self.session.note_spilled(self, chunk)
 
+    def staging(self, n_rows: int) -> np.ndarray:
+        return self.session.staging(self.spec, n_rows)
+
 
 def _where(spec: ColumnSpec) -> str:
     """How error messages name a column's chunks ("chunk 3" of the embeddings, "chunk 3 of column 'x'")."""

@@ -9,7 +9,8 @@ its buffered rows, in chunk order (``ColumnCache.merge_buffer``).
 The layout is two parallel int64 arrays, ``keys`` (row slots, sorted, unique) and ``where``
 (each key's row in ``log``), and ``log``, an append-only array of rows. A write of a key already
 held overwrites its log row in place; a new key appends a log row and is inserted into the
-sorted keys (``np.searchsorted`` + ``np.insert`` on the int64 arrays only, never on the rows).
+sorted keys (``np.searchsorted`` + ``np.insert`` on the int64 arrays only, never on the rows; keys past
+every held one, as a pass in row order writes them, are appended).
 Rows taken out (a chunk brought into L1 takes its rows with it, a rollback drops them) leave
 garbage in the log; the log is compacted or merged when it is full. Every call is a handful of
 numpy calls over the whole batch: no Python loop per row.
@@ -38,6 +39,7 @@ class RowWriteBuffer:
         self.where = np.empty(0, np.int64)
         self._log = np.empty((0, width), self.dtype)
         self._used = 0  # log rows written since the last merge or compaction
+        self._key_room: np.ndarray | None = None  # (2, limit): keys and where, appended in place (a pass in order)
 
     def set_budget(self, nbytes: int) -> None:
         """Hold at most ``nbytes`` (rows, keys, positions); rows held beyond a smaller budget go at the next merge."""
@@ -50,7 +52,11 @@ class RowWriteBuffer:
 
     @property
     def bytes(self) -> int:
-        return self._log.nbytes + self.keys.nbytes + self.where.nbytes
+        room = self._key_room
+        if room is None:
+            return self._log.nbytes + self.keys.nbytes + self.where.nbytes
+        apart = [a.nbytes for a in (self.keys, self.where) if a.base is not room]
+        return self._log.nbytes + room.nbytes + sum(apart)
 
     @property
     def room(self) -> int:
@@ -92,13 +98,32 @@ class RowWriteBuffer:
             log = np.empty((self.limit, self.width), self.dtype)
             log[: self._used] = self._log[: self._used]
             self._log = log
-        order = np.argsort(slots, kind="stable")
-        new_keys = slots[order]
-        self._log[self._used : self._used + n] = values[order]
-        at = np.searchsorted(self.keys, new_keys)
-        self.keys = np.insert(self.keys, at, new_keys)
-        self.where = np.insert(self.where, at, np.arange(self._used, self._used + n, dtype=np.int64))
+        if n > 1 and not (slots[1:] > slots[:-1]).all():  # in key order: the rows go to the log in that order
+            order = np.argsort(slots, kind="stable")
+            slots, values = slots[order], values[order]
+        new_keys = slots
+        self._log[self._used : self._used + n] = values
+        new_where = np.arange(self._used, self._used + n, dtype=np.int64)
+        if not len(self.keys) or new_keys[0] > self.keys[-1]:  # all past the held keys (a pass in row order)
+            self._append_keys(new_keys, new_where)
+        else:
+            at = np.searchsorted(self.keys, new_keys)
+            self.keys = np.insert(self.keys, at, new_keys)
+            self.where = np.insert(self.where, at, new_where)
         self._used += n
+
+    def _append_keys(self, new_keys: np.ndarray, new_where: np.ndarray) -> None:
+        """Append keys past every held one in place, in a room of ``limit`` keys: no copy of the held keys per call
+        (they move into the room once after an insert or a cut replaced them)."""
+        held, n = len(self.keys), len(new_keys)
+        room = self._key_room
+        if room is None or room.shape[1] < held + n:
+            room = self._key_room = np.empty((2, max(self.limit, held + n)), np.int64)
+            room[0, :held], room[1, :held] = self.keys, self.where
+        elif self.keys.base is not room or self.where.base is not room:  # replaced by an insert, a cut, a compaction
+            room[0, :held], room[1, :held] = self.keys, self.where
+        room[0, held : held + n], room[1, held : held + n] = new_keys, new_where
+        self.keys, self.where = room[0, : held + n], room[1, : held + n]
 
     def compact(self) -> None:
         """Drop the garbage of rows taken out: the log holds exactly the keys' rows, in key order."""
@@ -136,9 +161,12 @@ class RowWriteBuffer:
         self._used = 0
         if len(self._log) > self.limit:  # the budget shrank while rows were held
             self._log = np.empty((0, self.width), self.dtype)
+        if self._key_room is not None and self._key_room.shape[1] > self.limit:
+            self._key_room = None
 
     def by_chunk(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(chunk, offsets in it, rows) of every chunk with buffered rows, in chunk order (keys in order).
+        """(chunk, offsets in it, their log rows) of every chunk with buffered rows, in chunk order (keys in
+        order); :meth:`rows` reads the log rows.
 
         Nothing is removed: the merge drops a chunk's keys (``drop_range``) once it is written.
         """
@@ -150,7 +178,12 @@ class RowWriteBuffer:
         bounds = [0, *starts.tolist(), len(keys)]
         for a, b in zip(bounds[:-1], bounds[1:], strict=False):
             chunk = int(chunks[a])
-            yield chunk, keys[a:b] - chunk * chunk_rows, self._log[where[a:b]]
+            yield chunk, keys[a:b] - chunk * chunk_rows, where[a:b]
+
+    def rows(self, logged: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows at log positions ``logged`` (from :meth:`by_chunk`), gathered into ``out`` if given
+        (``mode="clip"``: the positions are valid, and numpy buffers ``out`` in its default mode)."""
+        return np.take(self._log, logged, axis=0, out=out, mode="clip")
 
 
 class BufferedWrites:
@@ -161,7 +194,6 @@ class BufferedWrites:
     buffer: RowWriteBuffer
     chunk_rows: int
     capacity: int
-    _scratch: np.ndarray | None = None  # one chunk of rows, where merges assemble chunks
 
     @property
     def _buffering(self) -> bool:
@@ -207,19 +239,20 @@ class BufferedWrites:
         self.stats.buffer_merges += 1
         done = 0  # row slots below this are merged
         try:
-            for chunk, offsets, rows in buffer.by_chunk(cr):
+            for chunk, offsets, logged in buffer.by_chunk(cr):
                 expected = min(self.table.rows - chunk * cr, cr)
                 if chunk < len(self.chunk_slot) and self.chunk_slot[chunk] >= 0:  # never: install takes them
                     raise AssertionError(f"chunk {chunk} both buffered and resident")
+                whole = self.io.staging(expected)  # assembled where the spill encodes it: no copy there
                 if len(offsets) == expected:  # every row of the chunk is buffered (keys sorted: offsets 0..n-1)
-                    whole = rows
+                    buffer.rows(logged, out=whole)
                 else:
-                    whole = self._merge_scratch()[:expected]  # reused: spill copies it at once
-                    whole.fill(self.fill)
+                    held = 0
                     for _, current, _ in self.io.load([chunk]):
                         held = min(len(current), expected)
                         whole[:held] = current[:held]
-                    whole[offsets] = rows
+                    whole[held:] = self.fill  # rows added since the chunk was stored (or a chunk never stored)
+                    whole[offsets] = buffer.rows(logged)
                 self.io.spill(chunk, whole)
                 self.spilled.add(chunk)
                 self.l2.take(chunk)  # a clean copy kept before the merge is stale now
@@ -227,13 +260,6 @@ class BufferedWrites:
                 done = (chunk + 1) * cr
         finally:
             buffer.drop_range(0, done)
-
-    def _merge_scratch(self) -> np.ndarray:
-        """One chunk of rows a merge assembles chunks in (a fresh 256 KiB array per chunk costs its page faults)."""
-        scratch = self._scratch
-        if scratch is None or scratch.shape != (self.chunk_rows, self.width):
-            scratch = self._scratch = np.empty((self.chunk_rows, self.width), self.dtype)
-        return scratch
 
     def _install(self, chunk: int, rows: np.ndarray, version: int) -> None:
         """Install a chunk in L1 with its buffered rows (taken out of the buffer: the chunk is dirty then)."""

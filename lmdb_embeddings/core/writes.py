@@ -191,6 +191,10 @@ class WriterSession(Session):
         directory.follow((pending.txn_id, self._spills), self.env.map_epoch, self.table.rows)
         return directory.rows(pending.txn, pending.db(column.db_name), slots)
 
+    def staging(self, spec: ColumnSpec, n_rows: int) -> np.ndarray:
+        """Where a merge assembles a chunk of ``spec``'s column: the encoder's payload place (no copy at the spill)."""
+        return self._encoder.staging(n_rows, spec.width, spec.dtype)
+
     def spill(self, spec: ColumnSpec, chunk: int, rows: np.ndarray) -> None:
         """Write an evicted dirty chunk (or a chunk merged with the write buffer) into the pending transaction."""
         budget, table = self.env.budget, self.table

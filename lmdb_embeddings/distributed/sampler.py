@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 
 from ..core.inputs import as_non_negative_int, as_positive_int
 from ..errors import InvalidInputError, InvalidTypeError
-from ..torch.samplers import block_shuffle_rows
+from ..torch.samplers import Lookahead, block_shuffle_rows
 from .store import ShardedEmbeddingStore
 
 
@@ -33,10 +33,13 @@ class ShardedSampler(Sampler):
     ``block_chunks=k`` shuffles with locality instead, as ``le.BlockShuffleSampler`` does over the
     rank's shard: blocks of ``k`` whole chunks of the shard in random order, the rows shuffled inside
     windows of ``window_blocks`` blocks (opt-in; it needs ``shuffle=True``).
+
+    ``prefetch=k`` hints this rank's next ``k`` batches to ``store.prefetch`` (its own shard) while a batch
+    is yielded, as ``le.BlockShuffleBatchSampler(prefetch=k)`` does.
     """
 
     def __init__(self, store: ShardedEmbeddingStore, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 block_chunks: int | None = None, window_blocks: int = 16):
+                 block_chunks: int | None = None, window_blocks: int = 16, prefetch: int = 0):
         if not isinstance(store, ShardedEmbeddingStore):
             raise InvalidTypeError(f"ShardedSampler needs a ShardedEmbeddingStore, got {type(store).__name__}; "
                                    "for a plain store use torch's BatchSampler")
@@ -50,6 +53,7 @@ class ShardedSampler(Sampler):
         counts = store.collective.all_gather_ints([len(self._ids)])[:, 0]
         self.samples_per_rank = int(counts.max()) if len(counts) else 0  # after padding, on every rank
         self.num_batches = -(-self.samples_per_rank // self.batch_size)
+        self._lookahead = Lookahead(store, prefetch)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of epoch ``epoch`` (reproducible: the same epoch gives the same batches)."""
@@ -73,8 +77,8 @@ class ShardedSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         ids, size = self.epoch_ids(), self.batch_size
-        for b in range(self.num_batches):
-            yield ids[b * size : (b + 1) * size].tolist()
+        yield from self._lookahead.batches(self.num_batches, lambda b: ids[b * size : (b + 1) * size],
+                                           lambda b: ids[b * size : (b + 1) * size].tolist())
 
 
 def _block_options(block_chunks, window_blocks, shuffle: bool) -> tuple[int | None, int]:

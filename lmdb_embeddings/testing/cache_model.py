@@ -72,6 +72,10 @@ class FakeChunkIO:
         assert self.writer, "a reader spilled a chunk"
         self.pending[chunk] = np.array(rows, copy=True)
 
+    def staging(self, n_rows):
+        assert self.writer, "a reader assembled a chunk to spill"
+        return np.empty((n_rows, self.width), np.float32)
+
     def _clean_only(self, slots):
         chunks = set((np.asarray(slots) // self.chunk_rows).tolist())
         spilled = chunks & set(self.pending)
@@ -174,6 +178,17 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def put(self, data):
         slots = self._slots(data, unique=True)
+        values = self.rng.standard_normal((len(slots), self.width)).astype(np.float32)
+        self.cache.scatter(slots, values)
+        self.model[slots] = values
+        self._note_dirty()
+
+    @precondition(lambda self: self.cache is not None and self.writer and self.table.rows > 0)
+    @rule(data=st.data())
+    def put_a_run(self, data):
+        """A put of consecutive slots, as a pass in row order makes: the write buffer appends its keys."""
+        lo = data.draw(st.integers(0, self.table.rows - 1))
+        slots = np.arange(lo, data.draw(st.integers(lo + 1, self.table.rows)), dtype=np.int64)
         values = self.rng.standard_normal((len(slots), self.width)).astype(np.float32)
         self.cache.scatter(slots, values)
         self.model[slots] = values

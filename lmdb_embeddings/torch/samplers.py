@@ -15,11 +15,15 @@ task; README's "Shuffling with locality" gives the figures.
 
 Positions are what ``EmbeddingDataset`` (or any dataset over the same IDs) indexes: row slots of
 the store by default, or positions into ``ids`` when a dataset serves its own ID list.
+
+A batch sampler knows its next batches, so it can hint them to the store (``prefetch=k``: when batch
+``b`` is yielded, batches ``b+1 .. b+k`` have been passed to ``store.prefetch``); :class:`Lookahead`
+does that for these samplers and ``ShardedSampler``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -58,6 +62,33 @@ def block_shuffle_rows(rng: np.random.Generator, num_rows: int, block_rows: int,
     """Row slots ``0..num_rows-1`` in block-shuffled order, a block being ``block_rows`` consecutive slots."""
     blocks = np.arange(num_rows, dtype=np.int64) // block_rows
     return block_shuffle_order(rng, blocks, -(-num_rows // block_rows), window_blocks)
+
+
+class Lookahead:
+    """Hints a store with the IDs of the next ``ahead`` batches while a batch sampler yields the current one.
+
+    ``ahead=0`` hints nothing. The hints go to ``store.prefetch`` (a thread of the store's serves them:
+    ``core/prefetch.py``), from the process that iterates the sampler: the training process with
+    ``num_workers=0``; with workers, the main process, whose hints read the pages ahead into the kernel's
+    page cache that the workers share.
+    """
+
+    def __init__(self, store: object, ahead: object):
+        self.ahead = as_non_negative_int(ahead, "prefetch")
+        self.store = store if self.ahead else None
+        if self.ahead and not callable(getattr(store, "prefetch", None)):
+            raise InvalidInputError("prefetch hints the store the batches come from: pass the store or the "
+                                    "dataset as the source (a count of positions has no store)")
+
+    def batches(self, count: int, ids_of: Callable[[int], np.ndarray],
+                batch: Callable[[int], list[int]]) -> Iterator[list[int]]:
+        """``batch(b)`` for ``b`` in ``range(count)``, the IDs of batches ``b+1 .. b+ahead`` hinted before each."""
+        store, ahead = self.store, self.ahead
+        for b in range(count):
+            if store is not None:
+                for nxt in range(b + 1 if b == 0 else b + ahead, min(b + ahead, count - 1) + 1):
+                    store.prefetch(ids_of(nxt))  # type: ignore[attr-defined]
+            yield batch(b)
 
 
 class _BlockShuffle:
@@ -136,16 +167,21 @@ class BlockShuffleBatchSampler(_BlockShuffle, Sampler[list[int]]):
 
     For ``DataLoader(ds, batch_sampler=...)``: with ``EmbeddingDataset`` each batch is ONE ``get``. The last
     batch of an epoch may be shorter; ``drop_last=True`` drops it, as ``BatchSampler`` does. Same
-    arguments as :class:`BlockShuffleSampler`, plus ``batch_size`` and ``drop_last``.
+    arguments as :class:`BlockShuffleSampler`, plus ``batch_size``, ``drop_last`` and ``prefetch``: the number
+    of batches ahead whose IDs are hinted to the store (``store.prefetch``) while a batch is yielded (0: none;
+    it needs a store or a dataset as the source).
     """
 
     def __init__(self, source: object, batch_size: int, ids: object = None, *, drop_last: bool = False,
-                 chunk_rows: int | None = None, block_chunks: int = 1, window_blocks: int = 16, seed: int = 0):
+                 chunk_rows: int | None = None, block_chunks: int = 1, window_blocks: int = 16, seed: int = 0,
+                 prefetch: int = 0):
         self.batch_size = as_positive_int(batch_size, "batch_size")
         if not isinstance(drop_last, (bool, np.bool_)):
             raise InvalidTypeError(f"drop_last must be a bool, got {drop_last!r}")
         self.drop_last = bool(drop_last)
         _BlockShuffle.__init__(self, source, ids, chunk_rows, block_chunks, window_blocks, seed)
+        store, self._served = _served_ids(source, ids)
+        self._lookahead = Lookahead(store, prefetch)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -153,12 +189,13 @@ class BlockShuffleBatchSampler(_BlockShuffle, Sampler[list[int]]):
         return -(-self.num_positions // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order, size = self.order(), self.batch_size
-        for b in range(len(self)):
-            yield order[b * size : (b + 1) * size].tolist()
+        order, size, served = self.order(), self.batch_size, self._served
+        yield from self._lookahead.batches(len(self), lambda b: served[order[b * size : (b + 1) * size]],
+                                           lambda b: order[b * size : (b + 1) * size].tolist())
 
     def __repr__(self) -> str:
-        return f"BlockShuffleBatchSampler(batch_size={self.batch_size}, drop_last={self.drop_last}, {self._describe()})"
+        return (f"BlockShuffleBatchSampler(batch_size={self.batch_size}, drop_last={self.drop_last}, "
+                f"prefetch={self._lookahead.ahead}, {self._describe()})")
 
 
 def _positions(source: object, ids: object, chunk_rows: object) -> tuple[int, int, np.ndarray | None]:
@@ -192,6 +229,15 @@ def _positions(source: object, ids: object, chunk_rows: object) -> tuple[int, in
     return len(wanted), own, _slots(store_ids, wanted)
 
 
+def _served_ids(source: object, ids: object) -> tuple[object, np.ndarray | None]:
+    """(the store, the ID at each position) of a checked source; (None, None) for a count of positions."""
+    if isinstance(source, EmbeddingDataset):
+        return source.store, source.ids
+    if not is_table_handle(source):
+        return None, None
+    return source, (source.ids if ids is None else as_ids(ids, "BlockShuffleSampler ids"))  # type: ignore[attr-defined]
+
+
 def _slots(store_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The row slot of each of ``ids`` (its position in ``store_ids``); unknown IDs are a ``KeyError``."""
     sorter = np.argsort(store_ids, kind="stable")
@@ -204,4 +250,4 @@ def _slots(store_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return slots
 
 
-__all__ = ["BlockShuffleSampler", "BlockShuffleBatchSampler", "block_shuffle_order", "block_shuffle_rows"]
+__all__ = ["BlockShuffleSampler", "BlockShuffleBatchSampler", "Lookahead", "block_shuffle_order", "block_shuffle_rows"]

@@ -281,7 +281,16 @@ def _sampler_checks(store: ShardedEmbeddingStore, rank: int, world: int) -> dict
     slot = {x: s for s, x in enumerate(store.local.ids.tolist())}  # the shard's row slots
     chunks = [slot[x] // store.local.chunk_rows for x in block_flat[: len(owned)]]
     blocks.set_epoch(1)
-    return {"blocks": {"len": len(blocks), "covers_owned": set(block_flat) == owned,
+    hinted: list = []  # what prefetch=2 hints: each later batch's IDs once, none of the batches change
+    local = store.local
+    local_prefetch, local.prefetch = local.prefetch, hinted.append
+    try:
+        with_hints = list(ShardedSampler(store, 16, seed=4, prefetch=2))
+    finally:
+        local.prefetch = local_prefetch
+    return {"prefetch": {"same_batches": with_hints == first,
+                         "hints_next_batches": [list(h) for h in hinted] == [list(b) for b in first[1:]]},
+            "blocks": {"len": len(blocks), "covers_owned": set(block_flat) == owned,
                        # windows of 2 one-chunk blocks: a batch of 16 <= a window's rows spans <= 2 windows
                        "max_chunks_per_batch": max(len(set(chunks[i : i + 16])) for i in range(0, len(chunks), 16)),
                        "reshuffled": sum(blocks, []) != block_flat,

@@ -150,3 +150,46 @@ def test_write_heavy_shuffled_pass_10x_the_cache_then_one_commit_stays_within_me
     assert seen["ok"] and seen["merges"] > 0 and seen["loaded"] == 0, seen
     assert seen["peak_mb"] <= CACHE_MB + OVERHEAD_MB, seen
     assert seen["disk_x_table"] <= 3.0, seen
+
+
+def test_the_row_buffer_matches_a_dict_through_appends_inserts_takes_cuts_and_compactions():
+    """RowWriteBuffer alone against a dict: runs of keys past the held ones (appended in place), random keys
+    (inserted), keys written twice, chunks taken out, ranges dropped, compactions; keys stay sorted and unique."""
+    from lmdb_embeddings.core.write_buffer import RowWriteBuffer
+
+    rng = np.random.default_rng(5)
+    buffer = RowWriteBuffer(3, np.float32)
+    buffer.set_budget(400 * (12 + 16))
+    model: dict[int, np.ndarray] = {}
+    for step in range(400):
+        action = rng.integers(0, 6)
+        if action <= 2:  # a run past the held keys, random keys, or both kinds at once
+            top = max(model, default=-1)
+            run = np.arange(top + 1, top + 1 + rng.integers(1, 20), dtype=np.int64)
+            scattered = rng.choice(2000, size=rng.integers(1, 20), replace=False).astype(np.int64)
+            slots = run if action == 0 else scattered if action == 1 else np.unique(np.concatenate([run, scattered]))
+            slots = rng.permutation(slots) if action == 2 else slots
+            new = sum(int(k) not in model for k in slots.tolist())
+            if new > buffer.room:
+                buffer.compact() if buffer.limit - len(buffer) >= new else (buffer.clear(), model.clear())
+            values = rng.standard_normal((len(slots), 3)).astype(np.float32)
+            buffer.write(slots, values)
+            model.update(zip(slots.tolist(), values, strict=True))
+        elif action == 3 and model:  # a chunk of 16 slots comes into L1 and takes its rows
+            lo = int(rng.choice(list(model))) // 16 * 16
+            keys, rows = buffer.take(lo, lo + 16)
+            assert keys.tolist() == sorted(k for k in model if lo <= k < lo + 16)
+            for k, row in zip(keys.tolist(), rows, strict=True):
+                assert np.array_equal(row, model.pop(k))
+        elif action == 4 and model:
+            lo = int(rng.integers(0, max(model) + 1))
+            buffer.drop_range(lo, lo + 50)
+            model = {k: v for k, v in model.items() if not lo <= k < lo + 50}
+        else:
+            buffer.compact()
+        held = sorted(model)
+        assert buffer.keys.tolist() == held, f"step {step}"
+        if held:
+            out = np.zeros((len(held), 3), np.float32)
+            buffer.overlay(np.array(held, np.int64), out)
+            assert np.array_equal(out, np.array([model[k] for k in held])), f"step {step}"

@@ -152,6 +152,12 @@ def test_sharded_sampler_gives_each_rank_its_own_ids_in_equal_batches(run):
         assert np.all(np.array(s["sizes"][:-1]) == 16)
 
 
+def test_sharded_sampler_prefetch_hints_each_next_batch_to_the_rank_shard(run):
+    _, results, _ = run
+    for r in results:
+        assert r["sampler"]["prefetch"] == {"same_batches": True, "hints_next_batches": True}
+
+
 def test_sharded_sampler_with_blocks_keeps_each_batch_within_two_windows_of_the_shard(run):
     _, results, _ = run
     for r in results:

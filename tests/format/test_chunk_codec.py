@@ -97,6 +97,24 @@ def test_the_reusing_encoder_gives_the_bytes_of_encode_chunk():
             assert bytes(encoder.encode(rows, index, version)) == encode_chunk(rows, index, version)
 
 
+def test_rows_assembled_in_the_encoders_staging_area_encode_to_the_same_bytes_without_a_copy():
+    from lmdb_embeddings.format.chunks import ChunkEncoder
+
+    encoder = ChunkEncoder()
+    rng = np.random.default_rng(2)
+    for n, width, dtype in ((511, 128, np.float32), (3, 5, np.float16), (0, 4, np.float32), (1024, 16, np.float32)):
+        rows = rng.standard_normal((n, width)).astype(dtype)
+        staged = encoder.staging(n, width, dtype)
+        staged[:] = rows
+        for index, version in ((0, 0), (9, 2**33)):  # the same staged rows, headers of other lengths
+            value = encoder.encode(staged, index, version)
+            assert bytes(value) == encode_chunk(rows, index, version)
+        if n:  # no copy: the value's payload is the staging area itself
+            assert np.shares_memory(np.frombuffer(value, np.uint8), staged)
+        other = rows[::-1].copy()  # an array from elsewhere is copied into place, as before
+        assert bytes(encoder.encode(other, 1, 1)) == encode_chunk(other, 1, 1)
+
+
 def test_the_struct_header_parse_agrees_with_msgpack():
     import msgpack
 

@@ -139,11 +139,55 @@ def test_bad_arguments_are_refused_with_a_clear_error(small_store):
         (lambda: le.BlockShuffleBatchSampler(small_store, 0), ValueError, "batch_size"),
         (lambda: le.BlockShuffleBatchSampler(small_store, 8, drop_last=1), TypeError, "drop_last"),
         (lambda: le.BlockShuffleSampler(small_store).set_epoch(-1), ValueError, "epoch"),
+        (lambda: le.BlockShuffleBatchSampler(small_store, 8, prefetch=-1), ValueError, "prefetch"),
+        (lambda: le.BlockShuffleBatchSampler(100, 8, chunk_rows=4, prefetch=1), ValueError, "has no store"),
     ]
     for call, builtin, words in bad:
         with pytest.raises(builtin, match=words) as caught:
             call()
         assert isinstance(caught.value, le.EmbeddingStoreError)
+
+
+class _Hints:
+    """Records what a sampler hints to its store, and which batches had been yielded at each hint."""
+
+    def __init__(self, store, monkeypatch):
+        self.calls: list[tuple[int, list[int]]] = []
+        self.yielded = 0
+        monkeypatch.setattr(store, "prefetch", lambda ids: self.calls.append((self.yielded, np.asarray(ids).tolist())))
+
+    def run(self, sampler) -> list[list[int]]:
+        out = []
+        for batch in sampler:
+            out.append(batch)
+            self.yielded += 1
+        return out
+
+
+@pytest.mark.parametrize("ahead", [1, 3, 40])
+@pytest.mark.parametrize("with_dataset_ids", [False, True])
+def test_prefetch_hints_each_next_batchs_ids_once_before_it_is_yielded(small_store, monkeypatch, ahead,
+                                                                       with_dataset_ids):
+    ids = small_store.ids[::-3].copy() if with_dataset_ids else None  # positions into the dataset's own ids
+    source = le.EmbeddingDataset(small_store, ids) if with_dataset_ids else small_store
+    served = ids if with_dataset_ids else small_store.ids
+    plain = le.BlockShuffleBatchSampler(source, 30, window_blocks=2, seed=3)
+    hints = _Hints(small_store, monkeypatch)
+    batches = hints.run(le.BlockShuffleBatchSampler(source, 30, window_blocks=2, seed=3, prefetch=ahead))
+    assert batches == list(plain)  # a hint changes no batch
+    assert [ids for _, ids in hints.calls] == [served[b].tolist() for b in batches[1:]]  # each later batch, once
+    for yielded, hinted in hints.calls:  # batch k is hinted while batch k - ahead (or the first) is being used
+        k = next(i for i, b in enumerate(batches) if served[b].tolist() == hinted)
+        assert yielded == max(0, k - ahead)
+
+
+def test_prefetch_through_a_dataloader_gives_the_same_rows(small_store):
+    ds = le.EmbeddingDataset(small_store)
+    want = list(DataLoader(ds, batch_sampler=le.BlockShuffleBatchSampler(small_store, 64, seed=1)))
+    sampler = le.BlockShuffleBatchSampler(small_store, 64, seed=1, prefetch=2)
+    got = list(DataLoader(ds, batch_sampler=sampler))
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert small_store._prefetcher.wait_idle() and small_store._prefetcher.served > 0  # the hints were served
 
 
 @implements_table_handle
