@@ -5,7 +5,7 @@ float32 store, opens it with ``cache_mb``, gets/puts every row in row order (bat
 1024, ``+ 0.01``) and commits once at the end, sampling its own RssAnon every 5 ms. It prints
 the RssAnon at open (the process: interpreter, numpy, LMDB), the peak during the pass and
 the commit, and the cache bytes: the store's promise is peak <= open + cache, whatever the
-table size (``tests/test_memory_bound.py`` asserts it at a size CI can afford).
+table size (``tests/processes/test_memory_bound.py`` asserts it at a size CI can afford).
 """
 
 from __future__ import annotations

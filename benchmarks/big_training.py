@@ -23,7 +23,8 @@ moments), and RssAnon after the run. Results: ``benchmarks/results/big_training.
 ended by a commit (memmap: a flush), so the timed run meets a store in its steady state, where LMDB reuses
 the pages that commits before the last one freed (a fresh store's first commits take new pages of the file,
 which the kernel zero-fills when they are first written through the map).
-``--quick``: a small table through a small cache, one round (a smoke test, ``tests/test_bench_big_training.py``).
+``--quick``: a small table through a small cache, one round (a smoke test,
+``tests/project/test_bench_big_training.py``).
 """
 
 from __future__ import annotations

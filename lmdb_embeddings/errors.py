@@ -4,7 +4,7 @@ Every error the package raises derives from :class:`EmbeddingStoreError` and, wh
 spec names a builtin (``KeyError``, ``ValueError`` ...), from that builtin too, so callers
 can catch either the library's base class or the ordinary Python exception.
 
-Every exception class of the package is defined here and nowhere else (``tests/test_layout.py``
+Every exception class of the package is defined here and nowhere else (``tests/project/test_layout.py``
 checks it), so the modules that raise them, and other ranks that rebuild them by name, find one
 class per name. The modules that raised them first still re-export the public ones.
 """

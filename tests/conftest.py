@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
+from checkout import FIXTURES, ROOT, SUPPORT, run_cli, run_python, subprocess_env  # noqa: F401 (the tests' imports)
 from dist_harness import launch
 
 import lmdb_embeddings as le
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -24,7 +20,7 @@ DIST_TRAINING = {2: ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"],
 
 @pytest.fixture(scope="session", params=[2, 4], ids=lambda w: f"{w}ranks")
 def dist_suite(request, tmp_path_factory):
-    """ONE launch of W real gloo ranks (tests/dist_scenarios.py ``suite``) shared by the distributed tests:
+    """ONE launch of W real gloo ranks (tests/_support/dist_scenarios.py ``suite``) shared by the distributed tests:
     (world, every rank's report, workdir). A process start per rank costs seconds on 2 cores: start once."""
     world = request.param
     workdir = str(tmp_path_factory.mktemp(f"dist{world}"))
@@ -53,30 +49,3 @@ def one_torch_thread():
 
 def rows_like(n: int, dim: int, value: float = 0.0, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, dim)) * 0.1 + value).astype(np.float32)
-
-
-def subprocess_env() -> dict:
-    """Environment for child Python processes: this checkout first on the import path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def run_python(code: str, *args: str, timeout: float = 120, check: bool = True):
-    """Run ``code`` in a fresh interpreter (a real subprocess) and return the CompletedProcess."""
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(), cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def run_cli(*args: str, timeout: float = 300, stdin=None):
-    """Run ``python -m lmdb_embeddings ARGS`` in a subprocess (stderr is not a TTY)."""
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "lmdb_embeddings", *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(), cwd=ROOT, stdin=stdin)

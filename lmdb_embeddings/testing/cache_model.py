@@ -12,7 +12,7 @@ merges), prefetches, adds, merges, commits and rollbacks, and, for a reader, com
 invariants; after every get, the rows against the model. The fake refuses what the session must never
 be asked: a spilled or dirty chunk read from the map, a spill by a reader.
 
-Run it with pytest (``tests/test_cache_model.py``)::
+Run it with pytest (``tests/testing/test_cache_model.py``)::
 
     from lmdb_embeddings.testing.cache_model import CacheMachine
     TestCache = CacheMachine.TestCase

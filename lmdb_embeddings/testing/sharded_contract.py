@@ -9,8 +9,8 @@ order, each test's calls in step::
     class TestSharded(ShardedStoreContract):
         open_options = {"cache_mb": 8}
 
-tests/dist_contract.py is such a file; tests/test_contracts.py has every rank of a real gloo group
-(1 and 2 ranks, tests/dist_harness.py) run it with ``pytest.main`` and checks every rank's outcomes.
+tests/_support/dist_contract.py is such a file; tests/testing/test_contracts.py has every rank of a real gloo group
+(1 and 2 ranks, tests/_support/dist_harness.py) run it with ``pytest.main`` and checks every rank's outcomes.
 The store is made in rank 0's temporary directory, a path every rank uses (the ranks share one
 machine); each rank writes its :meth:`ShardedStoreContract.share` of every write; the handles are
 the writer and a read-only sharded store (a sharded store does not pickle: its shard,

@@ -1,6 +1,6 @@
 """A user's script written against the README's API, for ``mypy --strict`` and ``pyright --strict``.
 
-tests/test_typing.py type-checks it as a user would (the package installed, not its source
+tests/project/test_packaging.py type-checks it as a user would (the package installed, not its source
 checked) and runs it. Every function returns what the library returns, so an ``Any`` coming
 from the library is an error (``--warn-return-any``), and the lazily imported names are used
 as types. ``# type: ignore`` lines are checks too: ``--warn-unused-ignores`` (part of

@@ -4,7 +4,7 @@ Each race runs in real processes, with enough trials to have caught the fault on
 it was reported against (the counts are in each test's docstring), and every wait is
 bounded so that a hang fails the test instead of blocking the run. The CI sizes run with
 the rest of the suite; ``python tools/torture.py`` runs the long ones (``tl.knob``).
-The child roles are in ``tests/guarantees_child.py``.
+The child roles are in ``tests/_support/guarantees_child.py``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import lmdb_embeddings as le
 
 pytestmark = pytest.mark.torture
 
-COMMIT_CHILD = os.path.join(os.path.dirname(tl.HERE), "commit_child.py")
+COMMIT_CHILD = os.path.join(tl.HERE, "commit_child.py")
 SIGNALS = tl.knob("signals", 40, 1000)
 SIGNAL_ROWS = tl.knob("signal_rows", 20_000, 50_000)
 SLOW_SYNC_MS = tl.knob("signal_sync_ms", 15, 15)

@@ -12,11 +12,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import FIXTURES, run_cli
 
 import lmdb_embeddings as le
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "format_v1")
+DATA = os.path.join(FIXTURES, "format_v1")
 COLUMN = "opt.SparseAdam.exp_avg"
 
 

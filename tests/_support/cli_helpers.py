@@ -11,7 +11,7 @@ import sys
 import termios
 
 import numpy as np
-from conftest import ROOT, run_cli, subprocess_env
+from checkout import ROOT, run_cli, subprocess_env
 
 import lmdb_embeddings as le
 

@@ -14,11 +14,11 @@ import textwrap
 
 import pytest
 from cli_helpers import assert_one_line_error
-from conftest import ROOT, run_python, subprocess_env
+from conftest import FIXTURES, ROOT, run_python, subprocess_env
 
 import lmdb_embeddings as le
 
-TYPED_SCRIPT = os.path.join(ROOT, "tests", "data", "typed_user_script.py")
+TYPED_SCRIPT = os.path.join(FIXTURES, "typed_user_script.py")
 TORCH_HINT = "needs torch: pip install torch==2.13.0"
 
 

@@ -17,13 +17,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, SUPPORT, subprocess_env
 from guarantees_lib import build_fault_shim, cli_ok, committed_table, fill_disk, small_tmpfs
 
 import lmdb_embeddings as le
 from lmdb_embeddings.fsutil import allocated_bytes
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commit_child.py")
+CHILD = os.path.join(SUPPORT, "commit_child.py")
 
 
 @pytest.fixture(scope="module")

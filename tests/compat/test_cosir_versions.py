@@ -18,7 +18,7 @@ Eras (upstream blob, first commit):
   2026-04-28  76705dc (fec794f): template_config.json + TemplateIncompatibleError
 
 Where the upstream scripts open a second manager on a directory whose first manager is still open,
-so do these replays: managers of one process share one store (issue 21; tests/test_manager_sharing.py).
+so do these replays: managers of one process share one store (issue 21; tests/compat/test_manager_sharing.py).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run_cli, run_python
+from conftest import FIXTURES, ROOT, run_cli, run_python
 
 import lmdb_embeddings as le
 
-DATA = Path(__file__).parent / "data" / "cosir"
+DATA = Path(FIXTURES) / "cosir"
 
 N = 230            # sample ids 0..N-1: CoSiR's ids are dataset indices
 CLIP = 12          # feature width
@@ -753,7 +753,7 @@ def test_upstream_feature_embedding_script_sequence(tmp_path):
 
 def test_migrating_has_a_table_per_upstream_version():
     """Item 11: docs/MIGRATING.md covers each upstream version, not only the September one."""
-    text = (Path(__file__).parent.parent / "docs" / "MIGRATING.md").read_text()
+    text = (Path(ROOT) / "docs" / "MIGRATING.md").read_text()
     for needle in ("embedding_manager_nocache.py", "2025-09-30", "2025-10-14", "2026-03-09", "2026-04-07",
                    "2026-04-28", 'mode="ram"', "embeddings.npy", "TemplateIncompatibleError", "export-cosir"):
         assert needle in text, needle

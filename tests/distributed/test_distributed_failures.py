@@ -1,6 +1,6 @@
 """Sharded stores whose process group fails, and whose directory was put together wrongly (issue 18, items 5, 13).
 
-Real gloo ranks on 127.0.0.1 (tests/dist_harness.py); the scenarios are in tests/dist_failures.py.
+Real gloo ranks on 127.0.0.1 (tests/_support/dist_harness.py); the scenarios are in tests/_support/dist_failures.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 
 import lmdb_embeddings as le
 
@@ -134,7 +134,7 @@ def fill_disk(directory: str, leave: int = 0) -> str:
 
 
 def build_fault_shim(directory: str) -> str:
-    """Compile the LD_PRELOAD fault shim (tests/torture/eio_shim.c) into ``directory``; its path.
+    """Compile the LD_PRELOAD fault shim (tests/_support/eio_shim.c) into ``directory``; its path.
 
     Skips the test when no C compiler is found."""
     import shutil
@@ -145,7 +145,7 @@ def build_fault_shim(directory: str) -> str:
     if cc is None:
         pytest.skip("fault injection needs a C compiler to build the LD_PRELOAD shim (none found)")
     out = os.path.join(directory, "eio_shim.so")
-    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", out, os.path.join(HERE, "torture", "eio_shim.c"),
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", out, os.path.join(HERE, "eio_shim.c"),
                            "-ldl"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return out

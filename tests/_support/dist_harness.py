@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 
+from checkout import ROOT
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "dist_worker.py")
 PG_TIMEOUT_S = 30  # a rank stuck in a collective fails after this instead of hanging
 

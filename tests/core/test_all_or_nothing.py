@@ -1,7 +1,7 @@
 """A put or add that fails part way changes nothing (issue 12, item 9): the undo paths one by one.
 
-``test_guarantees_inputs.py`` and ``test_guarantees_faults.py`` show the faults as a user
-meets them (a damaged chunk, a full disk); these tests drive each way back deterministically.
+``tests/store/test_hostile_inputs.py`` and ``tests/processes/test_full_and_read_only_filesystems.py`` show the
+faults as a user meets them (a damaged chunk, a full disk); these tests drive each way back deterministically.
 """
 
 from __future__ import annotations

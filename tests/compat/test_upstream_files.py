@@ -1,7 +1,7 @@
 """Upstream CoSiR files written and read through the one table path: full disks, and each .pt file loaded once.
 
-The round trips themselves are the shipped ``TableContract`` (tests/test_contracts.py, kinds
-``memmap`` and ``cosir``) and the replays of tests/test_cosir_versions.py.
+The round trips themselves are the shipped ``TableContract`` (tests/testing/test_contracts.py, kinds
+``memmap`` and ``cosir``) and the replays of tests/compat/test_cosir_versions.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """StoreContract on ShardedEmbeddingStore: the file every rank runs with pytest, in step, inside its process group
-(``dist_scenarios.store_contract``; tests/test_contracts.py checks every rank's outcomes)."""
+(``dist_scenarios.store_contract``; tests/testing/test_contracts.py checks every rank's outcomes)."""
 
 from __future__ import annotations
 

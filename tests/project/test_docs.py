@@ -8,7 +8,7 @@
 * Shell: every command of a ```bash block, and every inline `python ...`, `pytest ...`,
   `lmdb-embeddings ...`, `torchrun ...`, `bash ...` span, is checked as written: pytest commands
   collect (``--collect-only``), the others are run up to their argument parsing by
-  tests/docs_dry_run.py (the module or script imports and accepts exactly those arguments; the
+  tests/_support/docs_dry_run.py (the module or script imports and accepts exactly those arguments; the
   long runs themselves are exercised with small arguments by the tests named in ``EXERCISED``).
   A span that names a command without arguments (`lmdb-embeddings verify`) is checked with --help.
 
@@ -18,6 +18,7 @@ A block that cannot run here is marked on the line right before its fence with
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
@@ -28,21 +29,21 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, SUPPORT, subprocess_env
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 COMMAND_WORDS = ("python ", "python3 ", "pytest ", "bash ", "torchrun ", "lmdb-embeddings", "pip ")
-PIP_EXEMPT = "installs packages from the index: tools/setup_env.sh runs them (tests/test_scripts.py)"
+PIP_EXEMPT = "installs packages from the index: tools/setup_env.sh runs them (tests/project/test_scripts.py)"
 
 # documented commands whose real runs (with small arguments) are tests of their own
 EXERCISED = {
-    "bash tools/demo.sh": "tests/test_scripts.py::test_the_demo_reports_progress_during_the_epoch",
+    "bash tools/demo.sh": "tests/project/test_scripts.py::test_the_demo_reports_progress_during_the_epoch",
     "bash tools/test.sh": "CI itself (.ci/run)",
-    "bash tools/setup_env.sh": "tests/test_scripts.py::test_setup_env_installs_only_when_something_changed",
-    "examples/train_sharded.py": "tests/test_distributed_training.py::test_the_example_runs_under_torchrun",
-    "benchmarks.run": "tests/test_benchmarks_quick.py",
+    "bash tools/setup_env.sh": "tests/project/test_scripts.py::test_setup_env_installs_only_when_something_changed",
+    "examples/train_sharded.py": "tests/distributed/test_distributed_training.py::test_the_example_runs_under_torchrun",
+    "benchmarks.run": "tests/project/test_benchmarks_quick.py",
 }
 
 
@@ -172,7 +173,7 @@ def check_command(command: str, bare: bool) -> str:
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{command}: {proc.stdout[-3000:]}{proc.stderr[-2000:]}"
         return "collects"
-    dry_run = [sys.executable, os.path.join(ROOT, "tests", "docs_dry_run.py")]
+    dry_run = [sys.executable, os.path.join(SUPPORT, "docs_dry_run.py")]
     proc = subprocess.run([*dry_run, *words], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode == 2 and bare:  # a command named in prose without the arguments it needs
         proc = subprocess.run([*dry_run, *words, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -202,3 +203,61 @@ def test_the_console_script_is_installed_where_the_docs_say():
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lmdb-embeddings"), "--version"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("lmdb-embeddings "), proc.stderr
+
+
+
+# Files of upstream CoSiR's repository that docs/MIGRATING.md and test docstrings quote: not ours.
+UPSTREAM_TEST_FILES = {"tests/debug_embedding_init.py", "tests/verify_embedding_fix.py",
+                       "tests/test_nocache_manager.py", "tests/test_template_embedding.py",
+                       "tests/test_cosir_evaluator_corrected.py"}
+# ``tests/<file>.py``, ``tests/<file>.py::name``, or ``::name`` (of the file named last); a ``[parameter]`` is
+# not checked
+TEST_REFERENCE = re.compile(r"(?<![\w/.])(?:(tests/[\w/]+\.py)(?:::(\w+))?|::(\w+))")
+BARE_TEST_FILE = re.compile(r"(?<![\w/.])test_\w+\.py")
+
+
+def _defined_names(path: str) -> set[str]:
+    """Functions and classes of a test file, at top level and inside its classes."""
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    return {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def _files_naming_tests() -> list[str]:
+    """The docs, and every source, script and note that may name a test file."""
+    patterns = ["lmdb_embeddings/**/*.py", "benchmarks/**/*.py", "benchmarks/**/*.md", "tools/*", "examples/*.py",
+                "tests/**/*.py", "tests/**/*.md", "pyproject.toml"]
+    found = {os.path.relpath(p, ROOT) for pattern in patterns
+             for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)}
+    return sorted(set(DOCS) | {p for p in found if os.path.isfile(os.path.join(ROOT, p))})
+
+
+def _wrong_test_references(doc: str) -> list[str]:
+    text = open(os.path.join(ROOT, doc)).read()
+    wrong, current = [], None
+    for match in TEST_REFERENCE.finditer(text):
+        path, name = match.group(1), match.group(2) or match.group(3)
+        if path in UPSTREAM_TEST_FILES:
+            current = None
+            continue
+        if path and not os.path.isfile(os.path.join(ROOT, path)):
+            wrong.append(f"{doc}: {path} does not exist")
+            current = None
+            continue
+        current = path or current
+        if name and doc in DOCS:
+            if current is None:
+                wrong.append(f"{doc}: ::{name} follows no test file of ours")
+            elif name not in _defined_names(current):
+                wrong.append(f"{doc}: {current}::{name} is not defined there")
+    if doc in DOCS:
+        wrong += [f"{doc}: {m.group(0)}: name it from the repository root (tests/...)" for m in
+                  BARE_TEST_FILE.finditer(text)]
+    return wrong
+
+
+def test_every_test_the_docs_name_exists():
+    """Every ``tests/<file>.py`` named in the repository (docs, docstrings, comments) is a file, and every test
+    the docs name (``tests/<file>.py::name``, then ``::name`` for the same file) is defined in it, so the map
+    from promise to test in docs/GUARANTEES.md stays true when tests move or are renamed."""
+    wrong = [line for doc in _files_naming_tests() for line in _wrong_test_references(doc)]
+    assert not wrong, "\n".join(wrong)

@@ -75,7 +75,7 @@ def _new_ids(rank: int, batch: int = 0) -> np.ndarray:
 
 # ------------------------------------------------------------------------- the store contract
 def store_contract(rank: int, world: int, workdir: str) -> dict:
-    """Every rank runs ``StoreContract`` on the sharded store (tests/dist_contract.py) with pytest, in step:
+    """Every rank runs ``StoreContract`` on the sharded store (tests/_support/dist_contract.py) with pytest, in step:
     ``{"exit": pytest's exit code, "outcomes": {test id: "passed" | "skipped" | "failed in <when>: <report>"}}``."""
     outcomes: dict[str, str] = {}
 
@@ -94,9 +94,10 @@ def store_contract(rank: int, world: int, workdir: str) -> dict:
 
 # ------------------------------------------------------------------- what only a sharded store promises
 def sharded(rank: int, world: int, workdir: str) -> dict:
-    """What a sharded store promises beyond the store contract (StoreContract runs on it: tests/dist_contract.py):
-    the table equals a single store fed every rank's calls, for any world size; collective errors; the two-phase
-    commit's failures and recovery; the rules of a collective open; the sampler. Each part reports to ``out``."""
+    """What a sharded store promises beyond the store contract (StoreContract runs on it:
+    tests/_support/dist_contract.py): the table equals a single store fed every rank's calls, for any world size;
+    collective errors; the two-phase commit's failures and recovery; the rules of a collective open; the sampler.
+    Each part reports to ``out``."""
     out: dict = {}
     path = os.path.join(workdir, "sharded")
     store = ShardedEmbeddingStore.create(path, GLOBAL_IDS, DIM, chunk_rows=CR, seed=3, cache_mb=8)

@@ -285,7 +285,7 @@ def test_unknown_and_repeated_ids(tmp_path):
 
 
 def test_a_plain_writable_handle_in_this_process_refuses_a_manager(tmp_path):
-    """Managers on one directory share their store (tests/test_manager_sharing.py); a plain writer does not."""
+    """Managers on one directory share their store (tests/compat/test_manager_sharing.py); a plain writer does not."""
     first = make(tmp_path)
     path = first.store_path
     first.close()

@@ -4,7 +4,7 @@ No import cycle between modules; imports at module top level (the only exception
 imported where the tensor API needs it, so the core and the CLI start without it); no class
 over 400 lines and no module over 700; ``format/`` never imports the store; the core, the
 formats, the processes and the ops never import torch; every exception class lives in ``errors.py``;
-folders import only downwards, in the order of ``LAYERS``.
+folders import only downwards, in the order of ``LAYERS``; tests/ mirrors the package, helpers in tests/_support/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import pytest
 
 PACKAGE = "lmdb_embeddings"
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PACKAGE)
 MAX_CLASS_LINES, MAX_MODULE_LINES = 400, 700
 TORCH_FREE = ("inputs", "core", "format", "processes", "sharding", "ops", "cli")
 
@@ -207,7 +207,7 @@ def _layer(module: str) -> int | None:
     for rank, (_, members) in enumerate(LAYERS):
         if parts[1] in members:
             return rank
-    raise AssertionError(f"{module} is in no layer of tests/test_layout.py LAYERS: place it there")
+    raise AssertionError(f"{module} is in no layer of tests/project/test_layout.py LAYERS: place it there")
 
 
 def test_folders_import_only_downwards():
@@ -226,3 +226,38 @@ def test_folders_import_only_downwards():
             upwards.append(f"{module} ({LAYERS[rank][0]}) imports {dep} ({LAYERS[dep_rank][0]})")
     assert not upwards, ("imports against the folder order (errors/options -> format -> processes -> core -> "
                          "sharding -> store -> ops -> extensions -> cli):\n" + "\n".join(upwards))
+
+
+TESTS = os.path.join(os.path.dirname(ROOT), "tests")
+# Test folders that mirror no package folder: ``store`` (the facade: the package's top-level modules),
+# ``project`` (this file, the docs, packaging, scripts, benchmarks) and ``torture`` (tools/torture.py runs it).
+TEST_FOLDERS_OF_THEIR_OWN = ("store", "project", "torture")
+SUPPORT, FIXTURES = "_support", "data"  # helpers and child scripts; files the tests read
+
+
+def test_tests_mirror_the_package_and_helpers_live_in_support():
+    """tests/core/ tests lmdb_embeddings/core/, and so on: every test file sits in a folder mirroring a package
+    folder (or one of TEST_FOLDERS_OF_THEIR_OWN); everything else only in tests/_support/ (and tests/conftest.py)
+    or, as data, in tests/data/. No two test files share a name: pytest (its default import mode, no
+    ``__init__.py`` in tests/) imports each as a top-level module named after its file."""
+    package_folders = {os.path.relpath(folder, ROOT) for folder, _, files in os.walk(ROOT) if "__init__.py" in files}
+    allowed = (package_folders - {"."}) | set(TEST_FOLDERS_OF_THEIR_OWN)
+    misplaced, first_of_name = [], {}
+    for folder, subfolders, files in os.walk(TESTS):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__" and not d.startswith("."))
+        where = os.path.relpath(folder, TESTS)
+        if where.split(os.sep)[0] in (SUPPORT, FIXTURES):
+            continue
+        for name in sorted(files):
+            path = os.path.normpath(os.path.join(where, name))
+            if name.startswith("test_") and name.endswith(".py"):
+                if where not in allowed:
+                    misplaced.append(f"tests/{path}: move it to tests/<the package folder it tests>/ "
+                                     f"(one of {sorted(allowed)})")
+                if name in first_of_name:
+                    misplaced.append(f"tests/{path}: tests/{first_of_name[name]} has that name; rename one")
+                first_of_name.setdefault(name, path)
+            elif path != "conftest.py" and not name.endswith(".pyc"):
+                misplaced.append(f"tests/{path}: not a test file: helpers go in tests/{SUPPORT}/, "
+                                 f"data in tests/{FIXTURES}/")
+    assert not misplaced, "\n".join(misplaced)

@@ -1,4 +1,5 @@
-"""What each rank runs in tests/test_distributed_failures.py (started by dist_worker.py as ``dist_failures:NAME``).
+"""What each rank runs in tests/distributed/test_distributed_failures.py (started by dist_worker.py as
+``dist_failures:NAME``).
 
 ``group_failure``: rank 0 survives; every other rank k shares a 2-rank process group with it and a store over
 that group, and dies (SIGKILL) or hangs (SIGSTOP) at one point of one collective call; rank 0 makes that call

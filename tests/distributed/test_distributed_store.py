@@ -1,9 +1,9 @@
 """ShardedEmbeddingStore on 2 and 4 real gloo ranks (subprocesses): what only a sharded store promises (lookups
 and create equal a single store's for any world size, collective errors, visibility of other ranks' calls,
 recovery, failed commits, world-size mismatch, the sampler). The store contract itself (reads, writes, commits,
-rollback, read-only handles, commit_every, closing) runs on it in tests/test_contracts.py.
+rollback, read-only handles, commit_every, closing) runs on it in tests/testing/test_contracts.py.
 
-Each world size runs ONE multi-rank scenario (tests/dist_scenarios.py ``sharded``) that checks the
+Each world size runs ONE multi-rank scenario (tests/_support/dist_scenarios.py ``sharded``) that checks the
 sharded store against single stores and reports; the tests below assert on every rank's report.
 """
 

@@ -40,7 +40,7 @@ SINGLE_PROCESS_ONLY = {"test_ids_in_row_order_and_membership"}  # what a sharded
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda w: f"{w}ranks")
 def sharded_contract(request, tmp_path_factory):
-    """(world, every rank's outcomes) of ONE launch in which every rank runs tests/dist_contract.py in step."""
+    """(world, every rank's outcomes) of ONE launch in which every rank runs tests/_support/dist_contract.py in step."""
     world = request.param
     results = launch("store_contract", world, str(tmp_path_factory.mktemp(f"contract{world}")), timeout=900)
     return world, results

@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from torch import nn
 
 import lmdb_embeddings as le
@@ -257,7 +258,7 @@ def test_a_store_older_than_store_uuid_is_told_apart_by_its_path(tmp_path):
     paths = [str(tmp_path / name) for name in ("a", "b")]
     for path in paths:
         os.mkdir(path)
-        shutil.copy(os.path.join(os.path.dirname(__file__), "data", "format_v1", "data.mdb"), path)
+        shutil.copy(os.path.join(FIXTURES, "format_v1", "data.mdb"), path)
     with le.EmbeddingStore.open(paths[0]) as a, le.EmbeddingStore.open(paths[1]) as b:
         assert a.uuid is None and b.uuid is None
         state = StoreEmbedding(a).state_dict()

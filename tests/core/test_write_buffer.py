@@ -6,7 +6,7 @@ commit. Checked here through the public API on real LMDB stores: what reads retu
 numpy model), that no chunk is loaded per row, that rollback, reopen and readers see exactly the committed
 state, and that a write-heavy shuffled pass over a table 10x the cache with ONE commit stays within the
 cache's memory and a small multiple of the table on disk (a real subprocess, its own RssAnon sampled).
-The cache-level model check is ``tests/test_cache_model.py``; kill -9 during merges and readers during
+The cache-level model check is ``tests/testing/test_cache_model.py``; kill -9 during merges and readers during
 merges are in ``tests/torture/test_write_buffer_crash.py``.
 """
 
@@ -141,7 +141,7 @@ print(json.dumps({"peak_mb": peak[0] / 1024, "disk_x_table": disk[0] / (rows * d
 """
 
 CACHE_MB, TABLE_MB = 12, 120  # the table is 10x the cache
-OVERHEAD_MB = 110  # interpreter + numpy + lmdb + msgpack (as tests/test_memory_bound.py)
+OVERHEAD_MB = 110  # interpreter + numpy + lmdb + msgpack (as tests/processes/test_memory_bound.py)
 
 
 def test_write_heavy_shuffled_pass_10x_the_cache_then_one_commit_stays_within_memory_and_disk(tmp_path):

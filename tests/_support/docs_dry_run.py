@@ -2,12 +2,12 @@
 
 That proves the program is there, imports (``python -m benchmarks.X`` from the repository
 root, a script's own imports) and accepts the arguments exactly as written, without doing its
-work (a full benchmark run, hours of torture). tests/test_docs.py runs every shell command of
+work (a full benchmark run, hours of torture). tests/project/test_docs.py runs every shell command of
 the README and docs/ through it::
 
-    python tests/docs_dry_run.py python -m benchmarks.run --suite full --rounds 3
-    python tests/docs_dry_run.py lmdb-embeddings info /tmp/sharded
-    python tests/docs_dry_run.py torchrun --standalone --nproc_per_node=2 examples/train_sharded.py --path /tmp/s
+    python tests/_support/docs_dry_run.py python -m benchmarks.run --suite full --rounds 3
+    python tests/_support/docs_dry_run.py lmdb-embeddings info /tmp/sharded
+    python tests/_support/docs_dry_run.py torchrun --nproc_per_node=2 examples/train_sharded.py --path /tmp/s
 
 Prints ``parsed`` when the program's ``ArgumentParser.parse_args`` returned; ``--help`` (exit 0)
 counts as parsed too; a usage error exits 2 with argparse's message.

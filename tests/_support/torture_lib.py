@@ -21,8 +21,9 @@ import subprocess
 import sys
 import time
 
+from checkout import ROOT
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "torture_child.py")
 SCALE = os.environ.get("TORTURE_SCALE", "ci")
 if SCALE not in ("ci", "long"):
