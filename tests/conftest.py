@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from checkout import FIXTURES, ROOT, SUPPORT, run_cli, run_python, subprocess_env  # noqa: F401 (the tests' imports)
-from dist_harness import launch
+from dist_harness import DIST_TRAINING, launch
 
 import lmdb_embeddings as le
 
@@ -13,9 +11,6 @@ import lmdb_embeddings as le
 @pytest.fixture
 def store_path(tmp_path):
     return str(tmp_path / "store")
-
-
-DIST_TRAINING = {2: ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"], 4: ["SparseAdam", "SparseAdagrad"]}
 
 
 @pytest.fixture(scope="session", params=[2, 4], ids=lambda w: f"{w}ranks")
@@ -46,6 +41,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
-
-def rows_like(n: int, dim: int, value: float = 0.0, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal((n, dim)) * 0.1 + value).astype(np.float32)

@@ -20,6 +20,7 @@ from checkout import ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+DIST_TRAINING = {2: ["SparseAdam", "SparseAdagrad", "SparseSGD", "SparseAdamW"], 4: ["SparseAdam", "SparseAdagrad"]}
 PG_TIMEOUT_S = 30  # a rank stuck in a collective fails after this instead of hanging
 
 

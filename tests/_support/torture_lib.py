@@ -159,3 +159,9 @@ def record(scenario: str, **figures) -> None:
         return
     with open(path, "a") as fh:
         fh.write(json.dumps({"scenario": scenario, "scale": SCALE, **figures}) + "\n")
+
+
+def verify_cli(path: str) -> str | None:
+    """None if ``lmdb-embeddings verify`` passes, else its output."""
+    proc = cli("verify", "--quiet", path, timeout=300)
+    return None if proc.returncode == 0 else f"verify exit {proc.returncode}: {proc.stdout}{proc.stderr}"

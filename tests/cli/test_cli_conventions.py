@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from checkout import ROOT, run_cli, subprocess_env
 from cli_helpers import assert_one_line_error, ok, read_store, stderr_on_tty
-from conftest import ROOT, run_cli, subprocess_env
 from tqdm import tqdm
 
 import lmdb_embeddings as le

@@ -10,24 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import run_cli  # noqa: E402
+from checkout import run_cli  # noqa: E402
+from upstream_managers import write_original  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
 from lmdb_embeddings.compat.files import CosirImportError, import_cosir  # noqa: E402
-
-
-def write_original(directory, ids, rows, chunk_size) -> list[str]:
-    """Write files as the original manager did: torch.save({sample_id: 1-D tensor}) per chunk, the rows
-    being views of one (chunk_size, dim) tensor, as its ``init_embeddings[idx]`` were."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for chunk_id, lo in enumerate(range(0, len(ids), chunk_size)):
-        block = torch.from_numpy(np.ascontiguousarray(rows[lo : lo + chunk_size]))
-        chunk = {int(sid): block[i] for i, sid in enumerate(ids[lo : lo + chunk_size])}
-        path = os.path.join(directory, f"embeddings_chunk_{chunk_id}.pt")
-        torch.save(chunk, path)
-        paths.append(path)
-    return paths
 
 
 def sample(n=530, dim=12, seed=0):

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FIXTURES, ROOT, run_cli, run_python
+from checkout import FIXTURES, ROOT, run_cli, run_python
 
 import lmdb_embeddings as le
 

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import ROOT, subprocess_env  # noqa: E402
+from checkout import kill_9_once  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
 from lmdb_embeddings.compat.manager import UnknownChunkError  # noqa: E402
@@ -326,30 +322,6 @@ def test_resume_adds_new_ids_and_checks_dim(tmp_path):
         make(tmp_path, embedding_dim=DIM + 1)
 
 
-def kill_9_once(code: str, *args: str, ready, pause: float = 0.0) -> list[str]:
-    """Run ``code`` in a child until ``ready(lines printed so far)``, wait ``pause`` s, kill -9 it; all its lines."""
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=subprocess_env(), cwd=ROOT)
-    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the readline below
-    watchdog.start()
-    try:
-        lines: list[str] = []
-        while not ready(lines):
-            line = proc.stdout.readline()
-            assert line, f"child ended early: {proc.stderr.read()}"
-            lines.append(line.strip())
-        threading.Event().wait(pause)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    return lines + proc.stdout.read().split("\n")
-
-
 def test_resume_after_kill_9_between_two_syncs(tmp_path):
     emb = str(tmp_path / "emb")
     child = textwrap.dedent(f"""
@@ -373,7 +345,7 @@ def test_resume_after_kill_9_between_two_syncs(tmp_path):
 
 
 def test_imports_original_chunk_files_once_and_logs_it(tmp_path, caplog, capsys):
-    from test_cosir_import import write_original
+    from upstream_managers import write_original
 
     emb = tmp_path / "emb"
     ids = np.arange(0, 450, dtype=np.int64)

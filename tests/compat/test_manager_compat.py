@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import run_cli, run_python  # noqa: E402
+from checkout import run_cli, run_python  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
 

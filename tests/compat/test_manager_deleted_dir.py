@@ -20,8 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import run_python  # noqa: E402
-from test_manager_sharing import CHUNK, DIM, MODES, N, committed, manager  # noqa: E402
+from checkout import run_python  # noqa: E402
+from upstream_managers import CHUNK, DIM, MODES, N, committed, manager  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
 

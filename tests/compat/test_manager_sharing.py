@@ -12,7 +12,6 @@ process refused naming our pid, and a kill -9 at any moment leaving the last com
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import textwrap
@@ -22,31 +21,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import run_python  # noqa: E402
-from test_manager import kill_9_once  # noqa: E402
+from checkout import kill_9_once, run_python  # noqa: E402
+from upstream_managers import CHUNK, DIM, MODES, N, committed, manager  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402
-
-N, DIM, CHUNK = 500, 2, 100
-MODES = ["disk", "memory"]
-
-
-def manager(directory, mode="disk", **kw):
-    """The constructor call of the upstream test scripts (all keywords, chunk style)."""
-    args = dict(sample_ids=list(range(N)), embedding_dim=DIM, device="cpu", initialization_strategy="zeros",
-                storage_mode=mode, embeddings_dir=str(directory), chunk_size=CHUNK)
-    args.update(kw)
-    return le.TrainableEmbeddingManager(**args)
-
-
-def committed(directory) -> np.ndarray:
-    """The committed rows, read by ANOTHER process (what a crash would leave)."""
-    out = run_python("import sys, json, lmdb_embeddings as le\n"
-                     "with le.EmbeddingStore.open(sys.argv[1], readonly=True) as s:\n"
-                     "    print(json.dumps({'rows': s.get(s.ids).tolist(), 'commit': s.commit_count}))\n",
-                     os.path.join(str(directory), "embeddings.lmdb")).stdout
-    found = json.loads(out.strip().splitlines()[-1])
-    return np.asarray(found["rows"], np.float32), found["commit"]
 
 
 def rows(m, ids) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import run_python  # noqa: E402
+from checkout import run_python  # noqa: E402
 from guarantees_lib import hidden_entries, small_tmpfs  # noqa: E402
 
 import lmdb_embeddings as le  # noqa: E402

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_python
+from checkout import run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings.format import chunks as chunk_format

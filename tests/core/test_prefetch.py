@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_python
+from checkout import run_python
 from dist_harness import free_port
 
 import lmdb_embeddings as le

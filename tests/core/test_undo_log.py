@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import rows_like
+from checkout import rows_like
 
 import lmdb_embeddings as le
 from lmdb_embeddings.core import undo

@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_python
+from checkout import run_python
 
 import lmdb_embeddings as le
 

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import pytest
+from checkout import run_cli
 from cli_helpers import assert_one_line_error, ok
-from conftest import run_cli
 from dist_harness import launch, start
 
 import lmdb_embeddings as le

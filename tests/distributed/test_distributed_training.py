@@ -9,8 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import DIST_TRAINING
-from dist_harness import ROOT, worker_env
+from dist_harness import DIST_TRAINING, ROOT, worker_env
 
 from lmdb_embeddings.sharding.manifest import read_manifest
 

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import rows_like, run_python
+from checkout import rows_like, run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings.distributed import owner_of

@@ -9,7 +9,7 @@ import mmap
 
 import numpy as np
 import pytest
-from conftest import run_cli, run_python
+from checkout import run_cli, run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings.format.chunks import encode_chunk

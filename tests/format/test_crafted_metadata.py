@@ -17,7 +17,7 @@ import sys
 import lmdb
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 from guarantees_lib import assert_one_line_cli_error, cli, cli_ok, hidden_entries
 
 import lmdb_embeddings as le

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, run_cli
+from checkout import FIXTURES, run_cli
 
 import lmdb_embeddings as le
 

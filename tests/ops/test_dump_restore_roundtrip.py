@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
+from checkout import run_cli
 from cli_helpers import assert_one_line_error, assert_same_store, make_rich_store, ok, read_store
-from conftest import run_cli
 
 import lmdb_embeddings as le
 

@@ -9,8 +9,8 @@ import sys
 import time
 
 import numpy as np
+from checkout import ROOT, run_cli, subprocess_env
 from cli_helpers import assert_one_line_error, assert_same_store, make_rich_store, ok, read_store, stderr_on_tty
-from conftest import ROOT, run_cli, subprocess_env
 
 import lmdb_embeddings as le
 from lmdb_embeddings.fsutil import allocated_bytes

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from checkout import run_cli
 from cli_helpers import assert_one_line_error, ok
-from conftest import run_cli
 
 import lmdb_embeddings as le
 

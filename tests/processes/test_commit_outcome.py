@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, SUPPORT, subprocess_env
+from checkout import ROOT, SUPPORT, subprocess_env
 from guarantees_lib import build_fault_shim, cli_ok, committed_table, fill_disk, small_tmpfs
 
 import lmdb_embeddings as le

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 from guarantees_lib import cli_ok, py
 
 import lmdb_embeddings as le

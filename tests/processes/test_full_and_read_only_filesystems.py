@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from checkout import subprocess_env
 from guarantees_lib import cli_ok, committed_table, fill_disk, hidden_entries, one_line, py, small_tmpfs
 
 import lmdb_embeddings as le

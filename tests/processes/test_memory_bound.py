@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_python
+from checkout import run_python
 
 CACHE_MB, TABLE_MB = 16, 128  # the table ends 8x larger than the cache
 OVERHEAD_MB = 110  # interpreter + numpy + lmdb + msgpack, measured ~60 MiB, with room

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, subprocess_env
+from checkout import ROOT, run_python, subprocess_env
 
 import lmdb_embeddings as le
 from lmdb_embeddings import EmbeddingStore

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 
 
 def test_big_reads_runs_at_a_small_scale(tmp_path):

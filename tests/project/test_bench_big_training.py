@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 
 
 def test_big_training_quick_runs_and_cleans_up(tmp_path):

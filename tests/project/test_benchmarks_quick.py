@@ -14,12 +14,12 @@ import subprocess
 import sys
 
 import numpy as np
+from checkout import ROOT, subprocess_env
 
 from benchmarks import readers, worker
 from benchmarks.impls import IMPLEMENTATIONS, NumpyMem
 from benchmarks.run import _rotated
 from benchmarks.workloads import BASELINES, suite
-from tests.conftest import ROOT, subprocess_env
 
 
 def test_quick_suite_runs_and_verifies_every_implementation(tmp_path):

@@ -29,7 +29,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SUPPORT, subprocess_env
+from checkout import ROOT, SUPPORT, subprocess_env
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")

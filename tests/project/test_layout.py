@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 import os
+import re
 import subprocess
 import sys
 
@@ -235,29 +236,35 @@ TEST_FOLDERS_OF_THEIR_OWN = ("store", "project", "torture")
 SUPPORT, FIXTURES = "_support", "data"  # helpers and child scripts; files the tests read
 
 
+def _tracked_test_tree() -> list[str]:
+    """Paths under tests/ that the repository holds (git's list; every file there outside a git checkout):
+    files dropped in beside them (acceptance tests, say) are not the repository's to arrange."""
+    proc = subprocess.run(["git", "ls-files", "-z", "--", "tests"], cwd=os.path.dirname(ROOT), capture_output=True)
+    if proc.returncode == 0 and proc.stdout:
+        return [os.path.relpath(p, "tests") for p in proc.stdout.decode().split("\0") if p]
+    return [os.path.relpath(os.path.join(folder, name), TESTS) for folder, _, files in os.walk(TESTS) for name in files]
+
+
 def test_tests_mirror_the_package_and_helpers_live_in_support():
     """tests/core/ tests lmdb_embeddings/core/, and so on: every test file sits in a folder mirroring a package
     folder (or one of TEST_FOLDERS_OF_THEIR_OWN); everything else only in tests/_support/ (and tests/conftest.py)
-    or, as data, in tests/data/. No two test files share a name: pytest (its default import mode, no
-    ``__init__.py`` in tests/) imports each as a top-level module named after its file."""
+    or, as data, in tests/data/. Pytest runs in importlib mode (pyproject.toml), so no test file is put on
+    ``sys.path``: two may share a name, and a test never imports another (shared code lives in _support)."""
     package_folders = {os.path.relpath(folder, ROOT) for folder, _, files in os.walk(ROOT) if "__init__.py" in files}
     allowed = (package_folders - {"."}) | set(TEST_FOLDERS_OF_THEIR_OWN)
-    misplaced, first_of_name = [], {}
-    for folder, subfolders, files in os.walk(TESTS):
-        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__" and not d.startswith("."))
-        where = os.path.relpath(folder, TESTS)
-        if where.split(os.sep)[0] in (SUPPORT, FIXTURES):
+    misplaced = []
+    for path in sorted(_tracked_test_tree()):
+        where, name = os.path.split(path)
+        if where.split(os.sep)[0] in (SUPPORT, FIXTURES) or "__pycache__" in path.split(os.sep):
             continue
-        for name in sorted(files):
-            path = os.path.normpath(os.path.join(where, name))
-            if name.startswith("test_") and name.endswith(".py"):
-                if where not in allowed:
-                    misplaced.append(f"tests/{path}: move it to tests/<the package folder it tests>/ "
-                                     f"(one of {sorted(allowed)})")
-                if name in first_of_name:
-                    misplaced.append(f"tests/{path}: tests/{first_of_name[name]} has that name; rename one")
-                first_of_name.setdefault(name, path)
-            elif path != "conftest.py" and not name.endswith(".pyc"):
-                misplaced.append(f"tests/{path}: not a test file: helpers go in tests/{SUPPORT}/, "
-                                 f"data in tests/{FIXTURES}/")
+        if name.startswith("test_") and name.endswith(".py"):
+            if where not in allowed:
+                misplaced.append(f"tests/{path}: move it to tests/<the package folder it tests>/ "
+                                 f"(one of {sorted(allowed)})")
+            source = open(os.path.join(TESTS, path), encoding="utf-8").read()
+            if re.search(r"^\s*(from|import) test_\w+", source, re.M):
+                misplaced.append(f"tests/{path}: imports another test file: move what they share to tests/{SUPPORT}/")
+        elif path != "conftest.py" and not name.endswith(".pyc"):
+            misplaced.append(f"tests/{path}: not a test file: helpers go in tests/{SUPPORT}/, "
+                             f"data in tests/{FIXTURES}/")
     assert not misplaced, "\n".join(misplaced)

@@ -13,8 +13,8 @@ import tarfile
 import textwrap
 
 import pytest
+from checkout import FIXTURES, ROOT, run_python, subprocess_env
 from cli_helpers import assert_one_line_error
-from conftest import FIXTURES, ROOT, run_python, subprocess_env
 
 import lmdb_embeddings as le
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
 

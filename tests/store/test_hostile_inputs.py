@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
+from checkout import ROOT, subprocess_env
 from cli_helpers import assert_same_store, make_rich_store, read_store
-from conftest import ROOT, subprocess_env
 from guarantees_lib import (
     assert_one_line_cli_error,
     cli,

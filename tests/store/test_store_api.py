@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rows_like, run_python
+from checkout import rows_like, run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings import EmbeddingStore

@@ -9,7 +9,7 @@ import lmdb
 import msgpack
 import numpy as np
 import pytest
-from conftest import run_python
+from checkout import run_python
 
 import lmdb_embeddings as le
 from lmdb_embeddings import EmbeddingStore, errors
@@ -187,7 +187,7 @@ def test_create_overwrite_refused_while_another_process_writes(small_store, tmp_
     import subprocess
     import sys
 
-    from conftest import ROOT, subprocess_env
+    from checkout import ROOT, subprocess_env
 
     proc = subprocess.Popen([sys.executable, "-c", code, other], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=subprocess_env(), cwd=ROOT)

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from checkout import FIXTURES
 from torch import nn
 
 import lmdb_embeddings as le

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from checkout import ROOT, subprocess_env
 
 import lmdb_embeddings as le
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from checkout import ROOT
 
 pytest.importorskip("mypy", reason="the typing check needs mypy (pip install -e '.[test]')")
 

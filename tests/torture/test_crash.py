@@ -29,12 +29,6 @@ ADD_CAP_ROWS = tl.knob("add_cap_rows", 200_000, 200_000)
 VERIFY_EVERY = tl.knob("verify_every", 1, 4)  # the CLI verify; every kill also reads (checksums) every row
 
 
-def verify_cli(path: str) -> str | None:
-    """None if ``lmdb-embeddings verify`` passes, else its output."""
-    proc = tl.cli("verify", "--quiet", path, timeout=300)
-    return None if proc.returncode == 0 else f"verify exit {proc.returncode}: {proc.stdout}{proc.stderr}"
-
-
 class Tally:
     """Counters of one kill scenario, recorded for the summary table."""
 
@@ -62,7 +56,7 @@ class Tally:
 def _verify_every_few_kills(tally, kill: int, path: str) -> None:
     """Run ``lmdb-embeddings verify`` after every VERIFY_EVERY-th kill (it costs a subprocess)."""
     if kill % VERIFY_EVERY == 0:
-        problem = verify_cli(path)
+        problem = tl.verify_cli(path)
         tally.verified += problem is None
         if problem:
             tally.fail(f"kill {kill}: {problem}")

@@ -20,7 +20,6 @@ import time
 import numpy as np
 import pytest
 import torture_lib as tl
-from test_crash import verify_cli
 
 import lmdb_embeddings as le
 
@@ -64,7 +63,7 @@ def test_kill9_inside_write_buffer_merges_leaves_the_last_commit(tmp_path):
         # the last acknowledged round, or the one whose commit() had begun when the kill came
         assert last_ack <= values[0] <= max([last_ack, *committing]), (kill, values[0], last_ack, committing)
         last_ack = int(values[0])
-        problem = verify_cli(path)
+        problem = tl.verify_cli(path)
         assert problem is None, f"kill {kill}: {problem}"
     # reached only if every kill left exactly one acknowledged round that verifies
     tl.record("write buffer: kill -9 inside merges", kills=KILLS, kills_survived=KILLS, rows_lost=0,
