@@ -222,11 +222,16 @@ def build_verified(source: TableSource, stage: StagedStore, name: str, progress:
     ``name`` names the input in errors.
     """
     _build_from(source, stage.tmp, stage.path, progress)
-    report = verify_store(stage.tmp, progress=progress)
+    _check_rebuilt(stage.tmp, name, "store", progress)
+
+
+def _check_rebuilt(tmp: str, name: str, what: str, progress: bool = False) -> None:
+    """Verify the store (plain or sharded) just built in ``tmp`` from ``name``; its first problem is the error."""
+    report = verify_store(tmp, progress=progress)
     if not report["ok"]:
         first = report["problems"][0]
-        where = f"chunk {first['chunk']} of " if first["chunk"] is not None else ""
-        raise CorruptionError(f"{name} cannot be restored: the rebuilt store fails verification "
+        where = f"chunk {first['chunk']} of " if first.get("chunk") is not None else ""
+        raise CorruptionError(f"{name} cannot be restored: the rebuilt {what} fails verification "
                               f"({where}{first['part']}: {first['error']})")
 
 
@@ -259,11 +264,7 @@ def _restore_sharded(src: str, path: str, *, shards: int, force: bool, fmt: str 
     try:
         with StagedStore(path, "resharding") as stage:
             _copy(reader, ShardedTableSink(stage.tmp, layout, shards), "restore", progress)
-            report = verify_store(stage.tmp)
-            if not report["ok"]:
-                first = report["problems"][0]
-                raise CorruptionError(f"{src} cannot be restored: the rebuilt sharded store fails verification "
-                                      f"({first['part']}: {first['error']})")
+            _check_rebuilt(stage.tmp, src, "sharded store")
             if not replacing and os.path.exists(path) and os.listdir(path):
                 raise StoreExistsError(f"{path} was filled by someone else during the restore; refusing to replace it")
             with holding_writer_locks(shard_dirs(path) if replacing else []):  # a sharded store: its shards' locks
