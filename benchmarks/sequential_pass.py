@@ -34,7 +34,10 @@ from .scratch import scratch_dir
 DIM, BATCH = 128, 1024
 
 
-def _timed(fn) -> tuple[float, float]:
+def _timed(fn, warm: int = 0) -> tuple[float, float]:
+    """Wall and thread CPU seconds of ``fn()``, after ``warm`` untimed calls of it."""
+    for _ in range(warm):
+        fn()
     wall, cpu = time.perf_counter(), time.thread_time()
     fn()
     return time.perf_counter() - wall, time.thread_time() - cpu
@@ -52,9 +55,7 @@ def ours(work: str, rows: int, cache_mb: float, warm: int = 0) -> tuple[float, f
         store.commit()
 
     try:
-        for _ in range(warm):
-            run()
-        return _timed(run)
+        return _timed(run, warm)
     finally:
         store.close()
 
@@ -72,9 +73,7 @@ def memmap(work: str, rows: int, warm: int = 0) -> tuple[float, float]:
         mm.flush()
 
     try:
-        for _ in range(warm):
-            run()
-        return _timed(run)
+        return _timed(run, warm)
     finally:
         del mm
         os.unlink(name)
