@@ -180,8 +180,9 @@ class BlockShuffleBatchSampler(_BlockShuffle, Sampler[list[int]]):
             raise InvalidTypeError(f"drop_last must be a bool, got {drop_last!r}")
         self.drop_last = bool(drop_last)
         _BlockShuffle.__init__(self, source, ids, chunk_rows, block_chunks, window_blocks, seed)
-        store, self._served = _served_ids(source, ids)
+        store = source.store if isinstance(source, EmbeddingDataset) else source if is_table_handle(source) else None
         self._lookahead = Lookahead(store, prefetch)
+        self._served = _served_ids(source, ids) if self._lookahead.ahead else None  # only hints need the IDs
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -229,13 +230,11 @@ def _positions(source: object, ids: object, chunk_rows: object) -> tuple[int, in
     return len(wanted), own, _slots(store_ids, wanted)
 
 
-def _served_ids(source: object, ids: object) -> tuple[object, np.ndarray | None]:
-    """(the store, the ID at each position) of a checked source; (None, None) for a count of positions."""
+def _served_ids(source: object, ids: object) -> np.ndarray:
+    """The ID at each position of a checked store or dataset source (what a hint names)."""
     if isinstance(source, EmbeddingDataset):
-        return source.store, source.ids
-    if not is_table_handle(source):
-        return None, None
-    return source, (source.ids if ids is None else as_ids(ids, "BlockShuffleSampler ids"))  # type: ignore[attr-defined]
+        return source.ids
+    return source.ids if ids is None else as_ids(ids, "BlockShuffleSampler ids")  # type: ignore[attr-defined]
 
 
 def _slots(store_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
