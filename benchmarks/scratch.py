@@ -17,10 +17,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy.random  # noqa: F401  (see sigterm_raises)
+
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread (exit status as if killed)."""
+    """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread (exit status as if killed).
+
+    numpy.random is imported with this module, before any handler is set: numpy 2 imports it lazily at
+    its first use, and a SIGTERM landing inside that import ended ``benchmarks.hot_path`` with exit 0
+    (1 of ~40 probe runs, the handler's stack inside ``numpy/random/_pickle.py``)."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
         yield
         return
